@@ -1,0 +1,45 @@
+"""The adapter seam: a set of trainable modules that changes how chosen blocks compute."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from insitu.errors import ConfigError
+
+
+def resolve_blocks(blocks: str | int | list[int], num_blocks: int) -> list[int]:
+    """``"all"`` -> every block, ``k`` -> the last k blocks, a list -> those indices (negatives allowed)."""
+    if blocks == "all":
+        return list(range(num_blocks))
+    if isinstance(blocks, int):
+        if blocks > num_blocks:
+            raise ConfigError(f"adapter.blocks={blocks} asks for more blocks than the backbone has ({num_blocks}).")
+        return list(range(num_blocks - blocks, num_blocks))
+    out = sorted({b % num_blocks if -num_blocks <= b < num_blocks else -1 for b in blocks})
+    if not out or out[0] < 0:
+        raise ConfigError(f"adapter.blocks={blocks} has an index outside 0..{num_blocks - 1}.")
+    return out
+
+
+class AdapterSet(nn.Module):
+    """Adapters for some blocks of a ViT. ``forward_block`` replaces ``block(x)`` for those blocks."""
+
+    kind: str = "base"
+
+    def __init__(self, blocks: list[int]) -> None:
+        super().__init__()
+        self.blocks = list(blocks)
+
+    @property
+    def first_block(self) -> int:
+        return min(self.blocks)
+
+    def has(self, index: int) -> bool:
+        return index in self.blocks
+
+    def forward_block(self, index: int, block: nn.Module, x):  # noqa: ANN001, ANN201 - subclass contract
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """What is needed to rebuild this set (stored in the adapter package)."""
+        raise NotImplementedError

@@ -1,0 +1,67 @@
+"""The Python API for scripts: a few functions that hospital and lab workflows call directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insitu.adapters import AdaptedBackbone
+from insitu.adapters.package import apply_package, load_package
+from insitu.backbones import ViTBackbone, create_backbone
+from insitu.config import BackboneConfig, RunConfig, load_config
+from insitu.domains.normalize import Normalizer
+from insitu.pipelines.data import SampleDataset, ScannedData, fit_normalizer
+from insitu.pipelines.pretrain import PretrainResult
+from insitu.pipelines.pretrain import pretrain as _pretrain
+from insitu.pipelines.probe import ProbeRow, extract_features
+from insitu.pipelines.probe import run_probe as _run_probe
+
+
+def pretrain(
+    config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, resume: bool = False, quiet: bool = True
+) -> PretrainResult:
+    """Run continual pretraining from a YAML path, a dict or a `RunConfig`."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return _pretrain(cfg, resume=resume, quiet=quiet)
+
+
+def probe(config: str | Path | dict[str, Any] | RunConfig, adapters: list[str | Path] | None = None) -> list[ProbeRow]:
+    """Linear-probe and kNN accuracy of the frozen backbone and of each adapter package."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    return _run_probe(cfg, [Path(a) for a in adapters or []])
+
+
+def load_adapter(path: str | Path, backbone: ViTBackbone | BackboneConfig | dict[str, Any]) -> AdaptedBackbone:
+    """Attach an adapter package to a backbone (built from a spec if needed); checks the fingerprint."""
+    bb = backbone if isinstance(backbone, ViTBackbone) else create_backbone(backbone)
+    return apply_package(path, bb)
+
+
+def embed_folder(
+    root: str | Path,
+    model: AdaptedBackbone | ViTBackbone,
+    domain: str = "images",
+    options: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    normalizer: Normalizer | dict[str, Any] | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, list[str]]:
+    """Features (CLS ‖ mean patch token) for every usable item under ``root``, with their item ids.
+
+    With an adapter package loaded, pass its ``meta.normalizer`` so inputs are normalised exactly
+    as in training; otherwise statistics are fitted on the folder itself.
+    """
+    from insitu.config import DataConfig
+
+    model = model if isinstance(model, AdaptedBackbone) else AdaptedBackbone(model, None)
+    size = image_size or model.backbone.img_size
+    data = ScannedData.scan(DataConfig(domain=domain, root=Path(root), options=options or {}, image_size=size))
+    items = data.manifest.items
+    norm = Normalizer.from_dict(normalizer) if isinstance(normalizer, dict) else normalizer or fit_normalizer(data, items)
+    feats, _ = extract_features(model, SampleDataset(data, items, norm, image_size=size), batch_size)
+    return feats, [i.item_id for i in items]
+
+
+__all__ = ["embed_folder", "load_adapter", "load_config", "load_package", "pretrain", "probe"]

@@ -1,0 +1,256 @@
+"""The typed config schema (one place), YAML loading, dotted overrides, validation.
+
+A config is data: it is validated once, here, and the resolved result is written next to every
+run and into every adapter package. Relative paths are resolved against the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from insitu.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where the data lives and how a domain reads it."""
+
+    domain: str = "images"
+    root: Path
+    options: dict[str, Any] = Field(default_factory=dict)
+    image_size: int = Field(64, gt=0)
+    max_items: int | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+
+class BackboneConfig(Strict):
+    """A frozen ViT: a timm name, optional local weights, channels and size."""
+
+    name: str = "vit_tiny_patch16_224"
+    weights: str | None = None
+    pretrained: bool = False
+    in_chans: int = Field(3, gt=0)
+    img_size: int = Field(64, gt=0)
+    patch_size: int | None = Field(None, gt=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdapterConfig(Strict):
+    """Trainable adapters injected into the frozen backbone."""
+
+    kind: str = "bottleneck"
+    blocks: Literal["all"] | int | list[int] = "all"
+    bottleneck_dim: int = Field(64, gt=0)
+    scale: float = 0.1
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, value: Any) -> Any:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("an integer means 'the last k blocks' and must be >= 1")
+        return value
+
+
+class ObjectiveConfig(Strict):
+    """The SSL objective, by registry name, with its own validated options."""
+
+    name: str = "dino"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    """Optimisation: steps, batch, learning rate, EMA, checkpoints, non-finite policy."""
+
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.04, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    ema_momentum: float = Field(0.996, ge=0, le=1)
+    grad_clip: float | None = Field(3.0, gt=0)
+    accumulate_grad_batches: int = Field(1, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(5, gt=0)
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+
+class TrainerConfig(Strict):
+    """Passed through to `lightning.Trainer` (DDP/FSDP, devices, precision come from Lightning)."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, gt=0)
+    precision: str = "auto"
+
+
+class ProbeConfig(Strict):
+    """Frozen-feature evaluation: linear probe and kNN on a labelled set."""
+
+    train: DataConfig | None = None
+    test: DataConfig | None = None
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    knn_k: int = Field(20, gt=0)
+    features: Literal["cls", "mean", "cls+mean"] = "cls+mean"
+    batch_size: int = Field(64, gt=0)
+
+
+class RunConfig(Strict):
+    """A whole run: data, backbone, adapters, objective, training, probe."""
+
+    name: str = "run"
+    seed: int = 0
+    out_dir: Path = Path("insitu-runs")
+    data: DataConfig
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir / self.name
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
+    """Load a YAML file (or a dict), apply `key.sub=value` overrides, validate everything once."""
+    where = str(source) if not isinstance(source, dict) else "<dict>"
+    raw = _read_yaml(Path(source)) if not isinstance(source, dict) else dict(source)
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_config(raw, where, check_paths=check_paths)
+
+
+def validate_config(raw: dict[str, Any], where: str = "<dict>", check_paths: bool = True) -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where)) from None
+    _validate_component_options(cfg, where)
+    if check_paths:
+        _check_paths(cfg, where)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in override:
+        raise ConfigError(f"Override {override!r} must look like key.sub=value (for example train.max_steps=10).")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override {override!r}: {part!r} is a value, not a section.")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (it can be fed back to `load_config`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist. Pass an existing YAML file with -c.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections (data:, backbone:, ...).")
+    return data
+
+
+def _format_errors(exc: ValidationError, where: str) -> str:
+    lines = [f"Invalid config {where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}'{_suggest(err['loc'])}")
+        elif err["type"] == "missing":
+            lines.append(f"  missing required key '{loc}'")
+        else:
+            lines.append(f"  '{loc}': {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """Find the model the unknown key belongs to and suggest the closest field name."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = getattr(field, "annotation", None)
+        model = _model_of(ann)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _validate_component_options(cfg: RunConfig, where: str) -> None:
+    from insitu.domains import get_domain_class
+    from insitu.objectives import get_objective_class
+
+    sections: list[tuple[str, DataConfig]] = [("data", cfg.data)]
+    sections += [(f"probe.{k}", d) for k, d in (("train", cfg.probe.train), ("test", cfg.probe.test)) if d]
+    for prefix, data in sections:
+        options_model = get_domain_class(data.domain).Options
+        data.options = validate_options(options_model, data.options, f"{prefix}.options", where)
+    options_model = get_objective_class(cfg.objective.name).Options
+    cfg.objective.options = validate_options(options_model, cfg.objective.options, "objective.options", where)
+
+
+def validate_options(model: type[BaseModel], options: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
+    """Validate a component's own options block; returns the completed (defaults filled) dict."""
+    try:
+        return model.model_validate(options).model_dump(mode="json")
+    except ValidationError as exc:
+        lines = [f"Invalid config {where}:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+                hint = f"; did you mean '{prefix}.{close[0]}'?" if close else ""
+                lines.append(f"  unknown key '{prefix}.{loc}'{hint} (known: {', '.join(model.model_fields)})")
+            else:
+                lines.append(f"  '{prefix}.{loc}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _check_paths(cfg: RunConfig, where: str) -> None:
+    checks: list[tuple[str, Path | None]] = [("data.root", cfg.data.root)]
+    checks += [("probe.train.root", cfg.probe.train.root if cfg.probe.train else None)]
+    checks += [("probe.test.root", cfg.probe.test.root if cfg.probe.test else None)]
+    if cfg.backbone.weights and not cfg.backbone.weights.startswith(("hf-hub:", "timm:")):
+        checks.append(("backbone.weights", Path(cfg.backbone.weights)))
+    for key, path in checks:
+        if path is not None and not Path(path).exists():
+            raise ConfigError(
+                f"Config {where}: '{key}' points at {path}, which does not exist "
+                f"(relative paths are resolved from {Path.cwd()}). Fix the path or run from the right folder."
+            )

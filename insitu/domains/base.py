@@ -1,0 +1,181 @@
+"""The seams every domain plugs into: Sample, Manifest, the Domain interface, group splits.
+
+A Sample is a dict: ``image`` (float32 C×H×W, or T×C×H×W for clips), optional ``mask`` (int64 H×W,
+``IGNORE_INDEX`` where unlabelled/nodata), optional ``label`` (int), optional ``text``, and ``meta``
+(domain, a stable non-identifying ``item_id``, ``group`` for splitting, geometry, band names, ...).
+No patient names or other identifying values ever enter ``meta`` or a manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+IGNORE_INDEX = 255
+Sample = dict[str, Any]
+
+
+@dataclass
+class ManifestItem:
+    """One usable item: where it is, a stable id, the group it belongs to (patient/scene/case/file)."""
+
+    item_id: str
+    path: str
+    group: str
+    label: int | None = None
+    split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuarantineItem:
+    """A file that could not be used, why, and what the reading library said."""
+
+    path: str
+    reason: str
+    message: str = ""
+
+
+@dataclass
+class Manifest:
+    """The result of scanning a root: usable items plus a quarantine list."""
+
+    domain: str
+    root: str
+    items: list[ManifestItem]
+    quarantine: list[QuarantineItem] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    skipped: list[QuarantineItem] = field(default_factory=list)
+
+    def write(self, out_dir: Path) -> None:
+        """Write ``manifest.csv``, ``quarantine.csv`` (and ``skipped.csv`` if any) and ``manifest.json``."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cols = ["item_id", "path", "group", "label", "split", "extra"]
+        with open(out_dir / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=cols)
+            writer.writeheader()
+            for item in self.items:
+                row = asdict(item)
+                row["extra"] = json.dumps(item.extra, sort_keys=True)
+                writer.writerow(row)
+        _write_rows(out_dir / "quarantine.csv", self.quarantine)
+        if self.skipped:
+            _write_rows(out_dir / "skipped.csv", self.skipped)
+        summary = {"domain": self.domain, "class_names": self.class_names, **self.counts()}
+        (out_dir / "manifest.json").write_text(json.dumps(summary, indent=2))
+
+    @classmethod
+    def read(cls, out_dir: Path) -> Manifest:
+        """Read a manifest folder written by `write`."""
+        summary = json.loads((out_dir / "manifest.json").read_text())
+        with open(out_dir / "manifest.csv", newline="") as f:
+            items = [
+                ManifestItem(
+                    item_id=r["item_id"],
+                    path=r["path"],
+                    group=r["group"],
+                    label=int(r["label"]) if r["label"] not in ("", None) else None,
+                    split=r["split"] or None,
+                    extra=json.loads(r["extra"] or "{}"),
+                )
+                for r in csv.DictReader(f)
+            ]
+        with open(out_dir / "quarantine.csv", newline="") as f:
+            quarantine = [QuarantineItem(**r) for r in csv.DictReader(f)]
+        return cls(summary["domain"], str(out_dir), items, quarantine, summary.get("class_names", []))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "items": len(self.items),
+            "groups": len({i.group for i in self.items}),
+            "quarantined": len(self.quarantine),
+            "skipped": len(self.skipped),
+        }
+
+
+def _write_rows(path: Path, rows: list[QuarantineItem]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "reason", "message"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+class DomainOptions(BaseModel):
+    """Base of each domain's own options (``data.options`` in a config); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class DemoData:
+    """What `Domain.make_demo` wrote: the data config to pretrain on and the labelled probe sets."""
+
+    data: dict[str, Any]
+    probe_train: dict[str, Any] | None = None
+    probe_test: dict[str, Any] | None = None
+    in_chans: int = 3
+    description: str = ""
+
+
+class Domain(ABC):
+    """One data domain: scan a root into a Manifest, load an item into a Sample, write a demo."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[DomainOptions]] = DomainOptions
+
+    def __init__(self, options: dict[str, Any] | DomainOptions | None = None) -> None:
+        if isinstance(options, DomainOptions):
+            self.options = options
+        else:
+            self.options = self.Options.model_validate(options or {})
+
+    @abstractmethod
+    def scan(self, root: Path, max_items: int | None = None) -> Manifest:
+        """Find every usable item under ``root``; quarantine the rest with reasons."""
+
+    @abstractmethod
+    def load(self, item: ManifestItem, manifest: Manifest) -> Sample:
+        """Decode one item into a Sample (``image`` float32 C×H×W in the domain's physical scale)."""
+
+    @classmethod
+    def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
+        """Write a small seeded dataset of this domain in its real file format."""
+        raise NotImplementedError(f"domain {cls.name!r} has no embedded demo yet")
+
+
+def stable_id(*parts: str, salt: str = "") -> str:
+    """A short stable non-identifying id: sha256 over the parts (and an optional salt)."""
+    h = hashlib.sha256(salt.encode())
+    for part in parts:
+        h.update(b"\x00" + part.encode())
+    return h.hexdigest()[:16]
+
+
+def split_by_group(items: list[ManifestItem], fractions: dict[str, float], seed: int = 0) -> dict[str, list[ManifestItem]]:
+    """Assign whole groups to splits so that no group (patient, scene, case) crosses splits.
+
+    Groups are ordered by a seeded hash and filled greedily up to each split's item share, so the
+    result is deterministic for a seed and independent of the order of ``items``.
+    """
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    groups: dict[str, list[ManifestItem]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    order = sorted(groups, key=lambda g: stable_id(g, salt=str(seed)))
+    names = list(fractions)
+    targets = {n: fractions[n] * len(items) for n in names}
+    out: dict[str, list[ManifestItem]] = {n: [] for n in names}
+    for g in order:
+        # the split furthest below its target takes the next group
+        name = max(names, key=lambda n: targets[n] - len(out[n]))
+        out[name].extend(groups[g])
+    return out

@@ -1,0 +1,199 @@
+"""Plain images: folders of PNG/JPEG/TIFF (optionally one subfolder per class) and MedMNIST .npz."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from insitu.domains.base import (
+    DemoData,
+    Domain,
+    DomainOptions,
+    Manifest,
+    ManifestItem,
+    QuarantineItem,
+    Sample,
+    stable_id,
+)
+from insitu.domains.synthetic import SHAPES, make_shape_image
+from insitu.errors import DataError, EmptyDatasetError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageOptions(DomainOptions):
+    channels: Literal[1, 3] = 3
+    labels: Literal["auto", "folders", "none"] = "auto"
+    split: str | None = "train"
+    group_pattern: str | None = None
+    workers: int = 4
+
+
+class ImageFolderDomain(Domain):
+    """Images from a folder tree or a MedMNIST-style ``.npz`` (``{split}_images``/``{split}_labels``).
+
+    Options:
+        channels: 1 (grey) or 3 (RGB); images are converted on load.
+        labels: ``folders`` takes one subfolder per class; ``auto`` does so when subfolders exist.
+        split: which arrays of an ``.npz`` to read (``train``, ``val``, ``test``); ignored for folders.
+        group_pattern: a regex whose first group, applied to the file name, gives the split group
+            (for example a case id); by default every file is its own group.
+    """
+
+    name = "images"
+    Options = ImageOptions
+
+    def scan(self, root: Path, max_items: int | None = None) -> Manifest:
+        root = Path(root)
+        if root.is_file() and root.suffix == ".npz":
+            return self._scan_npz(root, max_items)
+        if not root.is_dir():
+            raise DataError(f"{root} is neither a folder of images nor a .npz file. Point data.root at one.")
+        return self._scan_folder(root, max_items)
+
+    def load(self, item: ManifestItem, manifest: Manifest) -> Sample:
+        if "npz_key" in item.extra:
+            arr = _npz_arrays(item.path)[item.extra["npz_key"]][item.extra["index"]]
+            image = _to_chw(np.asarray(arr), self.options.channels)
+        else:
+            with Image.open(item.path) as im:
+                image = _pil_to_chw(im, self.options.channels)
+        sample: Sample = {"image": image, "meta": {"domain": self.name, "item_id": item.item_id, "group": item.group}}
+        if item.label is not None:
+            sample["label"] = item.label
+        return sample
+
+    def _scan_folder(self, root: Path, max_items: int | None) -> Manifest:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        class_dirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+        use_folders = self.options.labels == "folders" or (self.options.labels == "auto" and class_dirs)
+        if self.options.labels == "folders" and not class_dirs:
+            raise DataError(f"data.options.labels is 'folders' but {root} has no class subfolders.")
+        if max_items:
+            files = _spread(files, max_items)
+        with ThreadPoolExecutor(self.options.workers) as pool:
+            problems = list(pool.map(_check_image, files))
+        items, quarantine = [], []
+        for path, problem in zip(files, problems, strict=False):
+            if problem:
+                quarantine.append(QuarantineItem(str(path), "cannot decode image", problem))
+                continue
+            rel = path.relative_to(root).as_posix()
+            label = class_dirs.index(rel.split("/")[0]) if use_folders and "/" in rel else None
+            items.append(ManifestItem(stable_id(rel), str(path), self._group(path.name, rel), label))
+        if not items:
+            raise EmptyDatasetError(
+                f"No usable image under {root} ({len(quarantine)} quarantined). "
+                f"Expected {', '.join(IMAGE_SUFFIXES)} files, optionally in one subfolder per class."
+            )
+        return Manifest(self.name, str(root), items, quarantine, list(class_dirs) if use_folders else [])
+
+    def _scan_npz(self, path: Path, max_items: int | None) -> Manifest:
+        split = self.options.split or "train"
+        try:
+            arrays = _npz_arrays(str(path))
+        except Exception as exc:  # noqa: BLE001 - any reader failure becomes a typed error
+            raise DataError(f"Cannot read {path} as .npz: {exc}") from exc
+        key = f"{split}_images"
+        if key not in arrays:
+            known = sorted(k[: -len("_images")] for k in arrays if k.endswith("_images"))
+            raise DataError(f"{path} has no '{key}' array; data.options.split must be one of {known}.")
+        images = arrays[key]
+        labels = arrays.get(f"{split}_labels")
+        n = len(images) if not max_items else min(len(images), max_items)
+        index = _spread(list(range(len(images))), n)
+        items = []
+        for i in index:
+            label = int(np.asarray(labels[i]).reshape(-1)[0]) if labels is not None else None
+            item_id = stable_id(path.name, split, str(i))
+            items.append(ManifestItem(item_id, str(path), item_id, label, split, {"npz_key": key, "index": i}))
+        if not items:
+            raise EmptyDatasetError(f"{path} holds no images in '{key}'.")
+        n_classes = int(labels.max()) + 1 if labels is not None else 0
+        return Manifest(self.name, str(path), items, [], [str(c) for c in range(n_classes)])
+
+    def _group(self, name: str, rel: str) -> str:
+        if self.options.group_pattern:
+            match = re.search(self.options.group_pattern, name)
+            if match:
+                return stable_id(match.group(1) if match.groups() else match.group(0))
+        return stable_id(rel)
+
+    @classmethod
+    def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
+        """Textured shapes (4 classes) as PNG class folders: ``train/`` for pretraining, ``test/``."""
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", n_per_class), ("test", max(4, n_per_class // 2))):
+            for label, shape in enumerate(SHAPES):
+                folder = out_dir / split / shape
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    img, _ = make_shape_image(rng, label, size)
+                    Image.fromarray(img).save(folder / f"{shape}_{i:04d}.png")
+        train = {"domain": "images", "root": str(out_dir / "train"), "image_size": size}
+        test = {"domain": "images", "root": str(out_dir / "test"), "image_size": size}
+        return DemoData(
+            data=train,
+            probe_train=train,
+            probe_test=test,
+            in_chans=3,
+            description=f"{len(SHAPES)} classes of textured shapes ({', '.join(SHAPES)}), {size}px PNG",
+        )
+
+
+_NPZ_CACHE: dict[str, dict[str, np.ndarray]] = {}
+
+
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+    """Arrays of an .npz, read once per process (npz members cannot be memory-mapped)."""
+    if path not in _NPZ_CACHE:
+        with np.load(path, allow_pickle=False) as data:
+            _NPZ_CACHE[path] = {k: data[k] for k in data.files}
+    return _NPZ_CACHE[path]
+
+
+def _check_image(path: Path) -> str | None:
+    """Fully decode the file (a header read passes truncated files); return the error text or None."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return None
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is a quarantine reason
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _pil_to_chw(im: Image.Image, channels: int) -> torch.Tensor:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        scale = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = arr / scale
+        arr = np.repeat(arr[None], channels, 0) if channels == 3 else arr[None]
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    im = im.convert("L" if channels == 1 else "RGB")
+    return _to_chw(np.asarray(im), channels)
+
+
+def _to_chw(arr: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 H×W or H×W×C -> float32 C×H×W in [0, 1] with the requested channel count."""
+    scale = 255.0 if arr.dtype == np.uint8 else 1.0
+    x = torch.from_numpy(np.array(arr, copy=True)).float() / scale
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    if x.shape[0] == channels:
+        return x
+    if channels == 1:
+        return x[:3].mean(0, keepdim=True)
+    return x[:1].expand(3, -1, -1).clone()
+
+
+def _spread(values: list[Any], n: int) -> list[Any]:
+    """``n`` values spread evenly over the list (keeps classes balanced in sorted folders)."""
+    if n >= len(values):
+        return values
+    idx = np.linspace(0, len(values) - 1, n).round().astype(int)
+    return [values[i] for i in idx]

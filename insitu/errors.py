@@ -1,0 +1,35 @@
+"""Typed errors. Every message names the file or key at fault and says what to do."""
+
+from __future__ import annotations
+
+
+class InsituError(Exception):
+    """Base class of every error insitu raises on purpose."""
+
+
+class ConfigError(InsituError):
+    """A config key is unknown, has the wrong type, or points at a missing path."""
+
+
+class DataError(InsituError):
+    """Input data cannot be used (empty folder, unreadable file, inconsistent geometry)."""
+
+
+class EmptyDatasetError(DataError):
+    """A scan found no usable item."""
+
+
+class AdapterFormatError(InsituError):
+    """An adapter package is malformed: unsafe file type, bad safetensors, invalid insitu.json."""
+
+
+class AdapterMismatchError(InsituError):
+    """An adapter package was made for a different base backbone."""
+
+    def __init__(self, message: str, fields: dict[str, tuple[object, object]] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
+
+
+class NonFiniteLossError(InsituError):
+    """Training produced a NaN/Inf loss; the message names the step and the batch's item ids."""

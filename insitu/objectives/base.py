@@ -1,0 +1,47 @@
+"""The objective seam: ``objective(batch, student, teacher) -> {"loss": tensor, **logs}``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class ObjectiveOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective(nn.Module):
+    """One SSL method: its loss, the heads/projectors it trains, and its view recipe.
+
+    The pipeline owns the student/teacher adapters (the teacher's are an EMA copy); the objective
+    owns its heads and their EMA copies, updated by `update_teacher` after each optimizer step.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
+        super().__init__()
+        self.embed_dim, self.patch_size, self.image_size = embed_dim, patch_size, image_size
+        self.opts = self.Options.model_validate(options)
+        self.max_steps = max_steps
+        self.step = 0
+
+    def view_transform(self) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """Turns one normalised C×H×W image into the list of views this objective needs."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def update_teacher(self, momentum: float) -> None:
+        """EMA-update the objective's own teacher heads (no-op for objectives without one)."""
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The student-side head tensors to store in the adapter package."""
+        return {}

@@ -1,0 +1,1 @@
+"""Pretrain, probe and quickstart runs (Lightning modules and the run logic)."""

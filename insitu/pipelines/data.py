@@ -1,0 +1,119 @@
+"""From a data config to Lightning-ready datasets: scan, fit the normaliser, views, collate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from insitu.config import DataConfig
+from insitu.domains import Domain, Manifest, ManifestItem, create_domain
+from insitu.domains.normalize import Normalizer
+from insitu.objectives.views import resize_square
+
+log = logging.getLogger("insitu")
+
+
+@dataclass
+class ScannedData:
+    """A domain reader with the manifest it produced."""
+
+    domain: Domain
+    manifest: Manifest
+
+    @classmethod
+    def scan(cls, cfg: DataConfig) -> ScannedData:
+        domain = create_domain(cfg.domain, cfg.options)
+        return cls(domain, domain.scan(cfg.root, max_items=cfg.max_items))
+
+
+class SampleDataset(Dataset):
+    """Loads manifest items through their domain, normalises, and applies a view transform.
+
+    An item that fails to load at training time (a file changed since the scan) is skipped with
+    a warning naming it, so one bad file never kills a long run; the batch is built from the rest.
+    """
+
+    def __init__(
+        self,
+        data: ScannedData,
+        items: list[ManifestItem],
+        normalizer: Normalizer | None,
+        transform: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+        image_size: int = 64,
+    ) -> None:
+        self.data, self.items, self.normalizer = data, items, normalizer
+        self.transform, self.image_size = transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.items[index]
+        try:
+            sample = self.data.domain.load(item, self.data.manifest)
+        except Exception as exc:  # noqa: BLE001 - quarantined at run time, reported by id
+            log.warning("skipping item %s (%s): %s: %s", item.item_id, item.path, type(exc).__name__, exc)
+            return None
+        image = sample["image"].float()
+        if self.normalizer is not None:
+            image = self.normalizer(image)
+        out: dict[str, Any] = {"item_id": item.item_id, "label": sample.get("label", -1)}
+        if self.transform is not None:
+            out["views"] = self.transform(image)
+        else:
+            out["image"] = resize_square(image, self.image_size)
+        return out
+
+
+def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack samples, dropping items that failed to load."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return {"item_id": [], "label": torch.empty(0, dtype=torch.long)}
+    out: dict[str, Any] = {
+        "item_id": [b["item_id"] for b in batch],
+        "label": torch.tensor([b["label"] if b["label"] is not None else -1 for b in batch]),
+    }
+    if "views" in batch[0]:
+        out["views"] = [torch.stack([b["views"][v] for b in batch]) for v in range(len(batch[0]["views"]))]
+    else:
+        out["image"] = torch.stack([b["image"] for b in batch])
+    return out
+
+
+def fit_normalizer(data: ScannedData, items: list[ManifestItem], max_items: int = 256) -> Normalizer:
+    """Per-channel robust statistics from (a spread sample of) the training items."""
+    step = max(1, len(items) // max_items)
+    images = []
+    for item in items[::step][:max_items]:
+        try:
+            images.append(data.domain.load(item, data.manifest)["image"].float())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("normaliser: skipping %s: %s", item.path, exc)
+    return Normalizer.fit(images)
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Training views for an objective, over the scanned training items."""
+
+    def __init__(self, dataset: SampleDataset, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.dataset, self.num_workers = dataset, num_workers
+        self.batch_size = min(batch_size, len(dataset))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )

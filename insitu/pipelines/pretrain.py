@@ -1,0 +1,300 @@
+"""Continual self-supervised pretraining of adapters on a frozen ViT, on Lightning.
+
+The LightningModule holds the frozen backbone (shared by student and teacher), the student's
+trainable adapters, the teacher's EMA adapters and the objective (with its heads). Only adapter
+and head parameters reach the optimizer. Checkpoints leave out the frozen backbone and are
+written atomically; a non-finite loss stops the run naming the step and items, or skips the
+batch when ``train.nonfinite: skip``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from insitu.adapters import AdaptedBackbone, create_adapters
+from insitu.adapters.package import save_package
+from insitu.backbones import create_backbone
+from insitu.config import RunConfig, dump_config
+from insitu.errors import ConfigError, NonFiniteLossError
+from insitu.objectives import create_objective
+from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
+
+log = logging.getLogger("insitu")
+
+
+class PretrainModule(L.LightningModule):
+    """Student adapters + EMA teacher adapters on one frozen backbone, trained by an objective."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = create_backbone(cfg.backbone)
+        self.student = create_adapters(self.backbone, cfg.adapter)
+        self.teacher = copy.deepcopy(self.student)
+        deactivate_requires_grad(self.teacher)
+        self.objective = create_objective(
+            cfg.objective.name,
+            self.backbone.embed_dim,
+            self.backbone.patch_size,
+            cfg.data.image_size,
+            cfg.objective.options,
+            cfg.train.max_steps,
+        )
+        self.fingerprint = self.backbone.fingerprint
+        self.skipped_batches = 0
+        self._last_ema_step = -1
+
+    def student_model(self) -> AdaptedBackbone:
+        return AdaptedBackbone(self.backbone, self.student)
+
+    def teacher_model(self) -> AdaptedBackbone:
+        return AdaptedBackbone(self.backbone, self.teacher)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        frozen = {id(p) for p in self.backbone.parameters()} | {id(p) for p in self.teacher.parameters()}
+        assert not any(id(p) in frozen for p in params), "a frozen parameter requires grad"
+        return params
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not batch["item_id"]:
+            return None
+        self.objective.step = self.global_step
+        out = self.objective(batch, self.student_model(), self.teacher_model())
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            return self._non_finite(loss, batch)
+        bs = len(batch["item_id"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in out.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def _non_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+        bad_inputs = [i for n, i in enumerate(batch["item_id"]) if any(not torch.isfinite(v[n]).all() for v in batch.get("views", []))]
+        ids = ", ".join((bad_inputs or batch["item_id"])[:16])
+        what = "items with non-finite pixels" if bad_inputs else "batch items"
+        msg = f"non-finite loss ({loss.item()}) at step {self.global_step}; {what}: [{ids}]"
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteLossError(
+                msg + ". Check those items (NaN pixels, extreme intensities) or lower train.lr; "
+                "set train.nonfinite=skip to skip such batches."
+            )
+        log.warning("%s: batch skipped (train.nonfinite=skip)", msg)
+        self.skipped_batches += 1
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # EMA after each optimizer step (global_step counts optimizer steps)
+        if self.global_step == self._last_ema_step or outputs is None:
+            return
+        self._last_ema_step = self.global_step
+        m = self.ema_momentum()
+        update_momentum(self.student, self.teacher, m)
+        self.objective.update_teacher(m)
+
+    def ema_momentum(self) -> float:
+        """Cosine schedule from ``train.ema_momentum`` to 1 over the run (as in DINO/BYOL)."""
+        m0 = self.cfg.train.ema_momentum
+        t = min(1.0, self.global_step / max(1, self.cfg.train.max_steps))
+        return 1 - (1 - m0) * (math.cos(math.pi * t) + 1) / 2
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.trainable_parameters()
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.cfg.train.lr,
+        )
+        warmup, total = self.cfg.train.warmup_steps, self.cfg.train.max_steps
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen backbone is rebuilt from the config; keep checkpoints adapter-sized
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        checkpoint["insitu_fingerprint"] = self.fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("insitu_fingerprint") != self.fingerprint:
+            raise ConfigError("the checkpoint was made with a different backbone (fingerprint differs); cannot resume.")
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+        checkpoint["state_dict"].update(own)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, fsync, then rename; never write a checkpoint with NaN/Inf."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        bad = [
+            k
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+        ]
+        if bad:
+            raise NonFiniteLossError(f"refusing to write checkpoint {path}: non-finite tensors {bad[:5]}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@dataclass
+class PretrainResult:
+    """What a finished pretraining run produced."""
+
+    run_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    final_loss: float | None
+    wall_s: float
+    items: int
+    quarantined: int
+    trainable_params: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_precision(cfg: RunConfig) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> PretrainResult:
+    """Run continual pretraining as configured; returns paths and a summary."""
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume and not last.exists():
+        raise ConfigError(f"--resume: no checkpoint at {last}. Run without --resume to start.")
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{run_dir} already holds checkpoints. Pass --resume to continue, or pick another name (--set name=...).")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = ScannedData.scan(cfg.data)
+    data.manifest.write(run_dir / "manifest")
+    items = data.manifest.items
+    normalizer = fit_normalizer(data, items)
+    module = PretrainModule(cfg)
+    dataset = SampleDataset(data, items, normalizer, module.objective.view_transform(), cfg.data.image_size)
+    dm = PretrainDataModule(dataset, cfg.train.batch_size, cfg.data.num_workers)
+    trainer = _trainer(cfg, ckpt_dir, quiet)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    wall = time.perf_counter() - start
+    if trainer.global_step >= cfg.train.max_steps or not last.exists():
+        trainer.save_checkpoint(last)
+    final_loss = _final_loss(trainer)
+    trainable = sum(p.numel() for p in module.trainable_parameters())
+    summary = {
+        "steps": trainer.global_step,
+        "final_loss": final_loss,
+        "wall_s": round(wall, 2),
+        "items": len(items),
+        "quarantined": len(data.manifest.quarantine),
+        "skipped_batches": module.skipped_batches,
+        "trainable_params": trainable,
+        "frozen_params": sum(p.numel() for p in module.backbone.parameters()),
+        "device": _device_name(trainer),
+        "precision": resolve_precision(cfg),
+        "seed": cfg.seed,
+    }
+    adapter_dir = None
+    if trainer.is_global_zero:
+        adapter_dir = save_package(
+            run_dir / "adapter",
+            module.backbone,
+            module.student,
+            head_state=module.objective.head_state(),
+            input_info={"domain": cfg.data.domain, "image_size": cfg.data.image_size, "channels": module.backbone.in_chans},
+            normalizer=normalizer.to_dict(),
+            objective={"name": cfg.objective.name, "options": cfg.objective.options},
+            training=summary,
+            config=cfg.model_dump(mode="json"),
+        )
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return PretrainResult(
+        run_dir, adapter_dir, trainer.global_step, final_loss, wall, len(items), len(data.manifest.quarantine), trainable, summary
+    )
+
+
+def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step{step}",
+            every_n_train_steps=cfg.train.checkpoint_every,
+            save_last=True,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+        )
+    ]
+    if not quiet:
+        callbacks.append(RichProgressBar(leave=False))
+    return L.Trainer(
+        max_steps=cfg.train.max_steps,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        precision=resolve_precision(cfg),
+        logger=[
+            CSVLogger(cfg.run_dir, name="logs", version=""),
+            TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""),
+        ],
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=cfg.train.grad_clip,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        log_every_n_steps=cfg.train.log_every,
+        enable_progress_bar=not quiet,
+        enable_model_summary=False,
+        default_root_dir=cfg.run_dir,
+        num_sanity_val_steps=0,
+    )
+
+
+def _final_loss(trainer: L.Trainer) -> float | None:
+    value = trainer.callback_metrics.get("train/loss")
+    return float(value) if value is not None else None
+
+
+def _device_name(trainer: L.Trainer) -> str:
+    if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+        return torch.cuda.get_device_name(trainer.strategy.root_device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

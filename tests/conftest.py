@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny seeded data in real formats and tiny ViT configs (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from insitu.domains.synthetic import SHAPES, make_shape_image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_BACKBONE: dict[str, Any] = {
+    "name": "vit_tiny_patch16_224",
+    "patch_size": 8,
+    "img_size": 32,
+    "in_chans": 3,
+    "kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 2},
+}
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test with a reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} is not available")
+    return path
+
+
+def write_shapes(root: Path, n_per_class: int = 6, size: int = 32, seed: int = 0, classes: int = 4) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, shape in enumerate(SHAPES[:classes]):
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img, _ = make_shape_image(rng, label, size)
+            Image.fromarray(img).save(root / shape / f"{shape}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def shapes_dir(tmp_path: Path) -> Path:
+    return write_shapes(tmp_path / "shapes")
+
+
+def tiny_config(root: Path, out_dir: Path, **sections: Any) -> dict[str, Any]:
+    """A complete run config dict for a 2-block ViT at 32 px that trains in seconds."""
+    cfg: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "out_dir": str(out_dir),
+        "data": {"domain": "images", "root": str(root), "image_size": 32},
+        "backbone": dict(TINY_BACKBONE),
+        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 8},
+        "objective": {"name": "dino", "options": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "views": {"local_crops": 1}}},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+        "trainer": {"accelerator": "cpu"},
+        "probe": {"knn_k": 3},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg

@@ -38,8 +38,8 @@ class Normalizer:
 
     @classmethod
     def fit(cls, images: Iterable[torch.Tensor], percentiles: tuple[float, float] | None = (0.5, 99.5)) -> Normalizer:
-        """Fit from C×H×W images (a sample of the training set is enough)."""
-        flat = [img.reshape(img.shape[0], -1).float() for img in images]
+        """Fit from C×H×W images or T×C×H×W clips (a sample of the training set is enough)."""
+        flat = [(img.transpose(0, 1) if img.ndim == 4 else img).reshape(img.shape[-3], -1).float() for img in images]
         if not flat:
             raise ValueError("cannot fit a Normalizer on no images")
         values = torch.cat(flat, dim=1)

@@ -77,9 +77,12 @@ class PretrainModule(L.LightningModule):
         if not batch["item_id"]:
             return None
         self.objective.step = self.global_step
+        # objectives may update buffers in forward (DINO's centre); undo that on a bad batch
+        buffers = {k: v.clone() for k, v in self.objective.named_buffers()}
         out = self.objective(batch, self.student_model(), self.teacher_model())
         loss = out["loss"]
         if not torch.isfinite(loss):
+            self.objective.load_state_dict(buffers, strict=False)
             return self._non_finite(loss, batch)
         bs = len(batch["item_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -215,7 +218,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrit
     dm = PretrainDataModule(dataset, cfg.train.batch_size, cfg.data.num_workers)
     trainer = _trainer(cfg, ckpt_dir, quiet)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
     wall = time.perf_counter() - start
     if trainer.global_step >= cfg.train.max_steps or not last.exists():
         trainer.save_checkpoint(last)
@@ -281,7 +284,7 @@ def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
         plugins=[AtomicCheckpointIO()],
         gradient_clip_val=cfg.train.grad_clip,
         accumulate_grad_batches=cfg.train.accumulate_grad_batches,
-        log_every_n_steps=cfg.train.log_every,
+        log_every_n_steps=min(cfg.train.log_every, max(1, cfg.train.max_steps // 10)),  # short runs still log a curve
         enable_progress_bar=not quiet,
         enable_model_summary=False,
         default_root_dir=cfg.run_dir,

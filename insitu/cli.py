@@ -222,6 +222,7 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(name).propagate = False
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*weight_norm.*is deprecated.*")
 
 
 if __name__ == "__main__":

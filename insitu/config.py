@@ -42,6 +42,7 @@ class BackboneConfig(Strict):
     in_chans: int = Field(3, gt=0)
     img_size: int = Field(64, gt=0)
     patch_size: int | None = Field(None, gt=0)
+    init_seed: int = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 

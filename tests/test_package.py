@@ -52,8 +52,7 @@ def test_zip_round_trip(trained, tmp_path):
 
 def test_refused_on_a_different_base(trained):
     _, _, path = trained
-    torch.manual_seed(1)
-    other = create_backbone(TINY_BACKBONE)
+    other = create_backbone({**TINY_BACKBONE, "init_seed": 1})
     with pytest.raises(AdapterMismatchError, match="fingerprint: package") as exc:
         apply_package(path, other)
     assert set(exc.value.fields) == {"fingerprint"}

@@ -19,22 +19,25 @@ def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
 
     ``weights`` is a local ``.safetensors`` file holding a timm state dict for the same
     architecture; ``pretrained: true`` asks timm to fetch the named model's weights (online only).
-    Without either, the weights are randomly initialised (seeded by the caller).
+    Without either, the weights are randomly initialised from ``init_seed``, independently of the
+    global RNG, so the same config always rebuilds the same base (and its adapter packages apply).
     """
     cfg = BackboneConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
     kwargs: dict[str, Any] = dict(cfg.kwargs)
     if cfg.patch_size:
         kwargs["patch_size"] = cfg.patch_size
     try:
-        vit = timm.create_model(
-            cfg.name,
-            pretrained=cfg.pretrained,
-            num_classes=0,
-            in_chans=cfg.in_chans,
-            img_size=cfg.img_size,
-            dynamic_img_size=True,
-            **kwargs,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            vit = timm.create_model(
+                cfg.name,
+                pretrained=cfg.pretrained,
+                num_classes=0,
+                in_chans=cfg.in_chans,
+                img_size=cfg.img_size,
+                dynamic_img_size=True,
+                **kwargs,
+            )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:5]

@@ -73,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     ai.add_argument("path", type=Path, help="package folder or .zip")
     ai.add_argument("--json", action="store_true", help="print insitu.json instead of a table")
     ai.set_defaults(func=_cmd_adapter_inspect)
+    av = asub.add_parser("verify", help="check a package's integrity and, with --base, its compatibility with a backbone")
+    av.add_argument("path", type=Path, help="package folder or .zip")
+    av.add_argument("--base", type=Path, help="YAML with a backbone section (a run config) or a bare backbone mapping")
+    av.set_defaults(func=_cmd_adapter_verify)
+    ae = asub.add_parser("export", help="pack a package as .zip / unpack it, or --merged: fold LoRA into a standalone backbone")
+    ae.add_argument("path", type=Path, help="package folder or .zip")
+    ae.add_argument("--out", type=Path, required=True, help="a .zip, a folder, or with --merged a .safetensors file")
+    ae.add_argument("--merged", action="store_true", help="write the base weights with LoRA folded in (LoRA packages only)")
+    ae.add_argument("--base", type=Path, help="base backbone spec (needed with --merged)")
+    ae.set_defaults(func=_cmd_adapter_export)
+    aa = asub.add_parser("apply", help="run base + adapters on a data folder and write features (safetensors)")
+    aa.add_argument("path", type=Path, help="package folder or .zip")
+    aa.add_argument("--base", type=Path, required=True, help="base backbone spec (YAML)")
+    aa.add_argument("--data", type=Path, required=True, help="folder or file to embed")
+    aa.add_argument("--domain", default=None, help="data domain (default: the package's)")
+    aa.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option")
+    aa.add_argument("--out", type=Path, required=True, help="features .safetensors (item ids go next to it as .json)")
+    aa.set_defaults(func=_cmd_adapter_apply)
     return p
 
 
@@ -188,6 +206,90 @@ def _cmd_adapter_inspect(args: argparse.Namespace) -> int:
             ("normalizer", "stored" if meta.normalizer else "none"),
         ],
     )
+    return 0
+
+
+def _base_backbone(path: Path):  # noqa: ANN202 - returns a ViTBackbone (imported lazily)
+    import yaml
+
+    from insitu.backbones import create_backbone
+    from insitu.config import BackboneConfig
+    from insitu.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"--base {path} does not exist; pass a YAML run config or backbone mapping.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    section = raw.get("backbone", raw) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"--base {path} holds no backbone mapping.")
+    from insitu.config import validate_options
+
+    return create_backbone(BackboneConfig.model_validate(validate_options(BackboneConfig, section, "backbone", str(path))))
+
+
+def _cmd_adapter_verify(args: argparse.Namespace) -> int:
+    from insitu.adapters.package import apply_package, load_package
+
+    pkg = load_package(args.path)
+    rows = [("integrity", f"ok: insitu.json valid, {len(pkg.tensors)} tensors in adapter.safetensors")]
+    if args.base:
+        backbone = _base_backbone(args.base)
+        apply_package(pkg, backbone)  # raises AdapterMismatchError naming each differing field
+        rows.append(("base", f"compatible with {backbone.source} (fingerprint {backbone.fingerprint[:16]}…)"))
+    _summary_table(f"verified {args.path}", rows)
+    return 0
+
+
+def _cmd_adapter_export(args: argparse.Namespace) -> int:
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    from insitu.adapters import LoRAAdapters, merge_lora
+    from insitu.adapters.package import CARD_FILE, META_FILE, TENSORS_FILE, apply_package, load_package, write_zip
+    from insitu.errors import ConfigError
+
+    pkg = load_package(args.path)  # validate before writing anything
+    if args.merged:
+        if not args.base:
+            raise ConfigError("--merged needs --base (the backbone the LoRA weights are folded into).")
+        model = apply_package(pkg, _base_backbone(args.base))
+        if not isinstance(model.adapters, LoRAAdapters):
+            raise ConfigError(f"--merged works for LoRA packages only; {args.path} holds {pkg.meta.adapter.get('kind')!r} adapters.")
+        save_file(merge_lora(model.backbone.vit, model.adapters), str(args.out))
+    elif args.out.suffix == ".zip":
+        if not args.path.is_dir():
+            raise ConfigError(f"{args.path} is already a .zip; pass a folder as --out to unpack it.")
+        write_zip(args.path, args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(args.path) as zf:
+            for name in (TENSORS_FILE, META_FILE, CARD_FILE):
+                (args.out / name).write_bytes(zf.read(name))
+    _summary_table("exported", [("from", str(args.path)), ("to", str(args.out))])
+    return 0
+
+
+def _cmd_adapter_apply(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from insitu.adapters.package import apply_package, load_package
+    from insitu.api import embed_folder
+    from insitu.config import apply_override
+
+    pkg = load_package(args.path)
+    model = apply_package(pkg, _base_backbone(args.base))
+    options: dict = {}
+    for opt in args.option:
+        apply_override(options, opt)
+    domain = args.domain or pkg.meta.input.get("domain", "images")
+    size = int(pkg.meta.input.get("image_size", model.backbone.img_size))
+    feats, ids = embed_folder(args.data, model, domain, options, size, pkg.meta.normalizer)
+    import torch
+
+    save_file({"features": torch.from_numpy(feats).contiguous()}, str(args.out))
+    args.out.with_suffix(".json").write_text(json.dumps({"item_ids": ids, "package": str(args.path)}, indent=2))
+    _summary_table("features written", [("items", str(len(ids))), ("dim", str(feats.shape[1])), ("file", str(args.out))])
     return 0
 
 

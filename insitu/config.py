@@ -43,16 +43,26 @@ class BackboneConfig(Strict):
     img_size: int = Field(64, gt=0)
     patch_size: int | None = Field(None, gt=0)
     init_seed: int = 0
+    channel_init: Literal["mean", "repeat", "rgb_map"] = "mean"
+    bands: list[str] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class AdapterConfig(Strict):
-    """Trainable adapters injected into the frozen backbone."""
+    """Trainable adapters injected into the frozen backbone.
+
+    ``kind``: ``bottleneck`` (parallel to the MLP, uses bottleneck_dim/scale), ``sequential``
+    (Houlsby, after each sublayer, uses bottleneck_dim/scale) or ``lora`` (attention projections,
+    uses rank/alpha/targets).
+    """
 
     kind: str = "bottleneck"
     blocks: Literal["all"] | int | list[int] = "all"
     bottleneck_dim: int = Field(64, gt=0)
     scale: float = 0.1
+    rank: int = Field(8, gt=0)
+    alpha: float = 16.0
+    targets: list[Literal["qkv", "proj"]] = Field(default_factory=lambda: ["qkv"])
 
     @field_validator("blocks")
     @classmethod

@@ -9,6 +9,8 @@ from torch import nn
 
 from insitu.adapters.base import AdapterSet, resolve_blocks
 from insitu.adapters.bottleneck import BottleneckAdapters
+from insitu.adapters.lora import LoRAAdapters, merge_lora
+from insitu.adapters.sequential import SequentialAdapters
 from insitu.backbones.vit import ViTBackbone
 from insitu.config import AdapterConfig
 from insitu.registry import Registry
@@ -22,6 +24,18 @@ def _bottleneck(backbone: ViTBackbone, cfg: AdapterConfig) -> AdapterSet:
     return BottleneckAdapters(backbone.embed_dim, blocks, cfg.bottleneck_dim, cfg.scale)
 
 
+@ADAPTERS.register("sequential")
+def _sequential(backbone: ViTBackbone, cfg: AdapterConfig) -> AdapterSet:
+    blocks = resolve_blocks(cfg.blocks, backbone.num_blocks)
+    return SequentialAdapters(backbone.embed_dim, blocks, cfg.bottleneck_dim, cfg.scale)
+
+
+@ADAPTERS.register("lora")
+def _lora(backbone: ViTBackbone, cfg: AdapterConfig) -> AdapterSet:
+    blocks = resolve_blocks(cfg.blocks, backbone.num_blocks)
+    return LoRAAdapters(backbone.embed_dim, blocks, cfg.rank, cfg.alpha, tuple(cfg.targets))
+
+
 def create_adapters(backbone: ViTBackbone, cfg: AdapterConfig | dict[str, Any]) -> AdapterSet:
     """Build the adapter set named by ``cfg.kind`` for this backbone."""
     cfg = AdapterConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
@@ -30,10 +44,43 @@ def create_adapters(backbone: ViTBackbone, cfg: AdapterConfig | dict[str, Any]) 
 
 def adapters_from_config(config: dict[str, Any]) -> AdapterSet:
     """Rebuild an adapter set from the ``config()`` stored in a package."""
-    if config["kind"] == "bottleneck":
+    kind = config.get("kind")
+    if kind == "bottleneck":
         return BottleneckAdapters(config["dim"], config["blocks"], config["bottleneck_dim"], config["scale"])
-    ADAPTERS.get(config["kind"])  # raises the standard unknown-name error
-    raise NotImplementedError(config["kind"])
+    if kind == "sequential":
+        return SequentialAdapters(config["dim"], config["blocks"], config["bottleneck_dim"], config["scale"])
+    if kind == "lora":
+        return LoRAAdapters(config["dim"], config["blocks"], config["rank"], config["alpha"], tuple(config["targets"]))
+    ADAPTERS.get(str(kind))  # raises the standard unknown-name error
+    raise NotImplementedError(kind)
+
+
+class MultiAdapterBackbone(nn.Module):
+    """One frozen backbone with several named adapter sets (one per site or sensor), switched by name."""
+
+    def __init__(self, backbone: ViTBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.sets = nn.ModuleDict()
+        self.active: str | None = None
+
+    def add(self, name: str, adapters: AdapterSet) -> None:
+        self.sets[name] = adapters
+        self.active = self.active or name
+
+    def use(self, name: str | None) -> MultiAdapterBackbone:
+        """Select an adapter set by name (``None``: the bare backbone)."""
+        if name is not None and name not in self.sets:
+            raise KeyError(f"no adapter set named {name!r}; loaded: {list(self.sets)}")
+        self.active = name
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        return self.backbone.forward_tokens(x, self.sets[self.active] if self.active else None)
 
 
 class AdaptedBackbone(nn.Module):
@@ -60,6 +107,10 @@ __all__ = [
     "AdaptedBackbone",
     "AdapterSet",
     "BottleneckAdapters",
+    "LoRAAdapters",
+    "MultiAdapterBackbone",
+    "SequentialAdapters",
+    "merge_lora",
     "adapters_from_config",
     "create_adapters",
     "resolve_blocks",

@@ -1,4 +1,15 @@
-"""Frozen ViT construction and weight loading: one `create_backbone` entry point."""
+"""Frozen ViT construction and weight loading: one `create_backbone` entry point.
+
+Specs (``BackboneConfig``):
+- ``name`` alone: a timm ViT with random weights from ``init_seed`` (reproducible);
+- ``name`` + ``pretrained: true``: timm fetches the named weights from its hub (online only);
+- ``name`` + ``weights: file.safetensors``: a local timm state dict;
+- ``name`` + ``weights: file.pt|.pth|.ckpt|.bin``: a PyTorch checkpoint read with ``weights_only=True``;
+- ``weights: folder/`` with ``config.json``: a Hugging Face transformers DINOv2 folder (RAD-DINO's
+  format), converted key by key into the equivalent timm ViT (``name`` is then ignored).
+A checkpoint with another channel count is adapted (``channel_init``), and its position
+embeddings are resampled to ``img_size``; the checkpoint's own size is kept as ``native_size``.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +18,49 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 
+from insitu.backbones.loaders import fit_state_dict, hf_dinov2_config, hf_dinov2_state_dict, is_hf_dinov2_folder, read_state_dict
 from insitu.backbones.vit import ViTBackbone, state_fingerprint
 from insitu.config import BackboneConfig
 from insitu.errors import ConfigError
 
 
 def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
-    """Build a frozen ViT from a timm name, with optional local safetensors weights.
-
-    ``weights`` is a local ``.safetensors`` file holding a timm state dict for the same
-    architecture; ``pretrained: true`` asks timm to fetch the named model's weights (online only).
-    Without either, the weights are randomly initialised from ``init_seed``, independently of the
-    global RNG, so the same config always rebuilds the same base (and its adapter packages apply).
-    """
+    """Build a frozen ViT backbone from a spec (see the module docstring)."""
     cfg = BackboneConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    weights = Path(cfg.weights) if cfg.weights else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        if weights is not None and is_hf_dinov2_folder(weights):
+            vit, source = _hf_dinov2_model(cfg, weights), f"hf-dinov2@{weights.name}"
+        else:
+            vit, source = _timm_model(cfg), cfg.name
+    native = vit.patch_embed.img_size[0]
+    if weights is not None:
+        state = hf_dinov2_state_dict(weights) if is_hf_dinov2_folder(weights) else read_state_dict(weights)
+        state, native = fit_state_dict(state, vit, cfg.channel_init, cfg.bands)
+        _load_strict(vit, state, weights)
+        source = source if source.startswith("hf-") else f"{cfg.name}@{weights.name}"
+    elif cfg.pretrained:
+        native = int(vit.pretrained_cfg.get("input_size", (0, native, native))[-1])
+    return ViTBackbone(vit, source, native_size=native)
+
+
+def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
     kwargs: dict[str, Any] = dict(cfg.kwargs)
     if cfg.patch_size:
         kwargs["patch_size"] = cfg.patch_size
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
-            vit = timm.create_model(
-                cfg.name,
-                pretrained=cfg.pretrained,
-                num_classes=0,
-                in_chans=cfg.in_chans,
-                img_size=cfg.img_size,
-                dynamic_img_size=True,
-                **kwargs,
-            )
+        vit = timm.create_model(
+            cfg.name,
+            pretrained=cfg.pretrained,
+            num_classes=0,
+            in_chans=cfg.in_chans,
+            img_size=cfg.img_size,
+            dynamic_img_size=True,
+            **kwargs,
+        )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:5]
@@ -45,26 +68,27 @@ def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
         raise
     if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
         raise ConfigError(f"backbone.name {cfg.name!r} is not a ViT (no blocks/patch_embed); pick a timm ViT.")
-    source = cfg.name
-    if cfg.weights:
-        _load_local_weights(vit, Path(cfg.weights))
-        source = f"{cfg.name}@{Path(cfg.weights).name}"
-    return ViTBackbone(vit, source)
+    return vit
 
 
-def _load_local_weights(vit: torch.nn.Module, path: Path) -> None:
-    if path.suffix != ".safetensors":
+def _hf_dinov2_model(cfg: BackboneConfig, folder: Path) -> VisionTransformer:
+    arch = hf_dinov2_config(folder)
+    arch.pop("in_chans")
+    arch["img_size"] = cfg.img_size
+    return VisionTransformer(num_classes=0, in_chans=cfg.in_chans, dynamic_img_size=True, **arch)
+
+
+def _load_strict(vit: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
         raise ConfigError(
-            f"backbone.weights {path} is not a .safetensors file. Convert it once with "
-            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors')."
+            f"backbone.weights {path} does not fit the configured architecture: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}. Check backbone.name/patch_size/kwargs."
         )
-    state = load_file(str(path))
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"backbone.weights {path} does not fit the configured architecture: "
-            f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}. Check backbone.name/kwargs."
-        )
+    vit.load_state_dict(state, strict=True)
 
 
 __all__ = ["ViTBackbone", "create_backbone", "state_fingerprint"]

@@ -21,7 +21,7 @@ class ViTBackbone(nn.Module):
     keep no activations for backward.
     """
 
-    def __init__(self, vit: nn.Module, source: str) -> None:
+    def __init__(self, vit: nn.Module, source: str, native_size: int | None = None) -> None:
         super().__init__()
         self.vit = vit
         self.source = source
@@ -31,6 +31,8 @@ class ViTBackbone(nn.Module):
         self.patch_size: int = vit.patch_embed.patch_size[0]
         self.in_chans: int = vit.patch_embed.proj.in_channels
         self.img_size: int = vit.patch_embed.img_size[0]
+        # the size the weights were trained at: resize data to it when you can
+        self.native_size: int = native_size or self.img_size
         self.num_blocks: int = len(vit.blocks)
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self._fingerprint: str | None = None
@@ -49,20 +51,48 @@ class ViTBackbone(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor, adapters: AdapterSet | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Return ``(cls [B, D], patch_tokens [B, N, D], grid_hw)`` after the final norm."""
+        tokens, grid, _ = self._run(x, adapters, ())
+        tokens = self.vit.norm(tokens)
+        return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: list[int] | int = 4, adapters: AdapterSet | None = None, norm: bool = True
+    ) -> list[torch.Tensor]:
+        """Patch tokens as B×D×h×w maps after the chosen blocks (an int n means the last n blocks)."""
+        idx = (
+            list(range(self.num_blocks - indices, self.num_blocks)) if isinstance(indices, int) else [i % self.num_blocks for i in indices]
+        )
+        _, grid, feats = self._run(x, adapters, tuple(idx))
+        out = []
+        for f in feats:
+            f = self.vit.norm(f) if norm else f
+            p = f[:, self.num_prefix_tokens :]
+            out.append(p.transpose(1, 2).reshape(p.shape[0], p.shape[2], *grid))
+        return out
+
+    def _run(
+        self, x: torch.Tensor, adapters: AdapterSet | None, keep: tuple[int, ...]
+    ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor]]:
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}; resize or crop the data (data.image_size)."
+            )
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         first = adapters.first_block if adapters is not None else self.num_blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
             tokens = self._embed(x)
+        kept = []
         for i, block in enumerate(self.vit.blocks):
             if i < first:
-                with torch.no_grad():
+                with torch.no_grad():  # frozen prefix: no gradient, no saved activations
                     tokens = block(tokens)
             elif adapters is not None and adapters.has(i):
                 tokens = adapters.forward_block(i, block, tokens)
             else:
                 tokens = block(tokens)
-        tokens = self.vit.norm(tokens)
-        return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid
+            if i in keep:
+                kept.append(tokens)
+        return tokens, grid, kept
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit

@@ -10,6 +10,8 @@ from insitu.registry import unknown_name_message
 
 OBJECTIVES: dict[str, str] = {
     "dino": "insitu.objectives.dino:DinoObjective",
+    "rsp": "insitu.objectives.temporal:RSPObjective",
+    "cvrl": "insitu.objectives.temporal:CVRLObjective",
 }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from insitu.config import DataConfig
 from insitu.domains import Domain, Manifest, ManifestItem, create_domain
@@ -44,7 +44,7 @@ class SampleDataset(Dataset):
         data: ScannedData,
         items: list[ManifestItem],
         normalizer: Normalizer | None,
-        transform: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+        transform: Callable[[torch.Tensor], list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]] | None = None,
         image_size: int = 64,
     ) -> None:
         self.data, self.items, self.normalizer = data, items, normalizer
@@ -65,7 +65,11 @@ class SampleDataset(Dataset):
             image = self.normalizer(image)
         out: dict[str, Any] = {"item_id": item.item_id, "label": sample.get("label", -1)}
         if self.transform is not None:
-            out["views"] = self.transform(image)
+            views = self.transform(image)
+            # a transform may also return per-sample view metadata (e.g. each clip's playback speed)
+            if isinstance(views, tuple):
+                views, out["view_meta"] = views
+            out["views"] = views
         else:
             out["image"] = resize_square(image, self.image_size)
         return out
@@ -82,6 +86,8 @@ def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     }
     if "views" in batch[0]:
         out["views"] = [torch.stack([b["views"][v] for b in batch]) for v in range(len(batch[0]["views"]))]
+        if "view_meta" in batch[0]:
+            out["view_meta"] = torch.stack([b["view_meta"] for b in batch])
     else:
         out["image"] = torch.stack([b["image"] for b in batch])
     return out
@@ -108,12 +114,22 @@ class PretrainDataModule(L.LightningDataModule):
         self.batch_size = min(batch_size, len(dataset))
 
     def train_dataloader(self) -> DataLoader:
+        sampler = self.sampler()
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
+
+    def sampler(self) -> WeightedRandomSampler | None:
+        """Weighted sampling when the domain weights its sources (``sample_weights(items)``), else None."""
+        hook = getattr(self.dataset.data.domain, "sample_weights", None)
+        weights = hook(self.dataset.items) if hook is not None else None
+        if not weights:
+            return None
+        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)

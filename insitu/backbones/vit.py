@@ -79,6 +79,8 @@ class ViTBackbone(nn.Module):
             )
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         first = adapters.first_block if adapters is not None else self.num_blocks
+        if self.vit.patch_embed.proj.weight.requires_grad:  # unfrozen (full fine-tuning): no frozen prefix
+            first = 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
             tokens = self._embed(x)
         kept = []

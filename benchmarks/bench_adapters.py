@@ -84,7 +84,20 @@ def main() -> None:
         return
     results = {}
     for name in ROWS:
-        cmd = [sys.executable, __file__, "--row", name, "--model", args.model, "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--row",
+            name,
+            "--model",
+            args.model,
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         cmd += ["--cpu"] if args.cpu else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -131,3 +131,17 @@ def test_forward_intermediates():
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(bb.forward_intermediates(x, [-1])[0].flatten(2).transpose(1, 2), bb.forward_tokens(x)[1])
     assert last[1].shape == (1, 16, 48)
+
+
+def test_cls_attention_matches_timm_attention_probabilities():
+    bb = create_backbone(TINY_BACKBONE)
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    last = bb.vit.blocks[-1]
+    last.attn.fused_attn = False  # let timm compute explicit probabilities we can capture
+    handle = last.attn.attn_drop.register_forward_hook(lambda m, i, o: seen.setdefault("p", o))
+    cls, patches, grid, attn = bb.forward_with_attention(x)
+    handle.remove()
+    assert attn.shape == (2, 2, 16)
+    assert torch.allclose(attn, seen["p"][:, :, 0, 1:], atol=1e-6)
+    assert torch.allclose(cls, bb.forward_tokens(x)[0], atol=1e-6)

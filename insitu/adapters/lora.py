@@ -47,6 +47,10 @@ class LoRAAdapters(AdapterSet):
         x = x + block.drop_path1(block.ls1(self._attention(index, block.attn, block.norm1(x))))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
+    def qkv_delta(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA change to block ``index``'s qkv projection (used to read attention maps)."""
+        return self.qkv[str(index)](x) if self.qkv is not None else torch.zeros(())
+
     def _attention(self, index: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # mirrors timm's Attention.forward with LoRA added to the projections
         b, n, _ = x.shape

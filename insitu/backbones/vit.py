@@ -55,6 +55,34 @@ class ViTBackbone(nn.Module):
         tokens = self.vit.norm(tokens)
         return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid
 
+    def forward_with_attention(
+        self, x: torch.Tensor, adapters: AdapterSet | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:
+        """Like `forward_tokens`, plus the last block's CLS→patch attention ``[B, heads, N]``.
+
+        The attention is recomputed from the last block's input with its (frozen) q/k projections,
+        plus the adapters' q/k change where an adapter set alters attention (LoRA).
+        """
+        tokens, grid, kept = self._run(x, adapters, (self.num_blocks - 2,) if self.num_blocks > 1 else ())
+        last_in = kept[0] if kept else self._embed(x)
+        attn = self._cls_attention(self.num_blocks - 1, last_in, adapters)
+        tokens = self.vit.norm(tokens)
+        return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid, attn
+
+    def _cls_attention(self, index: int, x: torch.Tensor, adapters: AdapterSet | None) -> torch.Tensor:
+        block = self.vit.blocks[index]
+        attn = block.attn
+        h = block.norm1(x)
+        qkv = attn.qkv(h)
+        delta = getattr(adapters, "qkv_delta", None)
+        if delta is not None and adapters.has(index):
+            qkv = qkv + delta(index, h)
+        b, n, _ = h.shape
+        q, k, _ = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        scores = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # CLS query over all keys
+        return scores.softmax(dim=-1)[:, :, 0, self.num_prefix_tokens :]
+
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int] | int = 4, adapters: AdapterSet | None = None, norm: bool = True
     ) -> list[torch.Tensor]:

@@ -64,6 +64,8 @@ class SampleDataset(Dataset):
         if self.normalizer is not None:
             image = self.normalizer(image)
         out: dict[str, Any] = {"item_id": item.item_id, "label": sample.get("label", -1)}
+        if sample.get("text") is not None:  # image-text pairs (ConVIRT-style objectives)
+            out["text"] = sample["text"]
         if self.transform is not None:
             views = self.transform(image)
             # a transform may also return per-sample view metadata (e.g. each clip's playback speed)
@@ -84,6 +86,8 @@ def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
         "item_id": [b["item_id"] for b in batch],
         "label": torch.tensor([b["label"] if b["label"] is not None else -1 for b in batch]),
     }
+    if "text" in batch[0]:
+        out["text"] = [b.get("text", "") for b in batch]
     if "views" in batch[0]:
         out["views"] = [torch.stack([b["views"][v] for b in batch]) for v in range(len(batch[0]["views"]))]
         if "view_meta" in batch[0]:

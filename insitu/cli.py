@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option (data.options)")
     s.set_defaults(func=_cmd_scan)
 
+    b = sub.add_parser("base", help="the embedded pretrained base (a ViT pretrained on generated fractals)")
+    bsub = b.add_subparsers(title="base commands")
+    bp = bsub.add_parser("pretrain", help="pretrain a ViT from scratch on generated fractal images (full-parameter DINO)")
+    bp.add_argument("-c", "--config", type=Path, help="YAML (see configs/base/fractal_vit_tiny.yaml); defaults otherwise")
+    bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. steps=100")
+    bp.set_defaults(func=_cmd_base_pretrain)
+
     a = sub.add_parser("adapter", help="work with adapter packages")
     asub = a.add_subparsers(title="adapter commands")
     ai = asub.add_parser("inspect", help="validate a package and print its card")
@@ -137,6 +144,25 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         from dataclasses import asdict
 
         _probe_table([asdict(r) for r in run_probe(cfg, [result.adapter_dir])])
+    return 0
+
+
+def _cmd_base_pretrain(args: argparse.Namespace) -> int:
+    from insitu.pipelines.base_pretrain import base_pretrain, load_base_config
+
+    cfg = load_base_config(args.config, args.overrides)
+    weights = base_pretrain(cfg, quiet=args.quiet)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    _summary_table(
+        f"insitu base pretrain: {cfg.name}",
+        [
+            ("weights", str(weights)),
+            ("card", str(weights.with_suffix(".json"))),
+            ("steps / images seen", f"{card['steps']} / {card['images_seen']:,}"),
+            ("final loss", f"{card['final_loss']:.4f}"),
+            ("wall time", f"{card['wall_s']} s on {card['device']}"),
+        ],
+    )
     return 0
 
 

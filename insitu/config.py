@@ -93,6 +93,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, gt=0)
     log_every: int = Field(5, gt=0)
     nonfinite: Literal["stop", "skip"] = "stop"
+    full_finetune: bool = False  # train every backbone weight too (a baseline; the teacher gets an EMA backbone copy)
 
 
 class TrainerConfig(Strict):
@@ -257,7 +258,11 @@ def _check_paths(cfg: RunConfig, where: str) -> None:
     checks: list[tuple[str, Path | None]] = [("data.root", cfg.data.root)]
     checks += [("probe.train.root", cfg.probe.train.root if cfg.probe.train else None)]
     checks += [("probe.test.root", cfg.probe.test.root if cfg.probe.test else None)]
-    if cfg.backbone.weights and not cfg.backbone.weights.startswith(("hf-hub:", "timm:")):
+    if cfg.backbone.weights and cfg.backbone.weights.startswith("insitu:"):
+        from insitu.backbones import packaged_card
+
+        packaged_card(cfg.backbone.weights.removeprefix("insitu:"))  # raises ConfigError naming what exists
+    elif cfg.backbone.weights:
         checks.append(("backbone.weights", Path(cfg.backbone.weights)))
     for key, path in checks:
         if path is not None and not Path(path).exists():

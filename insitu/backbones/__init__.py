@@ -6,13 +6,17 @@ Specs (``BackboneConfig``):
 - ``name`` + ``weights: file.safetensors``: a local timm state dict;
 - ``name`` + ``weights: file.pt|.pth|.ckpt|.bin``: a PyTorch checkpoint read with ``weights_only=True``;
 - ``weights: folder/`` with ``config.json``: a Hugging Face transformers DINOv2 folder (RAD-DINO's
-  format), converted key by key into the equivalent timm ViT (``name`` is then ignored).
+  format), converted key by key into the equivalent timm ViT (``name`` is then ignored);
+- ``weights: insitu:<name>``: a base shipped inside the package (``insitu/weights/<name>``), whose
+  card fixes the architecture (``name``, ``patch_size``, ``kwargs`` are taken from it).
 A checkpoint with another channel count is adapted (``channel_init``), and its position
 embeddings are resampled to ``img_size``; the checkpoint's own size is kept as ``native_size``.
 """
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,9 @@ from insitu.errors import ConfigError
 def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
     """Build a frozen ViT backbone from a spec (see the module docstring)."""
     cfg = BackboneConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    packaged = cfg.weights.removeprefix(PACKAGED) if cfg.weights and cfg.weights.startswith(PACKAGED) else None
+    if packaged is not None:
+        cfg = _with_packaged_architecture(cfg, packaged)
     weights = Path(cfg.weights) if cfg.weights else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
@@ -42,9 +49,34 @@ def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
         state, native = fit_state_dict(state, vit, cfg.channel_init, cfg.bands)
         _load_strict(vit, state, weights)
         source = source if source.startswith("hf-") else f"{cfg.name}@{weights.name}"
+        source = f"{PACKAGED}{packaged}" if packaged else source
     elif cfg.pretrained:
         native = int(vit.pretrained_cfg.get("input_size", (0, native, native))[-1])
     return ViTBackbone(vit, source, native_size=native)
+
+
+PACKAGED = "insitu:"
+
+
+def packaged_bases() -> dict[str, Path]:
+    """Bases shipped in ``insitu/weights``: name -> safetensors path."""
+    folder = Path(str(resources.files("insitu") / "weights"))
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
+
+
+def packaged_card(name: str) -> dict[str, Any]:
+    """The card (architecture, training record) of a shipped base."""
+    bases = packaged_bases()
+    if name not in bases:
+        raise ConfigError(f"backbone.weights '{PACKAGED}{name}' is not a shipped base; available: {[PACKAGED + n for n in bases]}.")
+    return json.loads(bases[name].with_suffix(".json").read_text())
+
+
+def _with_packaged_architecture(cfg: BackboneConfig, name: str) -> BackboneConfig:
+    arch = packaged_card(name)["architecture"]
+    return cfg.model_copy(
+        update={"name": arch["name"], "patch_size": arch["patch_size"], "kwargs": arch["kwargs"], "weights": str(packaged_bases()[name])}
+    )
 
 
 def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
@@ -91,4 +123,4 @@ def _load_strict(vit: torch.nn.Module, state: dict[str, torch.Tensor], path: Pat
     vit.load_state_dict(state, strict=True)
 
 
-__all__ = ["ViTBackbone", "create_backbone", "state_fingerprint"]
+__all__ = ["PACKAGED", "ViTBackbone", "create_backbone", "packaged_bases", "packaged_card", "state_fingerprint"]

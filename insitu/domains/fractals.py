@@ -1,0 +1,114 @@
+"""Seeded IFS fractal images, generated on the fly (after Anderson & Farrell 2021, "Improving
+Fractal Pre-training"): no stored data, no licences, no people in the images.
+
+Each fractal is an iterated function system of N = 2..4 affine maps ``x -> A_i x + b_i`` with
+``A_i = R(θ_i) diag(σ1_i, σ2_i) R(φ_i) diag(d_i)`` (d_i = ±1). As in the paper, the systems are
+sampled so that their σ-factor ``Σ_i (σ1_i + 2·σ2_i)`` lies in ``[(5 + N)/2, (6 + N)/2]``, which
+keeps the attractors neither dust-like nor filled blobs (our sampler: draw singular values, then
+rescale them onto a target σ-factor drawn uniformly from that range, keeping σ2 ≤ σ1 ≤ 1).
+Images are rendered with the chaos game in torch (CPU data workers or the GPU alike), coloured
+per map, on random smooth-gradient backgrounds, with 1–3 instances per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset, get_worker_info
+
+
+def sample_systems(n: int, generator: torch.Generator, max_maps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` random IFS: (A [n, M, 2, 2], b [n, M, 2], probs [n, M]); unused maps get probability 0."""
+    maps = torch.randint(2, max_maps + 1, (n,), generator=generator)
+    sig = torch.rand(n, max_maps, 2, generator=generator)
+    sig1 = torch.maximum(sig[..., 0], sig[..., 1])
+    sig2 = torch.minimum(sig[..., 0], sig[..., 1])
+    active = torch.arange(max_maps)[None] < maps[:, None]
+    target = 0.5 * (5 + maps) + 0.5 * torch.rand(n, generator=generator)
+    current = ((sig1 + 2 * sig2) * active).sum(1)
+    scale = (target / current)[:, None]
+    sig1, sig2 = (sig1 * scale).clamp(max=1.0), (sig2 * scale)
+    sig2 = torch.minimum(sig2, sig1)
+    theta, phi = (torch.rand(2, n, max_maps, generator=generator) * 2 * math.pi).unbind(0)
+    d = torch.where(torch.rand(n, max_maps, 2, generator=generator) < 0.5, -1.0, 1.0)
+    a = _rot(theta) @ torch.diag_embed(torch.stack([sig1, sig2], -1)) @ _rot(phi) @ torch.diag_embed(d)
+    b = torch.rand(n, max_maps, 2, generator=generator) * 2 - 1
+    det = torch.linalg.det(a).abs().clamp_min(1e-3) * active
+    return a, b, det / det.sum(1, keepdim=True)
+
+
+def _rot(angle: torch.Tensor) -> torch.Tensor:
+    c, s = angle.cos(), angle.sin()
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def render(
+    a: torch.Tensor, b: torch.Tensor, probs: torch.Tensor, size: int, generator: torch.Generator, chains: int = 256, steps: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chaos-game render of each system: (colour [n, 3, size, size] in [0, 1], coverage [n, size, size])."""
+    n, m = probs.shape
+    colours = torch.rand(n, m, 3, generator=generator) * 0.8 + 0.2
+    x = torch.rand(n, chains, 2, generator=generator) * 2 - 1
+    pts, cols = [], []
+    for t in range(steps):
+        idx = torch.multinomial(probs, chains, replacement=True, generator=generator)  # [n, chains]
+        ai = torch.gather(a, 1, idx[..., None, None].expand(-1, -1, 2, 2))
+        bi = torch.gather(b, 1, idx[..., None].expand(-1, -1, 2))
+        x = (ai @ x[..., None])[..., 0] + bi
+        if t >= 8:  # the first iterations have not reached the attractor yet
+            pts.append(x)
+            cols.append(torch.gather(colours, 1, idx[..., None].expand(-1, -1, 3)))
+    p, c = torch.cat(pts, 1), torch.cat(cols, 1)
+    lo = torch.quantile(p, 0.01, dim=1, keepdim=True)
+    hi = torch.quantile(p, 0.99, dim=1, keepdim=True)
+    p = ((p - lo) / (hi - lo).amax(-1, keepdim=True).clamp_min(1e-6)).clamp(0, 1 - 1e-6)
+    pix = (p * size).long()
+    flat = pix[..., 1] * size + pix[..., 0] + torch.arange(n)[:, None] * size * size
+    count = torch.zeros(n * size * size).index_add_(0, flat.reshape(-1), torch.ones(flat.numel()))
+    colour = torch.zeros(n * size * size, 3).index_add_(0, flat.reshape(-1), c.reshape(-1, 3))
+    colour = colour / count.clamp_min(1)[:, None]
+    count = count.view(n, size, size)
+    return colour.view(n, size, size, 3).permute(0, 3, 1, 2), (count > 0).float()
+
+
+def _background(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    grid = torch.rand(n, 3, 3, 3, generator=generator)
+    return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True) * 0.7
+
+
+def fractal_images(n: int, size: int = 64, generator: torch.Generator | None = None, max_instances: int = 3) -> torch.Tensor:
+    """``n`` RGB images [n, 3, size, size] in [0, 1], each with 1..max_instances fractals."""
+    g = generator or torch.Generator().manual_seed(0)
+    images = _background(n, size, g)
+    k = torch.randint(1, max_instances + 1, (n,), generator=g)
+    for inst in range(max_instances):
+        a, b, probs = sample_systems(n, g)
+        colour, cover = render(a, b, probs, size, g)
+        # place the instance in a random sub-box (the first one fills most of the image)
+        scale = 0.9 if inst == 0 else 0.35 + 0.35 * float(torch.rand(1, generator=g))
+        sub = max(8, int(size * scale))
+        colour = F.interpolate(colour, size=(sub, sub), mode="nearest")
+        cover = F.interpolate(cover[:, None], size=(sub, sub), mode="nearest")
+        top, left = (torch.randint(0, size - sub + 1, (2,), generator=g)).tolist()
+        use = (k > inst).float().view(n, 1, 1, 1) * cover
+        region = images[:, :, top : top + sub, left : left + sub]
+        images[:, :, top : top + sub, left : left + sub] = region * (1 - use) + colour * use
+    return images
+
+
+class FractalStream(IterableDataset):
+    """An endless stream of fractal images (3×size×size in [0, 1]); each worker has its own seed."""
+
+    def __init__(self, size: int = 64, seed: int = 0, chunk: int = 64) -> None:
+        super().__init__()
+        self.size, self.seed, self.chunk = size, seed, chunk
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        g = torch.Generator().manual_seed(self.seed * 1000 + worker)
+        while True:
+            yield from fractal_images(self.chunk, self.size, g)

@@ -60,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", type=Path, help="also write the table as JSON here")
     pr.set_defaults(func=_cmd_probe)
 
+    ft = sub.add_parser("finetune", help="train a downstream head (segmentation/classification) on labelled data")
+    ft.add_argument("-c", "--config", type=Path, required=True, help="YAML config with a downstream section")
+    ft.add_argument("--adapter", type=Path, help="adapter package folder or .zip (default: the untouched backbone)")
+    ft.add_argument("--out", type=Path, help="model folder for insitu predict (default: <run>/finetune)")
+    ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ft.set_defaults(func=_cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="frozen backbone vs adapter packages on a downstream task: table, CSV/JSON, report.html")
+    ev.add_argument("-c", "--config", type=Path, required=True, help="YAML config with a downstream section")
+    ev.add_argument("--adapter", type=Path, action="append", default=[], help="adapter package folder or .zip (repeatable)")
+    ev.add_argument("--out", type=Path, help="results folder (default: <run>/evaluate)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    pd = sub.add_parser("predict", help="run a fine-tuned model over images, scenes, series or videos; write native formats")
+    pd.add_argument("model", type=Path, help="folder written by insitu finetune")
+    pd.add_argument("inputs", type=Path, help="file or folder to predict")
+    pd.add_argument("--out", type=Path, required=True, help="output folder")
+    pd.add_argument("--domain", default=None, help="data domain (default: the one the model was trained on)")
+    pd.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option (tile_size too)")
+    pd.set_defaults(func=_cmd_predict)
+
     s = sub.add_parser("scan", help="scan a data folder into manifest.csv and quarantine.csv without training")
     s.add_argument("root", type=Path, help="folder (or file) to scan")
     s.add_argument("--domain", default="images", help="data domain (images, dicom, geotiff, video)")
@@ -140,10 +162,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             ("wall time", f"{result.wall_s:.1f} s"),
         ],
     )
+    rows = None
     if args.probe:
         from dataclasses import asdict
 
-        _probe_table([asdict(r) for r in run_probe(cfg, [result.adapter_dir])])
+        rows = run_probe(cfg, [result.adapter_dir])
+        _probe_table([asdict(r) for r in rows])
+    from insitu.exports.report_html import write_pretrain_report
+
+    console.print(f"report: {write_pretrain_report(cfg, result, rows)}", highlight=False)
     return 0
 
 
@@ -178,6 +205,47 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from insitu.config import load_config
+    from insitu.pipelines.finetune import finetune
+
+    cfg = load_config(args.config, args.overrides)
+    result = finetune(cfg, args.adapter, out_dir=args.out or cfg.run_dir / "finetune")
+    rows = [(k, f"{v:.4f}") for k, v in result.metrics.items()]
+    rows += [("trainable params", f"{result.trainable_params:,}"), ("train/test", f"{result.n_train}/{result.n_test}")]
+    _summary_table(f"insitu finetune: {result.name}", [*rows, ("model folder", str(result.out_dir))])
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from insitu.config import load_config
+    from insitu.pipelines.evaluate import evaluate, table_rows
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.run_dir / "evaluate"
+    headers, cells = table_rows(evaluate(cfg, args.adapter, out))
+    table = Table(title=f"insitu evaluate: {cfg.name} (mean ± std over seeds)")
+    for h in headers:
+        table.add_column(h)
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"results: {out / 'evaluate.csv'}, {out / 'evaluate.json'}; report: {out / 'report.html'}", highlight=False)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from insitu.config import apply_override
+    from insitu.pipelines.predict import predict
+
+    options: dict = {}
+    for opt in args.option:
+        apply_override(options, opt)
+    written = predict(args.model, args.inputs, args.out, args.domain, options)
+    _summary_table("insitu predict", [("files written", str(len(written))), ("folder", str(args.out))])
+    return 0 if written else 1
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:

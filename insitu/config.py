@@ -117,6 +117,31 @@ class ProbeConfig(Strict):
     batch_size: int = Field(64, gt=0)
 
 
+class DownstreamConfig(Strict):
+    """A downstream task on backbone features (never the SSL projection head): head, mode, training.
+
+    ``task``: ``classification``, ``multilabel`` or ``segmentation``. ``head``: ``linear``/``mlp``
+    (classification), ``linear``/``fpn`` (segmentation). ``mode``: ``head`` trains the head only
+    (backbone and adapters frozen), ``adapters`` trains adapters and head. The labelled data comes
+    from ``probe.train``/``probe.test`` (or a group split of ``data``).
+    """
+
+    task: Literal["classification", "multilabel", "segmentation"] = "classification"
+    head: str = "linear"
+    mode: Literal["head", "adapters"] = "head"
+    steps: int = Field(200, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    hidden_dim: int = Field(256, gt=0)
+    decoder_dim: int = Field(64, gt=0)
+    layers: int = Field(4, gt=0)
+    num_classes: int | None = Field(None, gt=0)
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    ignore_index: int = 255
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
+
+
 class RunConfig(Strict):
     """A whole run: data, backbone, adapters, objective, training, probe."""
 
@@ -130,6 +155,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    downstream: DownstreamConfig | None = None
 
     @property
     def run_dir(self) -> Path:

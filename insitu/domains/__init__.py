@@ -30,6 +30,7 @@ DOMAINS: dict[str, str] = {
     "dicom": "insitu.domains.dicom:DicomDomain",
     "geotiff": "insitu.domains.geotiff:GeoTiffDomain",
     "video": "insitu.domains.video:VideoDomain",
+    "pairs": "insitu.domains.pairs:PairsDomain",
 }
 
 

@@ -1,5 +1,6 @@
-"""Domain-independent outputs: reports and plots."""
+"""Domain-independent outputs: reports (Markdown and self-contained HTML), plots and overlays."""
 
+from insitu.exports.html import write_html_report
 from insitu.exports.report import markdown_table, plot_loss_curve, read_metric, write_report
 
-__all__ = ["markdown_table", "plot_loss_curve", "read_metric", "write_report"]
+__all__ = ["markdown_table", "plot_loss_curve", "read_metric", "write_html_report", "write_report"]

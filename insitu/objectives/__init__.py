@@ -12,6 +12,12 @@ OBJECTIVES: dict[str, str] = {
     "dino": "insitu.objectives.dino:DinoObjective",
     "rsp": "insitu.objectives.temporal:RSPObjective",
     "cvrl": "insitu.objectives.temporal:CVRLObjective",
+    "convirt": "insitu.objectives.convirt:ConVIRTObjective",
+    "clip": "insitu.objectives.convirt:CLIPObjective",
+    "glare": "insitu.objectives.glare:GlareObjective",
+    "sigreg": "insitu.objectives.sigreg:SIGRegObjective",
+    "self_distill": "insitu.objectives.self_distill:SelfDistillObjective",
+    "graph_matching": "insitu.objectives.graph_matching:GraphMatchingObjective",
 }
 
 

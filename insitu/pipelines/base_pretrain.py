@@ -61,6 +61,7 @@ class BasePretrainConfig(Strict):
         )
     )
     num_workers: int = 1
+    export_every: int = Field(100, gt=0)
     accelerator: str = "auto"
     precision: str = "auto"
 
@@ -79,6 +80,17 @@ class _Views(IterableDataset):
 
 def _collate(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.stack([views[v] for views in batch]) for v in range(len(batch[0]))]
+
+
+class _PeriodicExport(L.Callback):
+    """Export the teacher every ``export_every`` steps, so a stopped run still leaves a usable base."""
+
+    def __init__(self, cfg: BasePretrainConfig, run_dir: Path, start: float) -> None:
+        self.cfg, self.run_dir, self.start = cfg, run_dir, start
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.cfg.export_every == 0 and trainer.global_step < self.cfg.steps:
+            export_base(module, self.cfg, self.run_dir, time.perf_counter() - self.start, trainer)
 
 
 class BasePretrainModule(L.LightningModule):
@@ -165,6 +177,7 @@ def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     run_dir = cfg.out_dir / cfg.name
+    start = time.perf_counter()
     trainer = L.Trainer(
         max_steps=cfg.steps,
         accelerator=cfg.accelerator,
@@ -176,8 +189,8 @@ def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
         enable_model_summary=False,
         gradient_clip_val=3.0,
         log_every_n_steps=min(20, max(1, cfg.steps // 10)),
+        callbacks=[_PeriodicExport(cfg, run_dir, start)],
     )
-    start = time.perf_counter()
     trainer.fit(module, loader)
     wall = time.perf_counter() - start
     return export_base(module, cfg, run_dir, wall, trainer)

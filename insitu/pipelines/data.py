@@ -74,7 +74,19 @@ class SampleDataset(Dataset):
             out["views"] = views
         else:
             out["image"] = resize_square(image, self.image_size)
+            if sample.get("mask") is not None:  # segmentation items: nearest-neighbour keeps class ids
+                out["mask"] = resize_mask(sample["mask"], self.image_size)
+        if sample.get("multilabel") is not None:  # multi-hot tags (BigEarthNet-style)
+            out["multilabel"] = sample["multilabel"]
         return out
+
+
+def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """An int64 H×W label map resized to size×size with nearest neighbour (ignore pixels stay 255)."""
+    m = torch.as_tensor(mask).long()
+    if m.shape[-2:] == (size, size):
+        return m
+    return torch.nn.functional.interpolate(m[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
 
 
 def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -94,6 +106,10 @@ def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
             out["view_meta"] = torch.stack([b["view_meta"] for b in batch])
     else:
         out["image"] = torch.stack([b["image"] for b in batch])
+        if all("mask" in b for b in batch):
+            out["mask"] = torch.stack([b["mask"] for b in batch])
+    if all("multilabel" in b for b in batch):
+        out["multilabel"] = torch.stack([b["multilabel"] for b in batch])
     return out
 
 

@@ -27,6 +27,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors.torch import save_file
 
 from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.adapters.package import save_package
@@ -58,18 +59,27 @@ class PretrainModule(L.LightningModule):
             cfg.train.max_steps,
         )
         self.fingerprint = self.backbone.fingerprint
+        self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
         self.skipped_batches = 0
         self._last_ema_step = -1
+
+    def _full_finetune_setup(self) -> torch.nn.Module:
+        """Baseline mode: every backbone weight trains; the teacher gets its own EMA backbone copy."""
+        teacher_backbone = copy.deepcopy(self.backbone)
+        deactivate_requires_grad(teacher_backbone)
+        self.backbone.vit.requires_grad_(True)
+        return teacher_backbone
 
     def student_model(self) -> AdaptedBackbone:
         return AdaptedBackbone(self.backbone, self.student)
 
     def teacher_model(self) -> AdaptedBackbone:
-        return AdaptedBackbone(self.backbone, self.teacher)
+        return AdaptedBackbone(self.teacher_backbone or self.backbone, self.teacher)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.parameters() if p.requires_grad]
-        frozen = {id(p) for p in self.backbone.parameters()} | {id(p) for p in self.teacher.parameters()}
+        frozen = {id(p) for p in self.teacher.parameters()}
+        frozen |= {id(p) for p in (self.teacher_backbone or self.backbone).parameters()}
         assert not any(id(p) in frozen for p in params), "a frozen parameter requires grad"
         return params
 
@@ -113,6 +123,8 @@ class PretrainModule(L.LightningModule):
         self._last_ema_step = self.global_step
         m = self.ema_momentum()
         update_momentum(self.student, self.teacher, m)
+        if self.teacher_backbone is not None:
+            update_momentum(self.backbone, self.teacher_backbone, m)
         self.objective.update_teacher(m)
 
     def ema_momentum(self) -> float:
@@ -141,13 +153,14 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the frozen backbone is rebuilt from the config; keep checkpoints adapter-sized
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        if self.teacher_backbone is None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
         checkpoint["insitu_fingerprint"] = self.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("insitu_fingerprint") != self.fingerprint:
             raise ConfigError("the checkpoint was made with a different backbone (fingerprint differs); cannot resume.")
-        own = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.") and k not in checkpoint["state_dict"]}
         checkpoint["state_dict"].update(own)
 
 
@@ -251,6 +264,8 @@ def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrit
             config=cfg.model_dump(mode="json"),
         )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result
+            save_file({k: v.contiguous() for k, v in module.backbone.vit.state_dict().items()}, str(run_dir / "backbone.safetensors"))
     return PretrainResult(
         run_dir, adapter_dir, trainer.global_step, final_loss, wall, len(items), len(data.manifest.quarantine), trainable, summary
     )

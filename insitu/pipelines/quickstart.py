@@ -55,15 +55,34 @@ def quickstart(
     return summary
 
 
+def describe_backbone(cfg: RunConfig) -> str:
+    """One honest paragraph on where the backbone's weights came from."""
+    bb = cfg.backbone
+    if bb.weights and bb.weights.startswith("insitu:"):
+        from insitu.backbones import packaged_card
+
+        card = packaged_card(bb.weights.removeprefix("insitu:"))
+        return (
+            f"`{bb.weights}`: insitu's embedded base, a {card['architecture']['name']} ({card['architecture']['kwargs']}, "
+            f"patch {card['architecture']['patch_size']}) pretrained from scratch with DINO on generated fractal images only "
+            f"({card['steps']} steps, {card['images_seen']:,} images, {card['device']}). It has generic features, not a "
+            "foundation model's: point `backbone.weights` at real weights (safetensors, a DINOv2 folder) or set "
+            "`backbone.pretrained: true` when you can."
+        )
+    if bb.weights or bb.pretrained:
+        return f"`{bb.name}` with weights from `{bb.weights or 'the timm hub'}`."
+    return (
+        f"`{bb.name}` ({bb.kwargs or 'default size'}, patch {bb.patch_size}, {bb.img_size} px). **The backbone is randomly "
+        f"initialised** (init seed {bb.init_seed}), so these numbers show the mechanics, not what a pretrained model gives. "
+        "Use `backbone.weights: insitu:fractal_vit_tiny` (the embedded base), a local safetensors file, or "
+        "`backbone.pretrained: true` for real weights."
+    )
+
+
 def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: float) -> Path:
     loss_png = plot_loss_curve(cfg.run_dir, cfg.run_dir / "loss_curve.png")
     s = result.summary
-    backbone_note = (
-        f"`{cfg.backbone.name}` ({cfg.backbone.kwargs or 'default size'}, patch {cfg.backbone.patch_size}, "
-        f"{cfg.backbone.img_size} px). **The backbone is randomly initialised** (seed {cfg.seed}): insitu ships no "
-        "pretrained base yet, so these numbers show the mechanics, not what a pretrained foundation model gives. "
-        "Point `backbone.weights` at a local safetensors file or set `backbone.pretrained: true` for real weights."
-    )
+    backbone_note = describe_backbone(cfg)
     probe = markdown_table(
         ["features", "linear probe acc", "kNN acc", "trainable params", "train/test items"],
         [[r.name, f"{r.linear_acc:.3f}", f"{r.knn_acc:.3f}", f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"] for r in rows],
@@ -92,4 +111,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: 
             "`logs/metrics.csv`, `tensorboard/`, `checkpoints/`, `manifest/`.",
         ),
     ]
+    from insitu.exports.html import write_html_report
+
+    write_html_report(cfg.run_dir / "report.html", "insitu quickstart report", sections, [("pretraining loss", loss_png)])
     return write_report(cfg.run_dir, "insitu quickstart report", sections, loss_png)

@@ -1,0 +1,103 @@
+"""The pretraining run report: ``report.md`` + self-contained ``report.html`` in the run folder.
+
+Config, data summary (items used, quarantined with reasons), loss and collapse curves, probe table
+before/after, a t-SNE of frozen vs adapted features coloured by label, adapter size and parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from insitu.config import RunConfig
+from insitu.exports.html import write_html_report
+from insitu.exports.plots import embedding_plot
+from insitu.exports.report import markdown_table, plot_loss_curve, write_report
+
+log = logging.getLogger("insitu")
+
+
+def quarantine_summary(run_dir: Path) -> str:
+    """Counts of quarantined files per reason, from the run's ``manifest/quarantine.csv``."""
+    path = Path(run_dir) / "manifest" / "quarantine.csv"
+    if not path.is_file():
+        return "No quarantine list was written."
+    with open(path, newline="") as f:
+        reasons = Counter(row.get("reason", "?") for row in csv.DictReader(f))
+    if not reasons:
+        return "Nothing was quarantined."
+    return markdown_table(["reason", "files"], sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+
+def probe_table(rows: list[Any]) -> str:
+    return markdown_table(
+        ["features", "linear probe acc", "kNN acc", "trainable params", "train/test items"],
+        [[r.name, f"{r.linear_acc:.3f}", f"{r.knn_acc:.3f}", f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"] for r in rows],
+    )
+
+
+def probe_embeddings(cfg: RunConfig, adapter_dir: Path, out: Path, max_items: int = 300) -> Path | None:
+    """t-SNE of frozen and adapted features on the probe test split; None when it cannot be drawn."""
+    from insitu.adapters import AdaptedBackbone
+    from insitu.adapters.package import apply_package, load_package
+    from insitu.backbones import create_backbone
+    from insitu.domains.normalize import Normalizer
+    from insitu.pipelines.data import SampleDataset
+    from insitu.pipelines.probe import extract_features, probe_splits
+
+    try:
+        _, _, test, items = probe_splits(cfg)
+        pkg = load_package(adapter_dir)
+        norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else None
+        backbone = create_backbone(cfg.backbone)
+        step = max(1, len(items) // max_items)
+        dataset = SampleDataset(
+            test, items[::step][:max_items], norm, image_size=(cfg.probe.test or cfg.probe.train or cfg.data).image_size
+        )
+        feats, labels = {}, None
+        for name, model in (("frozen backbone", AdaptedBackbone(backbone, None)), ("+ adapters", apply_package(pkg, backbone))):
+            feats[name], labels = extract_features(model, dataset, cfg.probe.batch_size, cfg.probe.features)
+        return embedding_plot(feats, labels, out, cfg.seed, test.manifest.class_names)
+    except Exception as exc:  # noqa: BLE001 - a missing figure must not fail a finished training run
+        log.warning("report: no embedding plot (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | None = None) -> Path:
+    """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path."""
+    run_dir = Path(result.run_dir)
+    s = result.summary
+    adapter_bytes = (Path(result.adapter_dir) / "adapter.safetensors").stat().st_size if result.adapter_dir else 0
+    loss_png = plot_loss_curve(run_dir, run_dir / "loss.png")
+    collapse_png = plot_loss_curve(run_dir, run_dir / "collapse.png", metric="train/collapse_std")
+    sections = [
+        (
+            "Training",
+            f"Objective `{cfg.objective.name}`, adapters `{cfg.adapter.kind}` on `{cfg.backbone.name}` "
+            f"({'weights ' + cfg.backbone.weights if cfg.backbone.weights else 'random init'}). {s.get('steps')} steps, "
+            f"final loss {s.get('final_loss')}, {s.get('wall_s')} s on {s.get('device')}.",
+        ),
+        (
+            "Adapter",
+            f"{s.get('trainable_params', 0):,} trainable vs {s.get('frozen_params', 0):,} frozen parameters; "
+            f"`adapter.safetensors` is {adapter_bytes / 1024:.1f} KiB.",
+        ),
+        ("Data", f"{s.get('items')} items used from `{cfg.data.root}` (domain `{cfg.data.domain}`), {s.get('quarantined')} quarantined."),
+        ("Quarantined files by reason", quarantine_summary(run_dir)),
+        ("Collapse metric", "`train/collapse_std`: per-dimension std of normalised features × √D, about 1 when spread, 0 on collapse."),
+    ]
+    figures = [("pretraining loss", loss_png), ("collapse metric", collapse_png)]
+    if probe_rows:
+        sections.append(("Probe before/after (frozen features)", probe_table(probe_rows)))
+        if result.adapter_dir:
+            figures.append(
+                ("t-SNE of probe test features, coloured by label", probe_embeddings(cfg, result.adapter_dir, run_dir / "embedding.png"))
+            )
+    sections.append(("Config", "```\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + "```"))
+    write_report(run_dir, f"insitu pretrain: {cfg.name}", sections, loss_png)
+    return write_html_report(run_dir / "report.html", f"insitu pretrain: {cfg.name}", sections, [f for f in figures if f[1] is not None])

@@ -1,0 +1,361 @@
+"""LVM-Med second-order graph matching (Nguyen et al., NeurIPS 2023) on adapters over a frozen ViT.
+
+Two augmented views of every image; the batch is cut into graphs of ``graph_size`` images. Per
+view and graph:
+
+- node embedding ``z = h(pool(backbone tokens))`` (h: a 2-layer MLP to ``proj_dim``); edges to
+  the ``knn`` nearest neighbours of each node in z (cosine, made symmetric); a 2-layer GCN of width
+  ``gcn_dim`` refines the nodes into ``ẑ``.
+- vertex affinity ``c_v[i,a] = α·cos(ẑ_i^s, ẑ_a^t) + (1-α)·(local_ia + local_ai)``, where
+  ``local`` averages two patch-token cosine similarities (ours: their plain mean): (a) over patch
+  pairs at the same place of the original image, found from the two crops' boxes (the view
+  transform returns them as ``view_meta``), and (b) over each patch's nearest neighbour in the
+  other view's patch tokens, keeping the ``local_topk`` (γ) fraction of best pairs. ``local_ia``
+  looks from view s of image i into view t of image a, ``local_ai`` the other way.
+- edge affinity ``c_e[ia,jb] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b)`` for edges (i,j) of graph s and (a,b)
+  of graph t, scaled by ``edge_weight``.
+
+The matching maximises vertex + edge affinity over permutations (`insitu.objectives.qap.solve_qap`;
+``edge_term: false`` is the first-order ablation: the exact LAP of ``c_v`` by scipy). The loss is
+the Hamming distance of the matching to the identity (image i of view s is image i of view t).
+Gradients cross the solver by IMLE (Niepert et al. 2021): in training the vertex costs get Gumbel
+noise ε; the backward pass solves again with the same ε at ``c + ε - λ·∂L/∂y`` (λ = ``imle_lambda``)
+and returns ``y - y'`` for the vertex costs and ``vec(y)vec(y)ᵀ - vec(y')vec(y')ᵀ`` for the edge
+costs. Both views go through the student (a siamese network, as in LVM-Med): no teacher is used.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from insitu.objectives.base import Objective, ObjectiveOptions
+from insitu.objectives.dino import feature_std
+from insitu.objectives.qap import solve_lap, solve_qap
+from insitu.objectives.views import gaussian_blur, random_resized_crop_box
+
+# view_meta columns, per view: crop box in original-image pixels, the original size, and the flip
+META_FIELDS = ("top", "left", "height", "width", "image_height", "image_width", "flipped")
+
+
+class PairViewOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scale: tuple[float, float] = (0.4, 1.0)
+    flip: bool = True
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    intensity: float = Field(0.2, ge=0)
+
+
+class GraphMatchingOptions(ObjectiveOptions):
+    graph_size: int = Field(16, ge=2)
+    knn: int = Field(5, ge=1)
+    pool: Literal["mean", "cls"] = "mean"
+    proj_hidden_dim: int = Field(256, gt=0)
+    proj_dim: int = Field(128, gt=0)
+    gcn_dim: int = Field(128, gt=0)
+    alpha: float = Field(0.8, ge=0, le=1)
+    local_topk: float = Field(0.5, gt=0, le=1)
+    edge_term: bool = True
+    edge_weight: float = Field(1.0, ge=0)
+    imle_lambda: float = Field(80.0, gt=0)
+    noise_scale: float = Field(0.1, ge=0)
+    solver_restarts: int = Field(2, ge=0)
+    solver_kicks: int = Field(20, ge=0)
+    views: PairViewOptions = PairViewOptions()
+
+
+# ---------------------------------------------------------------- views
+
+
+def crop_view(image: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
+    """The C×H×W crop ``box`` = (top, left, h, w) resized to size×size, mirrored left-right if ``flip``."""
+    top, left, h, w = box
+    x = F.interpolate(image[None, :, top : top + h, left : left + w], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return x.flip(-1) if flip else x
+
+
+class PairViews:
+    """Two random crops of one image, and each crop's box in original-image coordinates (``view_meta``)."""
+
+    def __init__(self, size: int, opts: PairViewOptions) -> None:
+        self.size, self.opts = size, opts
+
+    def __call__(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        views, meta = [], []
+        for _ in range(2):
+            box = random_resized_crop_box(image.shape[-2], image.shape[-1], self.opts.scale)
+            flip = self.opts.flip and random.random() < 0.5
+            views.append(self._photometric(crop_view(image, box, self.size, flip)))
+            meta.append([*box, image.shape[-2], image.shape[-1], int(flip)])
+        return views, torch.tensor(meta, dtype=torch.float32)
+
+    def _photometric(self, x: torch.Tensor) -> torch.Tensor:
+        # intensity changes only: they leave the patch geometry (and so the correspondence) intact
+        if random.random() < self.opts.blur_prob:
+            x = gaussian_blur(x, sigma=random.uniform(0.1, 1.5))
+        amount = self.opts.intensity
+        if amount > 0:
+            x = x * (1.0 + random.uniform(-amount, amount)) + random.uniform(-amount, amount)
+        return x
+
+
+# ---------------------------------------------------------------- geometry: patch correspondence
+
+
+def patch_centres(meta: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised original-image (row, col) in [0, 1] of every patch centre: meta m×7 -> two m×N tensors."""
+    gh, gw = grid
+    rows = (torch.arange(gh, dtype=meta.dtype, device=meta.device) + 0.5) / gh
+    cols = (torch.arange(gw, dtype=meta.dtype, device=meta.device) + 0.5) / gw
+    r = rows[:, None].expand(gh, gw).reshape(-1)[None]  # 1×N, fractions of the crop
+    c = cols[None, :].expand(gh, gw).reshape(-1)[None]
+    top, left, h, w, img_h, img_w, flipped = (meta[:, k : k + 1] for k in range(7))
+    c = torch.where(flipped > 0.5, 1.0 - c, c)  # a mirrored view shows the crop's right side on its left
+    return (top + r * h) / img_h, (left + c * w) / img_w
+
+
+def patch_correspondence(meta_s: torch.Tensor, meta_t: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For patch p of view s of image i: the patch of view t of image a at the same original place.
+
+    Places are compared in normalised original-image coordinates, so that for i ≠ a the pair looks
+    at the same position of two (roughly aligned) images. Returns index m_s×m_t×N (long) and a
+    validity mask (False where that place lies outside the other crop).
+    """
+    gh, gw = grid
+    row, col = patch_centres(meta_s, grid)  # m_s×N
+    top, left, h, w, img_h, img_w, flipped = (meta_t[:, k][None, :, None] for k in range(7))
+    # position inside the target crop, as a fraction of it: m_s×m_t×N
+    fr = (row[:, None, :] * img_h - top) / h
+    fc = (col[:, None, :] * img_w - left) / w
+    fc = torch.where(flipped > 0.5, 1.0 - fc, fc)
+    valid = (fr >= 0) & (fr < 1) & (fc >= 0) & (fc < 1)
+    ri = (fr * gh).floor().clamp(0, gh - 1).long()
+    ci = (fc * gw).floor().clamp(0, gw - 1).long()
+    return ri * gw + ci, valid
+
+
+# ---------------------------------------------------------------- affinities
+
+
+def local_similarity(sim: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, topk: float) -> torch.Tensor:
+    """m×m local term from patch cosines ``sim`` m×m×N×N (view s patch p, view t patch q).
+
+    The mean of (a) cosines at corresponding places (``index``/``valid`` m×m×N; where no place
+    corresponds only (b) counts) and (b) the best ``topk`` fraction of nearest-neighbour cosines.
+    """
+    n = sim.shape[-2]
+    nearest = sim.max(dim=-1).values  # m×m×N: best partner of each patch of view s
+    keep = max(1, round(topk * n))
+    nn_term = nearest.topk(keep, dim=-1).values.mean(-1)
+    corr = sim.gather(-1, index[..., None])[..., 0]  # m×m×N
+    count = valid.sum(-1)
+    corr_term = (corr * valid).sum(-1) / count.clamp(min=1)
+    return torch.where(count > 0, 0.5 * (corr_term + nn_term), nn_term)
+
+
+def vertex_affinity(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    ps: torch.Tensor,
+    pt: torch.Tensor,
+    meta_s: torch.Tensor,
+    meta_t: torch.Tensor,
+    grid: tuple[int, int],
+    alpha: float,
+    topk: float,
+) -> torch.Tensor:
+    """c_v m×m: α·cos(ẑ_i^s, ẑ_a^t) + (1-α)·(local_ia + local_ai), patch tokens ps/pt m×N×D."""
+    glob = F.normalize(zs, dim=-1) @ F.normalize(zt, dim=-1).T
+    ps, pt = F.normalize(ps, dim=-1), F.normalize(pt, dim=-1)
+    sim = torch.einsum("ipd,aqd->iapq", ps, pt)  # m×m×N×N
+    local_st = local_similarity(sim, *patch_correspondence(meta_s, meta_t, grid), topk)
+    local_ts = local_similarity(sim.permute(1, 0, 3, 2), *patch_correspondence(meta_t, meta_s, grid), topk)
+    return alpha * glob + (1 - alpha) * (local_st + local_ts.T)
+
+
+def edge_affinity(zs: torch.Tensor, zt: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor) -> torch.Tensor:
+    """K m²×m², K[i·m+a, j·m+b] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b) where (i,j) and (a,b) are edges, else 0."""
+    m = zs.shape[0]
+    ds = F.normalize(zs[:, None] - zs[None], dim=-1)  # m×m×d; the zero self-differences stay zero
+    dt = F.normalize(zt[:, None] - zt[None], dim=-1)
+    cos = torch.einsum("ijd,abd->iajb", ds, dt)
+    mask = adj_s[:, None, :, None] & adj_t[None, :, None, :]
+    return (cos * mask).reshape(m * m, m * m)
+
+
+def knn_adjacency(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Symmetric bool m×m adjacency: each node to its k nearest neighbours by cosine (no self-loops)."""
+    m = z.shape[0]
+    k = min(k, m - 1)
+    zn = F.normalize(z.detach(), dim=-1)
+    sim = (zn @ zn.T).fill_diagonal_(-float("inf"))
+    idx = sim.topk(k, dim=-1).indices
+    adj = torch.zeros(m, m, dtype=torch.bool, device=z.device).scatter_(1, idx, True)
+    return adj | adj.T
+
+
+class GCN(nn.Module):
+    """Two graph-convolution layers (Kipf & Welling) with the renormalised adjacency D^-½(A+I)D^-½."""
+
+    def __init__(self, in_dim: int, width: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(in_dim, width)
+        self.lin2 = nn.Linear(width, width)
+
+    def forward(self, z: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        a = adj.float() + torch.eye(adj.shape[0], device=z.device)
+        d = a.sum(1).rsqrt()
+        a = d[:, None] * a * d[None, :]
+        return a @ self.lin2(F.relu(a @ self.lin1(z)))
+
+
+# ---------------------------------------------------------------- the solver with IMLE gradients
+
+Solver = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+
+
+class SolverClock:
+    """Seconds spent in the combinatorial solver (forward and backward), read and reset per step."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def take(self) -> float:
+        out, self.seconds = self.seconds, 0.0
+        return out
+
+
+def run_solver(solver: Solver, c: torch.Tensor, k: torch.Tensor | None, clock: SolverClock) -> torch.Tensor:
+    """The 0/1 matching matrix that ``solver`` returns for vertex costs c (and edge costs k)."""
+    start = time.perf_counter()
+    perm = solver(c.detach().double().cpu().numpy(), None if k is None else k.detach().double().cpu().numpy())
+    clock.seconds += time.perf_counter() - start
+    y = torch.zeros_like(c)
+    y[torch.arange(len(perm)), torch.as_tensor(perm, device=c.device)] = 1.0
+    return y
+
+
+class IMLEMatching(torch.autograd.Function):
+    """y = GM(c + ε, K); backward: y' = GM(c + ε - λ·∂L/∂y, K), ∂L/∂c = y - y', ∂L/∂K = yyᵀ - y'y'ᵀ."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, c: torch.Tensor, k: torch.Tensor, noise: torch.Tensor, lam: float, solver: Solver, clock: SolverClock
+    ) -> torch.Tensor:
+        edges = k if k.numel() else None
+        y = run_solver(solver, c + noise, edges, clock)
+        ctx.save_for_backward(c, k, noise, y)
+        ctx.lam, ctx.solver, ctx.clock = lam, solver, clock
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        c, k, noise, y = ctx.saved_tensors
+        edges = k if k.numel() else None
+        target = run_solver(ctx.solver, c + noise - ctx.lam * grad_y, edges, ctx.clock)  # same ε as forward
+        grad_c = y - target
+        grad_k = None
+        if edges is not None:
+            vy, vt = y.reshape(-1), target.reshape(-1)
+            grad_k = torch.outer(vy, vy) - torch.outer(vt, vt)
+        return grad_c, grad_k, None, None, None, None
+
+
+def hamming_to_identity(y: torch.Tensor) -> torch.Tensor:
+    """Σ over entries of |y - I| for a 0/1 matching y: twice the number of mismatched nodes."""
+    eye = torch.eye(y.shape[0], device=y.device, dtype=y.dtype)
+    return (y * (1 - eye) + (1 - y) * eye).sum()
+
+
+def gumbel_like(c: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 0:
+        return torch.zeros_like(c)
+    u = torch.rand_like(c).clamp(1e-10, 1 - 1e-10)
+    return -scale * torch.log(-torch.log(u))
+
+
+def graph_chunks(batch_size: int, graph_size: int) -> list[torch.Tensor]:
+    """Consecutive index groups of ``graph_size``; a remainder below 2 joins the previous group."""
+    chunks = list(torch.arange(batch_size).split(graph_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        last = chunks.pop()
+        chunks[-1] = torch.cat([chunks[-1], last])
+    return chunks
+
+
+# ---------------------------------------------------------------- the objective
+
+
+class GraphMatchingObjective(Objective):
+    name = "graph_matching"
+    Options = GraphMatchingOptions
+    needs_teacher = False
+
+    def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
+        super().__init__(embed_dim, patch_size, image_size, options, max_steps)
+        o: GraphMatchingOptions = self.opts
+        self.node_head = nn.Sequential(nn.Linear(embed_dim, o.proj_hidden_dim), nn.GELU(), nn.Linear(o.proj_hidden_dim, o.proj_dim))
+        self.gcn = GCN(o.proj_dim, o.gcn_dim)
+        self.clock = SolverClock()
+
+    def view_transform(self) -> PairViews:
+        return PairViews(self.image_size, self.opts.views)
+
+    def solver(self, c: np.ndarray, k: np.ndarray | None) -> np.ndarray:
+        if k is None:
+            return solve_lap(c)
+        return solve_qap(c, k, restarts=self.opts.solver_restarts, kicks=self.opts.solver_kicks)
+
+    def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        views: list[torch.Tensor] = batch["views"]
+        meta: torch.Tensor = batch["view_meta"]  # B×2×7
+        cls_s, ps, grid = student.forward_tokens(views[0])
+        cls_t, pt, _ = student.forward_tokens(views[1])
+        zs = self.node_head(ps.mean(1) if self.opts.pool == "mean" else cls_s)
+        zt = self.node_head(pt.mean(1) if self.opts.pool == "mean" else cls_t)
+        hamming, identity, edges = [], [], []
+        for idx in graph_chunks(zs.shape[0], self.opts.graph_size):
+            y, n_edges = self.match(zs[idx], zt[idx], ps[idx], pt[idx], meta[idx, 0], meta[idx, 1], grid)
+            hamming.append(hamming_to_identity(y))
+            identity.append(torch.diagonal(y).mean().detach())
+            edges.append(n_edges)
+        return {
+            "loss": torch.stack(hamming).mean(),
+            "identity_frac": torch.stack(identity).mean(),
+            "edges_per_node": torch.tensor(float(np.mean(edges))),
+            "solver_s": torch.tensor(self.clock.take()),  # this forward + the previous step's backward
+            "collapse_std": feature_std(zs.detach()),
+        }
+
+    def match(
+        self,
+        zs: torch.Tensor,
+        zt: torch.Tensor,
+        ps: torch.Tensor,
+        pt: torch.Tensor,
+        meta_s: torch.Tensor,
+        meta_t: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> tuple[torch.Tensor, float]:
+        """One graph pair: kNN graphs + GCN, affinities, and the IMLE-differentiable matching."""
+        o: GraphMatchingOptions = self.opts
+        adj_s, adj_t = knn_adjacency(zs, o.knn), knn_adjacency(zt, o.knn)
+        hs, ht = self.gcn(zs, adj_s), self.gcn(zt, adj_t)
+        c = vertex_affinity(hs, ht, ps, pt, meta_s, meta_t, grid, o.alpha, o.local_topk)
+        k = o.edge_weight * edge_affinity(hs, ht, adj_s, adj_t) if o.edge_term else c.new_zeros(0)
+        noise = gumbel_like(c, o.noise_scale) if self.training else torch.zeros_like(c)
+        y = IMLEMatching.apply(c, k, noise, o.imle_lambda, self.solver, self.clock)
+        return y, float(adj_s.sum()) / adj_s.shape[0]
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        state = {f"gm_node_head.{k}": v for k, v in self.node_head.state_dict().items()}
+        state.update({f"gm_gcn.{k}": v for k, v in self.gcn.state_dict().items()})
+        return state

@@ -1,0 +1,216 @@
+"""Run a fine-tuned downstream model over new data and write each domain's own output format.
+
+Large inputs are covered by overlapping tiles blended with tent weights (``sliding_window``), so
+any image size works with the model's input size. Outputs go through the domain writers: GeoTIFF
+class maps with the source georeferencing (bounded memory: one tile row is held at a time),
+DICOM-SEG referencing the source series, PNG masks and overlays, overlay MP4 + per-frame CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from insitu.domains import create_domain
+from insitu.domains.geotiff import grid_offsets
+from insitu.domains.geotiff_write import tent_weights
+from insitu.domains.normalize import Normalizer
+from insitu.errors import ConfigError
+from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
+from insitu.pipelines.finetune import DownstreamModel, load_head
+
+log = logging.getLogger("insitu")
+TilePredictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_predictor(model: DownstreamModel, norm: Normalizer | None, size: int) -> TilePredictor:
+    """A C×h×w tile (physical units) -> K×h×w probabilities: normalise, resize to the model size, run."""
+
+    @torch.no_grad()
+    def predict(tile: torch.Tensor) -> torch.Tensor:
+        x = norm(tile.float()) if norm is not None else tile.float()
+        h, w = x.shape[-2:]
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=max(h, w) > size)
+        logits = model(x)
+        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0].softmax(0)
+
+    return predict
+
+
+def sliding_window(predict: TilePredictor, image: torch.Tensor, tile: int, overlap: float, num_classes: int) -> torch.Tensor:
+    """K×H×W scores of a C×H×W image from overlapping ``tile``-sized windows, tent-weighted.
+
+    An image no larger than one tile is predicted in a single pass (identical output).
+    """
+    _, h, w = image.shape
+    th, tw = min(tile, h), min(tile, w)
+    step = max(1, round(tile * (1 - overlap)))
+    acc = torch.zeros(num_classes, h, w)
+    wsum = torch.zeros(h, w)
+    weight = torch.from_numpy(tent_weights(th, tw))
+    for y in grid_offsets(h, th, step):
+        for x in grid_offsets(w, tw, step):
+            acc[:, y : y + th, x : x + tw] += predict(image[:, y : y + th, x : x + tw]) * weight
+            wsum[y : y + th, x : x + tw] += weight
+    return acc / wsum
+
+
+def predict(model_dir: Path, inputs: Path, out_dir: Path, domain: str | None = None, options: dict[str, Any] | None = None) -> list[Path]:
+    """Predict every item under ``inputs`` with the model ``insitu finetune`` saved; returns written files."""
+    model, meta, norm = load_head(model_dir)
+    name = domain or meta["domain"]
+    opts = {**(meta.get("domain_options") or {}), **(options or {})} if name == meta["domain"] else dict(options or {})
+    writer = WRITERS.get(name)
+    if writer is None:
+        raise ConfigError(f"insitu predict has no writer for domain {name!r}; known: {', '.join(sorted(WRITERS))}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # tile_size is a geotiff domain option; elsewhere it sets the sliding window, which by default
+    # covers the whole image, as training saw whole images resized to image_size
+    opts["_tile"] = int((opts.get("tile_size") or meta["image_size"]) if name == "geotiff" else (opts.pop("tile_size", None) or 1 << 30))
+    return writer(model, meta, norm, Path(inputs), out_dir, opts)
+
+
+def _seg_only(meta: dict[str, Any], what: str) -> None:
+    if meta["task"] != "segmentation":
+        raise ConfigError(f"{what} needs a segmentation model; this one was trained for {meta['task']}.")
+
+
+def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
+    """Whole scenes to georeferenced uint8 class maps (+ float probabilities), tile row by tile row."""
+    from insitu.domains.geotiff_write import predict_scene
+
+    _seg_only(meta, "GeoTIFF prediction")
+    tile = opts.pop("_tile")
+    domain = create_domain("geotiff", opts)
+    refs, _ = domain.discover(inputs) if inputs.is_dir() else ([str(inputs)], [])
+    size = meta["image_size"]
+    written = []
+    for ref in refs:
+        stem = Path(getattr(ref, "path", ref) or "scene").stem
+        dst = out / f"{stem}_classes.tif"
+        predict_scene(domain, ref, make_predictor(model, norm, size), dst, meta["num_classes"], tile_size=tile, overlap=tile // 4)
+        written.append(dst)
+    return written
+
+
+def _images_of(inputs: Path, opts: dict) -> list[tuple[str, torch.Tensor]]:
+    from PIL import Image
+
+    from insitu.domains.images import IMAGE_SUFFIXES, _pil_to_chw
+
+    files = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    channels = int(opts.get("channels", 3))
+    out = []
+    for path in files:
+        with Image.open(path) as im:
+            out.append((path.stem, _pil_to_chw(im, channels)))
+    return out
+
+
+def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
+    """Segmentation: ``<name>_mask.png`` (class ids) + ``<name>_overlay.png``; classification: ``predictions.csv``."""
+    predictor = make_predictor(model, norm, meta["image_size"])
+    written: list[Path] = []
+    rows = []
+    for stem, image in _images_of(inputs, opts):
+        if meta["task"] == "segmentation":
+            classes = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"]).argmax(0).numpy()
+            written.append(save_png(classes.astype(np.uint8), out / f"{stem}_mask.png"))
+            written.append(save_png(overlay_mask(to_rgb_uint8(image), classes), out / f"{stem}_overlay.png"))
+        else:
+            rows.append((stem, *_classify(model, norm, image, meta)))
+    if rows:
+        written.append(_write_rows(out / "predictions.csv", ["item", "class_index", "class", "probability"], rows))
+    return written
+
+
+def _classify(model: DownstreamModel, norm: Normalizer, image: torch.Tensor, meta: dict) -> tuple[int, str, float]:
+    with torch.no_grad():
+        x = F.interpolate(norm(image.float())[None], size=(meta["image_size"],) * 2, mode="bilinear", align_corners=False)
+        probs = model(x)[0].softmax(0)
+    k = int(probs.argmax())
+    names = meta.get("class_names") or []
+    return k, names[k] if k < len(names) else str(k), round(float(probs[k]), 4)
+
+
+def _write_rows(path: Path, header: list[str], rows: list[tuple]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
+    """Videos: an overlay MP4 (masks or class banner) and a per-frame CSV; image/mask folders: as images."""
+    from insitu.domains.video import VIDEO_SUFFIXES, write_overlay, write_phase_csv
+
+    videos = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        return _write_images(model, meta, norm, inputs / "images" if (inputs / "images").is_dir() else inputs, out, opts)
+    domain = create_domain("video", {**{k: v for k, v in opts.items() if k != "_tile"}, "crop_fov": False})
+    written = []
+    for path in videos:
+        info = domain.info(str(path))
+        frames = domain.read_frames(str(path), list(range(len(info.times))))  # T×H×W×3 uint8 at decode_size
+        images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        fps = len(info.times) / max(info.duration, 1e-6) if len(info.times) > 1 else 25.0
+        names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+        if meta["task"] == "segmentation":
+            predictor = make_predictor(model, norm, meta["image_size"])
+            tile = opts["_tile"]
+            masks = np.stack([sliding_window(predictor, im, tile, 0.25, meta["num_classes"]).argmax(0).numpy() for im in images])
+            written.append(write_overlay(out / f"{path.stem}_overlay.mp4", frames, fps, masks=masks))
+            fractions = [round(float((m > 0).mean()), 4) for m in masks]
+            rows = [(i, f"{t:.3f}", f) for i, (t, f) in enumerate(zip(info.times, fractions, strict=True))]
+            written.append(_write_rows(out / f"{path.stem}_frames.csv", ["frame", "time_s", "foreground_fraction"], rows))
+        else:
+            preds = [_classify(model, norm, im, meta)[0] for im in images]
+            written.append(write_overlay(out / f"{path.stem}_overlay.mp4", frames, fps, phases=[names[p] for p in preds]))
+            written.append(write_phase_csv(out / f"{path.stem}_frames.csv", list(info.times), preds, names))
+    return written
+
+
+def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
+    """CT/MR series slice by slice to one DICOM-SEG per series, referencing the source instances."""
+    from insitu.domains.dicom_seg import write_seg
+
+    _seg_only(meta, "DICOM-SEG export")
+    domain = create_domain("dicom", {**{k: v for k, v in opts.items() if k != "_tile"}, "plane": "acquisition", "sample": "slice"})
+    manifest = domain.scan(inputs)
+    predictor = make_predictor(model, norm, meta["image_size"])
+    by_unit: dict[str, list] = {}
+    for item in manifest.items:
+        by_unit.setdefault(item.extra["unit"], []).append(item)
+    written = []
+    for n, (key, items) in enumerate(by_unit.items()):
+        unit = domain.units[key]
+        rows, cols = domain.volume(unit).array.shape[-2:]
+        masks = []
+        for item in sorted(items, key=lambda i: i.extra["index"]):
+            image = domain.load(item, manifest)["image"]
+            scores = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"])
+            scores = F.interpolate(scores[None], size=(rows, cols), mode="bilinear", align_corners=False)[0]
+            masks.append(scores.argmax(0).numpy())
+        if len(masks) != len(unit.files):
+            log.warning("series %d: %d slices for %d files (multi-frame source); skipped DICOM-SEG", n, len(masks), len(unit.files))
+            continue
+        names = (meta.get("class_names") or [])[1:] or None
+        written.append(write_seg(np.stack(masks), unit.files, out / f"series_{n:03d}_seg.dcm", segment_names=names))
+    return written
+
+
+WRITERS: dict[str, Callable[..., list[Path]]] = {
+    "geotiff": _write_geotiff,
+    "images": _write_images,
+    "video": _write_video,
+    "dicom": _write_dicom,
+}

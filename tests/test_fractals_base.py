@@ -1,0 +1,112 @@
+"""The fractal generator, base pretraining from scratch, and the shipped base."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from insitu.backbones import create_backbone, packaged_bases, packaged_card
+from insitu.cli import main
+from insitu.config import load_config
+from insitu.domains.fractals import FractalStream, fractal_images, render, sample_systems
+from insitu.errors import ConfigError
+from tests.conftest import tiny_config
+
+
+def test_systems_respect_the_sigma_factor_range():
+    g = torch.Generator().manual_seed(0)
+    a, b, probs = sample_systems(200, g)
+    sv = torch.linalg.svdvals(a)  # [n, M, 2], descending
+    active = probs > 0
+    n_maps = active.sum(1)
+    sigma = ((sv[..., 0] + 2 * sv[..., 1]) * active).sum(1)
+    assert ((n_maps >= 2) & (n_maps <= 4)).all()
+    assert (sv[..., 0][active] <= 1.0 + 1e-5).all()  # every map is non-expanding in its largest direction
+    # the rescaling keeps the factor inside the paper's range unless clipping sigma1 at 1 pulled it below
+    assert (sigma <= 0.5 * (6 + n_maps) + 1e-4).all()
+    assert (sigma >= 0.5 * (5 + n_maps) - 1e-4).float().mean() > 0.6
+    assert torch.allclose(probs.sum(1), torch.ones(200))
+
+
+def test_render_and_images_are_seeded_and_non_trivial():
+    a, b, p = sample_systems(4, torch.Generator().manual_seed(1))
+    colour, cover = render(a, b, p, 32, torch.Generator().manual_seed(2))
+    assert colour.shape == (4, 3, 32, 32) and cover.shape == (4, 32, 32)
+    assert (cover.flatten(1).mean(1) > 0.02).all()  # every attractor covers part of the image
+    x1 = fractal_images(6, 32, torch.Generator().manual_seed(5))
+    x2 = fractal_images(6, 32, torch.Generator().manual_seed(5))
+    assert torch.equal(x1, x2) and x1.shape == (6, 3, 32, 32)
+    assert 0.0 <= float(x1.min()) and float(x1.max()) <= 1.0
+    assert not torch.equal(x1, fractal_images(6, 32, torch.Generator().manual_seed(6)))
+    it = iter(FractalStream(32, seed=0, chunk=4))
+    assert next(it).shape == (3, 32, 32)
+
+
+def test_base_pretrain_tiny_writes_fp16_weights_and_card(tmp_path, capsys):
+    args = [
+        "--quiet",
+        "base",
+        "pretrain",
+        "--set",
+        f"out_dir={tmp_path}",
+        "--set",
+        "steps=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "num_workers=0",
+        "--set",
+        "backbone.img_size=32",
+        "--set",
+        "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
+        "--set",
+        "out_dim=64",
+    ]
+    assert main(args) == 0
+    weights = tmp_path / "fractal_vit_tiny" / "fractal_vit_tiny.safetensors"
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["steps"] == 2 and card["images_seen"] == 8 and card["command"].startswith("insitu")
+    assert all(v.dtype == torch.float16 for v in load_file(str(weights)).values())
+    bb = create_backbone(
+        {
+            "name": "vit_tiny_patch16_224",
+            "patch_size": 8,
+            "img_size": 32,
+            "kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 2},
+            "weights": str(weights),
+        }
+    )
+    assert torch.isfinite(bb.forward_tokens(torch.randn(1, 3, 32, 32))[0]).all()
+
+
+def test_shipped_base_loads_and_is_reproducible():
+    bases = packaged_bases()
+    assert "fractal_vit_tiny" in bases, "the embedded base must ship inside the package"
+    card = packaged_card("fractal_vit_tiny")
+    assert card["steps"] > 0 and card["device"] and card["command"].startswith("insitu base pretrain")
+    assert bases["fractal_vit_tiny"].stat().st_size < 12 * 2**20
+    grey = create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1})
+    assert grey.source == "insitu:fractal_vit_tiny" and grey.native_size == 64
+    assert create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1}).fingerprint == grey.fingerprint
+    with pytest.raises(ConfigError, match="is not a shipped base"):
+        packaged_card("nope")
+
+
+def test_config_can_name_the_shipped_base(tmp_path, shapes_dir):
+    raw = tiny_config(shapes_dir, tmp_path)
+    raw["backbone"] = {"weights": "insitu:fractal_vit_tiny", "img_size": 32}
+    assert load_config(raw).backbone.weights == "insitu:fractal_vit_tiny"
+    raw["backbone"]["weights"] = "insitu:missing"
+    with pytest.raises(ConfigError, match="not a shipped base"):
+        load_config(raw)
+
+
+def test_shipped_base_config_validates():
+    from insitu.pipelines.base_pretrain import load_base_config
+    from tests.conftest import REPO
+
+    cfg = load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", [])
+    assert cfg.name == "fractal_vit_tiny" and cfg.steps > 0
+    with pytest.raises(ConfigError):
+        load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["stepz=3"])

@@ -1,0 +1,275 @@
+"""LVM-Med graph matching: crop correspondence, affinities vs slow references, IMLE sign, zero loss, config."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from insitu.adapters import AdaptedBackbone, create_adapters
+from insitu.backbones import create_backbone
+from insitu.config import load_config
+from insitu.objectives import create_objective
+from insitu.objectives.graph_matching import (
+    IMLEMatching,
+    PairViewOptions,
+    PairViews,
+    SolverClock,
+    crop_view,
+    edge_affinity,
+    graph_chunks,
+    hamming_to_identity,
+    knn_adjacency,
+    local_similarity,
+    patch_centres,
+    patch_correspondence,
+    vertex_affinity,
+)
+from insitu.objectives.qap import solve_lap, solve_qap
+from insitu.pipelines.pretrain import pretrain
+from insitu.pipelines.probe import run_probe
+from tests.conftest import REPO, TINY_BACKBONE, shared
+
+
+def meta_row(top: int, left: int, h: int, w: int, size: int = 64, flipped: bool = False) -> list[float]:
+    return [top, left, h, w, size, size, float(flipped)]
+
+
+# ---------------------------------------------------------------- crop geometry
+
+
+def test_correspondence_for_known_crops():
+    grid = (4, 4)
+    full = torch.tensor([meta_row(0, 0, 64, 64)])  # view s: the whole 64×64 image, 16-px patches
+    quarter = torch.tensor([meta_row(0, 32, 32, 32)])  # view t: the top-right quadrant, 8-px patches
+    index, valid = patch_correspondence(quarter, full, grid)
+    for r in range(4):
+        for c in range(4):  # t patch (r, c) covers original rows 8r.., cols 32+8c..: s patch (r//2, 2 + c//2)
+            assert valid[0, 0, r * 4 + c]
+            assert index[0, 0, r * 4 + c] == (r // 2) * 4 + 2 + c // 2
+    index, valid = patch_correspondence(full, quarter, grid)
+    inside = {(r, c) for r in (0, 1) for c in (2, 3)}
+    for r in range(4):
+        for c in range(4):  # s patch centre (16r+8, 16c+8) lands in the quadrant only for r<2, c>=2
+            assert bool(valid[0, 0, r * 4 + c]) == ((r, c) in inside)
+            if (r, c) in inside:
+                assert index[0, 0, r * 4 + c] == ((16 * r + 8) // 8) * 4 + (16 * c + 8 - 32) // 8
+    # a crop whose patch borders avoid the s centres, plain and mirrored: same rows, mirrored columns
+    index, valid = patch_correspondence(full, torch.tensor([meta_row(0, 36, 32, 24)]), grid)
+    index_f, valid_f = patch_correspondence(full, torch.tensor([meta_row(0, 36, 32, 24, flipped=True)]), grid)
+    assert torch.equal(valid_f, valid) and valid.sum() == 4
+    for p in torch.nonzero(valid[0, 0])[:, 0].tolist():
+        assert index_f[0, 0, p] // 4 == index[0, 0, p] // 4
+        assert index_f[0, 0, p] % 4 == 3 - index[0, 0, p] % 4
+
+
+def ramp_image(size: int = 64) -> torch.Tensor:
+    """Two channels holding each pixel's row and column: a patch's mean names its place."""
+    rows = torch.arange(size, dtype=torch.float32)[:, None].expand(size, size)
+    cols = torch.arange(size, dtype=torch.float32)[None, :].expand(size, size)
+    return torch.stack([rows, cols])
+
+
+def test_view_meta_from_the_transform_locates_every_patch():
+    torch.manual_seed(0)
+    random.seed(0)
+    image = ramp_image()
+    views = PairViews(32, PairViewOptions(scale=(0.2, 0.8), blur_prob=0.0, intensity=0.0))
+    flips = set()
+    for _ in range(6):
+        pair, meta = views(image)
+        assert meta.shape == (2, 7)
+        for view, m in zip(pair, meta, strict=True):
+            flips.add(bool(m[6]))
+            means = F.avg_pool2d(view[None], 8)[0].flatten(1)  # 2×16 patch means
+            row, col = patch_centres(m[None], (4, 4))
+            # the patch mean of a linear ramp is its value at the patch centre (pixel-centre coordinates)
+            assert torch.allclose(means[0], row[0] * 64 - 0.5, atol=0.75)
+            assert torch.allclose(means[1], col[0] * 64 - 0.5, atol=0.75)
+    assert flips == {True, False}
+
+
+def test_crop_view_is_the_crop_resized_and_mirrored():
+    image = ramp_image(16)
+    x = crop_view(image, (4, 2, 8, 8), 8, flip=True)
+    assert torch.equal(x, image[:, 4:12, 2:10].flip(-1))
+
+
+# ---------------------------------------------------------------- affinities against slow references
+
+
+def slow_local(ps, pt, index, valid, topk):
+    m, n = ps.shape[0], ps.shape[1]
+    out = torch.zeros(m, m)
+    for i in range(m):
+        for a in range(m):
+            sim = torch.stack([torch.stack([F.cosine_similarity(ps[i, p], pt[a, q], dim=0) for q in range(n)]) for p in range(n)])
+            nearest = sorted(sim.max(1).values.tolist(), reverse=True)[: max(1, round(topk * n))]
+            nn_term = sum(nearest) / len(nearest)
+            corr = [float(sim[p, index[i, a, p]]) for p in range(n) if valid[i, a, p]]
+            out[i, a] = 0.5 * (sum(corr) / len(corr) + nn_term) if corr else nn_term
+    return out
+
+
+def test_vertex_affinity_matches_a_slow_reference():
+    torch.manual_seed(0)
+    m, n, d, grid = 3, 4, 5, (2, 2)
+    zs, zt, ps, pt = torch.randn(m, 6), torch.randn(m, 6), torch.randn(m, n, d), torch.randn(m, n, d)
+    meta_s = torch.tensor([meta_row(0, 0, 64, 64), meta_row(10, 5, 30, 40), meta_row(0, 0, 20, 20)])
+    meta_t = torch.tensor([meta_row(0, 32, 32, 32, flipped=True), meta_row(40, 40, 20, 20), meta_row(0, 0, 64, 64)])
+    fast = vertex_affinity(zs, zt, ps, pt, meta_s, meta_t, grid, 0.8, 0.5)
+    st = slow_local(ps, pt, *patch_correspondence(meta_s, meta_t, grid), 0.5)
+    ts = slow_local(pt, ps, *patch_correspondence(meta_t, meta_s, grid), 0.5)
+    for i in range(m):
+        for a in range(m):
+            ref = 0.8 * F.cosine_similarity(zs[i], zt[a], dim=0) + 0.2 * (st[i, a] + ts[a, i])
+            assert fast[i, a] == pytest.approx(float(ref), abs=1e-5)
+    _, valid = patch_correspondence(meta_s, meta_t, grid)
+    assert valid.any() and not valid.all()  # both branches of the local term were exercised
+
+
+def test_edge_affinity_matches_a_slow_reference():
+    torch.manual_seed(1)
+    m = 5
+    zs, zt = torch.randn(m, 4), torch.randn(m, 4)
+    adj_s, adj_t = knn_adjacency(zs, 2), knn_adjacency(zt, 2)
+    assert torch.equal(adj_s, adj_s.T) and not adj_s.diagonal().any() and (adj_s.sum(1) >= 2).all()
+    k = edge_affinity(zs, zt, adj_s, adj_t)
+    for i in range(m):
+        for a in range(m):
+            for j in range(m):
+                for b in range(m):
+                    ref = F.cosine_similarity(zs[i] - zs[j], zt[a] - zt[b], dim=0) if adj_s[i, j] and adj_t[a, b] else 0.0
+                    assert k[i * m + a, j * m + b] == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_local_similarity_without_any_correspondence_is_the_nearest_neighbour_term():
+    sim = torch.rand(2, 2, 4, 4)
+    valid = torch.zeros(2, 2, 4, dtype=torch.bool)
+    out = local_similarity(sim, torch.zeros(2, 2, 4, dtype=torch.long), valid, 1.0)
+    assert torch.allclose(out, sim.max(-1).values.mean(-1))
+
+
+# ---------------------------------------------------------------- IMLE through the solver
+
+
+def lap_solver(c, k):
+    return solve_lap(c) if k is None else solve_qap(c, k)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("with_edges", [False, True])
+def test_a_step_along_the_imle_gradient_moves_the_matching_towards_identity(with_edges: bool, seed: int):
+    torch.manual_seed(seed)
+    n, zero = 8, torch.zeros(8, 8, dtype=torch.float64)
+    c = torch.randn(n, n, dtype=torch.float64, requires_grad=True)
+    k = (0.1 * torch.randn(n * n, n * n, dtype=torch.float64)).requires_grad_(with_edges)
+    edges = k if with_edges else torch.zeros(0, dtype=torch.float64)
+    clock = SolverClock()
+
+    def identity_frac(cost: torch.Tensor, pair: torch.Tensor) -> float:
+        return float(IMLEMatching.apply(cost, pair, zero, 80.0, lap_solver, clock).diagonal().mean())
+
+    y = IMLEMatching.apply(c, edges, zero, 80.0, lap_solver, clock)
+    assert y.diagonal().mean() < 0.5
+    hamming_to_identity(y).backward()
+    # the gradient raises the identity entries the matching missed and lowers the wrong ones it took
+    assert (c.grad.diagonal() <= 0).all() and (c.grad.diagonal() < 0).any()
+    assert (c.grad[y.detach().bool()] >= 0).all()
+    before = identity_frac(c.detach(), edges.detach())
+    stepped_edges = edges.detach() - k.grad if with_edges else edges.detach()
+    assert identity_frac(c.detach() - c.grad, stepped_edges) > before
+    assert clock.take() > 0 and clock.seconds == 0
+
+
+def test_graph_chunks_cover_the_batch():
+    assert [len(c) for c in graph_chunks(32, 16)] == [16, 16]
+    assert [len(c) for c in graph_chunks(17, 16)] == [17]
+    assert [len(c) for c in graph_chunks(20, 16)] == [16, 4]
+    assert torch.equal(torch.cat(graph_chunks(20, 16)), torch.arange(20))
+
+
+# ---------------------------------------------------------------- the objective on a tiny ViT
+
+
+def tiny_student(in_chans: int = 1) -> AdaptedBackbone:
+    torch.manual_seed(0)
+    backbone = create_backbone({**TINY_BACKBONE, "in_chans": in_chans})
+    return AdaptedBackbone(backbone, create_adapters(backbone, {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 8}))
+
+
+def objective(**options):
+    opts = {"graph_size": 4, "knn": 2, "proj_dim": 16, "proj_hidden_dim": 16, "gcn_dim": 16, **options}
+    return create_objective("graph_matching", 48, 8, 32, opts, max_steps=10)
+
+
+def test_loss_is_zero_when_both_views_are_identical():
+    student = tiny_student()
+    images = torch.randn(8, 1, 32, 32)
+    meta = torch.tensor([meta_row(4, 4, 40, 40), meta_row(4, 4, 40, 40)]).expand(8, 2, 7)
+    for edge_term in (True, False):
+        obj = objective(edge_term=edge_term).eval()
+        out = obj({"views": [images, images.clone()], "view_meta": meta, "item_id": list("abcdefgh")}, student)
+        assert out["loss"] == 0 and out["identity_frac"] == 1
+    # training mode without noise: still zero
+    out = objective(noise_scale=0.0).train()({"views": [images, images.clone()], "view_meta": meta}, student)
+    assert out["loss"] == 0
+
+
+def test_training_step_reaches_adapters_and_heads():
+    torch.manual_seed(3)
+    student = tiny_student()
+    obj = objective(noise_scale=0.5).train()
+    views, metas = PairViews(32, PairViewOptions()), []
+    pairs = []
+    for _ in range(8):
+        v, m = views(torch.randn(1, 48, 48))
+        pairs.append(v)
+        metas.append(m)
+    batch = {"views": [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])], "view_meta": torch.stack(metas)}
+    out = obj(batch, student)
+    assert out["loss"] > 0 and 0 <= out["identity_frac"] < 1 and out["solver_s"] > 0
+    out["loss"].backward()
+    adapter_grads = [p.grad for p in student.adapters.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in adapter_grads)
+    assert obj.gcn.lin1.weight.grad.abs().sum() > 0 and obj.node_head[0].weight.grad.abs().sum() > 0
+    assert not any(p.grad is not None for p in student.backbone.parameters())
+    assert set(obj.head_state()) >= {"gm_gcn.lin1.weight", "gm_node_head.0.weight"}
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ValueError, match="unknown_knob"):
+        objective(unknown_knob=1)
+
+
+TINY = [
+    "backbone.img_size=32",
+    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
+    "train.max_steps=1",
+    "train.batch_size=8",
+    "objective.options.graph_size=4",
+    "objective.options.knn=2",
+    "objective.options.proj_dim=16",
+    "objective.options.gcn_dim=16",
+    "data.max_items=16",
+    "data.image_size=32",
+    "probe.train.max_items=40",
+    "probe.test.max_items=20",
+    "probe.train.image_size=32",
+    "probe.test.image_size=32",
+    "probe.knn_k=3",
+]
+
+
+def test_pneumoniamnist_graph_matching_config_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    shared("medical", "pneumoniamnist")
+    monkeypatch.chdir(REPO)
+    path = REPO / "configs" / "medical" / "pneumoniamnist_graph_matching.yaml"
+    cfg = load_config(path, [*TINY, f"out_dir={tmp_path}"])
+    assert cfg.objective.name == "graph_matching" and cfg.objective.options["edge_term"]
+    result = pretrain(cfg, quiet=True)
+    assert result.steps == 1 and result.final_loss is not None and np.isfinite(result.final_loss)
+    rows = run_probe(cfg, [result.adapter_dir])
+    assert len(rows) == 2 and all(r.n_test == 20 for r in rows)

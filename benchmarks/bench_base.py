@@ -1,4 +1,4 @@
-"""What the embedded fractal base buys: random init vs fractal base vs fractal base + adapters.
+"""What the embedded fractal base buys: random init vs fractal base vs fractal base + GLARE adapters.
 
 PneumoniaMNIST (real chest X-rays, upsampled to 64 px): linear-probe and kNN accuracy on the
 validation split, features from the frozen backbone (and with adapters trained on the training
@@ -30,15 +30,22 @@ from insitu.pipelines.data import ScannedData, fit_normalizer
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
 
-PNEUMONIA = "configs/medical/pneumoniamnist.yaml"
+PNEUMONIA = "configs/medical/pneumoniamnist_glare.yaml"
 LANDSAT = "configs/remote_sensing/landsat_tiles.yaml"
 BASE = "backbone.weights=insitu:fractal_vit_tiny"
+RANDOM = "backbone.weights=null"  # the same architecture (vit_tiny, depth 6, patch 8), random init seed 0
+# GLARE (global + local + regional) for the Landsat run too, with the PneumoniaMNIST config's options
+GLARE = [
+    "objective.name=glare",
+    "objective.options={out_dim: 1024, teacher_temp: 0.07, warmup_teacher_temp: 0.04, warmup_teacher_temp_steps: 30, "
+    "views: {global_crops: 2, local_crops: 2}, local: {enabled: true, ratio: 0.3}, regional: {enabled: true, regions: 4}}",
+]
 
 
 def pneumonia_rows(steps: int, out: Path) -> list[tuple[str, float, float, float]]:
     rows = []
     start = time.perf_counter()
-    cfg = load_config(PNEUMONIA, [f"out_dir={out}"])
+    cfg = load_config(PNEUMONIA, [f"out_dir={out}", RANDOM])
     r = run_probe(cfg)[0]
     rows.append(("random init (frozen)", r.linear_acc, r.knn_acc, time.perf_counter() - start))
     cfg = load_config(PNEUMONIA, [f"out_dir={out}", BASE, f"train.max_steps={steps}", "name=pneu_fractal"])
@@ -47,7 +54,7 @@ def pneumonia_rows(steps: int, out: Path) -> list[tuple[str, float, float, float
     frozen, adapted = run_probe(cfg, [result.adapter_dir])
     wall = time.perf_counter() - start
     rows.append(("fractal base (frozen)", frozen.linear_acc, frozen.knn_acc, wall))
-    rows.append((f"fractal base + DINO adapters ({steps} steps)", adapted.linear_acc, adapted.knn_acc, wall))
+    rows.append((f"fractal base + GLARE adapters ({steps} steps)", adapted.linear_acc, adapted.knn_acc, wall))
     return rows
 
 
@@ -70,17 +77,17 @@ def retrieval_top1(model: AdaptedBackbone, images: list[torch.Tensor], seed: int
 
 
 def landsat_rows(steps: int, out: Path) -> tuple[list[tuple[str, float]], int]:
-    cfg = load_config(LANDSAT, [f"out_dir={out}"])
+    cfg = load_config(LANDSAT, [f"out_dir={out}", RANDOM])
     data = ScannedData.scan(cfg.data)
     items = data.manifest.items
     norm = fit_normalizer(data, items)
     images = [norm(data.domain.load(i, data.manifest)["image"].float()) for i in items]
     rows = [("random init (frozen)", retrieval_top1(AdaptedBackbone(create_backbone(cfg.backbone)), images))]
-    fractal = load_config(LANDSAT, [f"out_dir={out}", BASE, f"train.max_steps={steps}", "name=landsat_fractal"])
+    fractal = load_config(LANDSAT, [f"out_dir={out}", BASE, f"train.max_steps={steps}", "name=landsat_fractal", *GLARE])
     base = create_backbone(fractal.backbone)
     rows.append(("fractal base (frozen)", retrieval_top1(AdaptedBackbone(base), images)))
     result = pretrain(fractal, quiet=True)
-    rows.append((f"fractal base + DINO adapters ({steps} steps)", retrieval_top1(apply_package(result.adapter_dir, base), images)))
+    rows.append((f"fractal base + GLARE adapters ({steps} steps)", retrieval_top1(apply_package(result.adapter_dir, base), images)))
     return rows, len(images)
 
 

@@ -75,6 +75,7 @@ def test_ddp_two_cpu_processes(tmp_path, shapes_dir):
 def test_quickstart_tiny(tmp_path, capsys):
     out = tmp_path / "qs"
     overrides = [
+        "backbone.weights=null",
         "train.max_steps=2",
         "train.batch_size=8",
         "data.image_size=32",
@@ -95,6 +96,18 @@ def test_quickstart_tiny(tmp_path, capsys):
     assert "probe (frozen features)" in printed and "insitu quickstart" in printed
     assert main(["adapter", "inspect", str(out / "adapter")]) == 0
     assert "fingerprint" in capsys.readouterr().out
+
+
+def test_quickstart_defaults_to_the_shipped_base(tmp_path, capsys):
+    out = tmp_path / "qs"
+    args = ["--quiet", "quickstart", "--out", str(out)]
+    for o in ("train.max_steps=1", "train.batch_size=8", "data.image_size=32", "backbone.img_size=32", "probe.knn_k=3"):
+        args += ["--set", o]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "insitu:fractal_vit_tiny" in report and "randomly initialised" not in report
+    meta = json.loads((out / "adapter" / "insitu.json").read_text())
+    assert "insitu:fractal_vit_tiny" in json.dumps(meta)
 
 
 def test_cli_config_error_exit_code(tmp_path, shapes_dir, capsys):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from insitu.backbones import create_backbone, packaged_bases, packaged_card
 from insitu.cli import main
 from insitu.config import load_config
-from insitu.domains.fractals import FractalStream, fractal_images, render, sample_systems
+from insitu.domains.fractals import FractalStream, SystemBank, fractal_images, labelled_fractal_images, render, sample_systems
 from insitu.errors import ConfigError
 from tests.conftest import tiny_config
 
@@ -110,3 +110,40 @@ def test_shipped_base_config_validates():
     assert cfg.name == "fractal_vit_tiny" and cfg.steps > 0
     with pytest.raises(ConfigError):
         load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["stepz=3"])
+
+
+def test_multi_instance_labels_match_the_drawn_systems():
+    bank = SystemBank(50, seed=3)
+    images, labels = labelled_fractal_images(32, bank, 32, torch.Generator().manual_seed(1))
+    again, labels2 = labelled_fractal_images(32, bank, 32, torch.Generator().manual_seed(1))
+    assert torch.equal(images, again) and torch.equal(labels, labels2)
+    assert images.shape == (32, 3, 32, 32) and labels.shape == (32, 50)
+    per_image = labels.sum(1)
+    assert (per_image >= 1).all() and (per_image <= 3).all() and (per_image > 1).any()
+    # a one-system bank: every image is labelled with it and nothing else
+    _, only = labelled_fractal_images(8, SystemBank(1), 32, torch.Generator().manual_seed(2))
+    assert torch.equal(only, torch.ones(8, 1))
+    # the same system rendered twice covers similar pixels; different systems less so
+    a, b, p = bank.a[:2], bank.b[:2], bank.probs[:2]
+    g = torch.Generator().manual_seed(0)
+    c1 = render(a, b, p, 32, g)[1]
+    c2 = render(a, b, p, 32, g)[1]
+
+    def iou(x, y):
+        return float((x * y).sum() / ((x + y) > 0).sum())
+
+    assert iou(c1[0], c2[0]) > iou(c1[0], c2[1]) and iou(c1[1], c2[1]) > iou(c1[1], c2[0])
+
+
+def test_base_pretrain_mip_tiny(tmp_path):
+    args = ["--quiet", "base", "pretrain", "--set", f"out_dir={tmp_path}", "--set", "objective=mip"]
+    for o in ("steps=2", "batch_size=4", "num_workers=0", "num_systems=8", "grey_prob=0.5", "backbone.img_size=32"):
+        args += ["--set", o]
+    args += ["--set", "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}"]
+    assert main(args) == 0
+    weights = tmp_path / "fractal_vit_tiny" / "fractal_vit_tiny.safetensors"
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert "multi-instance" in card["training"] and card["steps"] == 2 and 0.0 <= card["final_set_acc"] <= 1.0
+    assert card["config"]["objective"] == "mip" and card["config"]["num_systems"] == 8
+    state = load_file(str(weights))
+    assert not any(k.startswith("head") for k in state)  # only the ViT ships, not the bank's classifier

@@ -13,7 +13,7 @@ per map, on random smooth-gradient backgrounds, with 1–3 instances per image.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +80,55 @@ def _background(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def fractal_images(n: int, size: int = 64, generator: torch.Generator | None = None, max_instances: int = 3) -> torch.Tensor:
-    """``n`` RGB images [n, 3, size, size] in [0, 1], each with 1..max_instances fractals."""
+    """``n`` RGB images [n, 3, size, size] in [0, 1], each with 1..max_instances fresh random fractals."""
     g = generator or torch.Generator().manual_seed(0)
-    images = _background(n, size, g)
+    return _compose(n, size, g, max_instances, lambda: sample_systems(n, g))
+
+
+class SystemBank:
+    """A fixed, seeded set of IFS systems: the classes of multi-instance prediction."""
+
+    def __init__(self, num_systems: int, seed: int = 0) -> None:
+        self.a, self.b, self.probs = sample_systems(num_systems, torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+
+def labelled_fractal_images(
+    n: int, bank: SystemBank, size: int = 64, generator: torch.Generator | None = None, max_instances: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-instance prediction data (Anderson & Farrell): images with 1..max_instances fractals drawn
+    from ``bank`` and their multi-hot labels [n, len(bank)]; colours, placement and the chaos game's
+    points are fresh for every instance, so only the system's shape identifies the class."""
+    g = generator or torch.Generator().manual_seed(0)
+    labels = torch.zeros(n, len(bank))
     k = torch.randint(1, max_instances + 1, (n,), generator=g)
+    ids: list[torch.Tensor] = []
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(bank), (n,), generator=g)
+        present = k > len(ids)
+        ids.append(idx)
+        labels[present, idx[present]] = 1.0
+        return bank.a[idx], bank.b[idx], bank.probs[idx]
+
+    images = _compose(n, size, g, max_instances, draw, k)
+    return images, labels
+
+
+def _compose(
+    n: int,
+    size: int,
+    g: torch.Generator,
+    max_instances: int,
+    systems: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    images = _background(n, size, g)
+    k = torch.randint(1, max_instances + 1, (n,), generator=g) if k is None else k
     for inst in range(max_instances):
-        a, b, probs = sample_systems(n, g)
+        a, b, probs = systems()
         colour, cover = render(a, b, probs, size, g)
         # place the instance in a random sub-box (the first one fills most of the image)
         scale = 0.9 if inst == 0 else 0.35 + 0.35 * float(torch.rand(1, generator=g))
@@ -100,15 +143,22 @@ def fractal_images(n: int, size: int = 64, generator: torch.Generator | None = N
 
 
 class FractalStream(IterableDataset):
-    """An endless stream of fractal images (3×size×size in [0, 1]); each worker has its own seed."""
+    """An endless stream of fractal images (3×size×size in [0, 1]); each worker has its own seed.
 
-    def __init__(self, size: int = 64, seed: int = 0, chunk: int = 64) -> None:
+    With a ``bank``, items are ``(image, multi-hot labels)`` for multi-instance prediction.
+    """
+
+    def __init__(self, size: int = 64, seed: int = 0, chunk: int = 64, bank: SystemBank | None = None) -> None:
         super().__init__()
-        self.size, self.seed, self.chunk = size, seed, chunk
+        self.size, self.seed, self.chunk, self.bank = size, seed, chunk, bank
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         g = torch.Generator().manual_seed(self.seed * 1000 + worker)
         while True:
-            yield from fractal_images(self.chunk, self.size, g)
+            if self.bank is None:
+                yield from fractal_images(self.chunk, self.size, g)
+            else:
+                images, labels = labelled_fractal_images(self.chunk, self.bank, self.size, g)
+                yield from zip(images, labels, strict=True)

@@ -1,5 +1,9 @@
-"""Pretrain a small ViT from scratch on generated fractal images (full-parameter DINO, multi-crop).
+"""Pretrain a small ViT from scratch on generated fractal images.
 
+Two objectives, both full-parameter: ``dino`` (self-distillation with multi-crop and an EMA teacher)
+and ``mip``, the multi-instance prediction of Anderson & Farrell ("Improving Fractal
+Pre-training"): a fixed bank of IFS systems are the classes, every image holds 1-3 instances drawn
+from it, and the ViT predicts which systems are present (multi-label BCE on CLS + mean patch token).
 This makes insitu's embedded base: a backbone with real (if generic) features that ships inside
 the package, so the demo, the tests and air-gapped users start from something better than random
 weights. The output is a safetensors file of the teacher ViT (fp16) plus a card recording the
@@ -16,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -30,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from insitu.backbones import create_backbone
 from insitu.config import BackboneConfig, Strict, apply_override
-from insitu.domains.fractals import FractalStream
+from insitu.domains.fractals import FractalStream, SystemBank
 from insitu.errors import ConfigError
 from insitu.objectives.views import MultiCrop, MultiCropOptions
 
@@ -41,6 +45,7 @@ class BasePretrainConfig(Strict):
     """``insitu base pretrain`` settings."""
 
     name: str = "fractal_vit_tiny"
+    objective: Literal["dino", "mip"] = "dino"
     seed: int = 0
     out_dir: Path = Path("insitu-runs/base")
     backbone: BackboneConfig = Field(
@@ -60,6 +65,8 @@ class BasePretrainConfig(Strict):
             global_crops=2, local_crops=4, global_scale=(0.35, 1.0), local_scale=(0.08, 0.35), intensity=0.1
         )
     )
+    num_systems: int = Field(100, ge=2, description="mip: size of the IFS system bank (the classes)")
+    grey_prob: float = Field(0.0, ge=0.0, le=1.0, description="mip: share of images turned grey (helps 1-band users)")
     num_workers: int = 1
     export_every: int = Field(100, gt=0)
     accelerator: str = "auto"
@@ -93,8 +100,81 @@ class _PeriodicExport(L.Callback):
             export_base(module, self.cfg, self.run_dir, time.perf_counter() - self.start, trainer)
 
 
-class BasePretrainModule(L.LightningModule):
+class _Labelled(IterableDataset):
+    def __init__(self, stream: FractalStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self):  # noqa: ANN204
+        mean = torch.tensor(FRACTAL_MEAN).view(3, 1, 1)
+        std = torch.tensor(FRACTAL_STD).view(3, 1, 1)
+        for img, labels in self.stream:
+            yield (img - mean) / std, labels
+
+
+class _Optimizer:
+    """AdamW without weight decay on biases and norms, linear warm-up then cosine decay."""
+
+    cfg: BasePretrainConfig
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        decay = [p for p in params if p.ndim >= 2]
+        rest = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=self.cfg.lr
+        )
+        c = self.cfg
+
+        def lr_at(step: int) -> float:
+            if step < c.warmup_steps:
+                return (step + 1) / c.warmup_steps
+            t = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+            return (c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * t))) / c.lr
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"}}
+
+
+class MIPModule(_Optimizer, L.LightningModule):
+    """Multi-instance prediction: ViT + linear multi-label head over the system bank; the ViT is exported."""
+
+    training_text = "multi-instance prediction (which IFS systems are in the image, multi-label BCE) from scratch, all parameters"
+
+    def __init__(self, cfg: BasePretrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = create_backbone(cfg.backbone)
+        self.student.vit.requires_grad_(True)
+        self.head = torch.nn.Linear(2 * self.student.embed_dim, cfg.num_systems)
+
+    @property
+    def exported(self) -> torch.nn.Module:
+        return self.student.vit
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, labels = batch
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        grey = torch.rand(x.shape[0], device=x.device) < self.cfg.grey_prob
+        x = torch.where(grey[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
+        cls, patches, _ = self.student.forward_tokens(x)
+        logits = self.head(torch.cat([cls, patches.mean(1)], 1))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}; lower lr")
+        with torch.no_grad():  # exact-set accuracy over the images' top-k systems (k = instances present)
+            k = labels.sum(1).long()
+            ranked = logits.argsort(1, descending=True)
+            hit = torch.stack([labels[i, ranked[i, : k[i]]].sum() == k[i] for i in range(len(k))]).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/set_acc", hit, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+
+class BasePretrainModule(_Optimizer, L.LightningModule):
     """Student ViT + head trained with DINO; the teacher (ViT + head) is their EMA."""
+
+    training_text = "DINO self-distillation from scratch (all parameters), teacher weights exported"
 
     def __init__(self, cfg: BasePretrainConfig) -> None:
         super().__init__()
@@ -127,22 +207,9 @@ class BasePretrainModule(L.LightningModule):
         update_momentum(self.student.vit, self.teacher.vit, m)
         update_momentum(self.head, self.teacher_head, m)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in list(self.student.parameters()) + list(self.head.parameters()) if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=self.cfg.lr
-        )
-        c = self.cfg
-
-        def lr_at(step: int) -> float:
-            if step < c.warmup_steps:
-                return (step + 1) / c.warmup_steps
-            t = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
-            return (c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * t))) / c.lr
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"}}
+    @property
+    def exported(self) -> torch.nn.Module:
+        return self.teacher.vit
 
 
 def load_base_config(path: Path | None, overrides: list[str]) -> BasePretrainConfig:
@@ -166,14 +233,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
     """Train the base and write ``<out_dir>/<name>.safetensors`` (fp16) + ``<name>.json`` card."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = BasePretrainModule(cfg)
-    crop = MultiCrop(cfg.backbone.img_size, module.student.patch_size, cfg.views)
-    loader = DataLoader(
-        _Views(FractalStream(cfg.backbone.img_size, cfg.seed), crop),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=_collate,
-    )
+    module: MIPModule | BasePretrainModule
+    if cfg.objective == "mip":
+        module = MIPModule(cfg)
+        bank = SystemBank(cfg.num_systems, seed=cfg.seed)
+        data: IterableDataset = _Labelled(FractalStream(cfg.backbone.img_size, cfg.seed, bank=bank))
+        loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    else:
+        module = BasePretrainModule(cfg)
+        crop = MultiCrop(cfg.backbone.img_size, module.student.patch_size, cfg.views)
+        data = _Views(FractalStream(cfg.backbone.img_size, cfg.seed), crop)
+        loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate)
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     run_dir = cfg.out_dir / cfg.name
@@ -196,9 +266,9 @@ def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
     return export_base(module, cfg, run_dir, wall, trainer)
 
 
-def export_base(module: BasePretrainModule, cfg: BasePretrainConfig, run_dir: Path, wall: float, trainer: L.Trainer) -> Path:
+def export_base(module: MIPModule | BasePretrainModule, cfg: BasePretrainConfig, run_dir: Path, wall: float, trainer: L.Trainer) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.teacher.vit.state_dict().items()}
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.exported.state_dict().items()}
     weights = run_dir / f"{cfg.name}.safetensors"
     save_file(state, str(weights))
     device = (
@@ -209,7 +279,7 @@ def export_base(module: BasePretrainModule, cfg: BasePretrainConfig, run_dir: Pa
     card = {
         "name": cfg.name,
         "architecture": cfg.backbone.model_dump(mode="json", exclude={"weights", "pretrained"}),
-        "training": "DINO self-distillation from scratch (all parameters), teacher weights exported",
+        "training": module.training_text,
         "data": "procedurally generated IFS fractal images (insitu.domains.fractals), no stored data",
         "steps": trainer.global_step,
         "batch_size": cfg.batch_size,
@@ -221,6 +291,7 @@ def export_base(module: BasePretrainModule, cfg: BasePretrainConfig, run_dir: Pa
         "device": device,
         "dtype": "float16",
         "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "final_set_acc": float(trainer.callback_metrics["train/set_acc"]) if "train/set_acc" in trainer.callback_metrics else None,
         "command": " ".join(shlex.quote(a) for a in ["insitu", *sys.argv[1:]]),
         "config": json.loads(cfg.model_dump_json()),
         "insitu_version": __import__("insitu").__version__,

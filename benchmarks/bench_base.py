@@ -59,7 +59,8 @@ def pneumonia_rows(steps: int, out: Path) -> list[tuple[str, float, float, float
 
 
 @torch.no_grad()
-def retrieval_top1(model: AdaptedBackbone, images: list[torch.Tensor], seed: int = 0) -> float:
+def retrieval_top1(model: AdaptedBackbone | None, images: list[torch.Tensor], seed: int = 0) -> float:
+    """Top-1 instance retrieval; ``model=None`` embeds a view by its mean colour only (a control)."""
     random.seed(seed)
 
     def view(img: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,8 @@ def retrieval_top1(model: AdaptedBackbone, images: list[torch.Tensor], seed: int
         return x.flip(-1) if random.random() < 0.5 else x
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
+        if model is None:
+            return F.normalize(batch.mean((2, 3)), dim=1)
         cls, patches, _ = model.forward_tokens(batch)
         return F.normalize(torch.cat([cls, patches.mean(1)], 1), dim=1)
 
@@ -82,10 +85,16 @@ def landsat_rows(steps: int, out: Path) -> tuple[list[tuple[str, float]], int]:
     items = data.manifest.items
     norm = fit_normalizer(data, items)
     images = [norm(data.domain.load(i, data.manifest)["image"].float()) for i in items]
-    rows = [("random init (frozen)", retrieval_top1(AdaptedBackbone(create_backbone(cfg.backbone)), images))]
+    random_model = AdaptedBackbone(create_backbone(cfg.backbone))
+    rows = [("random init (frozen)", retrieval_top1(random_model, images))]
+    # controls: how much of the task is colour alone, and both backbones on grey views
+    grey = [i.mean(0, keepdim=True).expand_as(i) for i in images]
+    rows.append(("control: mean colour of the view only (3 numbers)", retrieval_top1(None, images)))
+    rows.append(("control: random init (frozen), grey views", retrieval_top1(random_model, grey)))
     fractal = load_config(LANDSAT, [f"out_dir={out}", BASE, f"train.max_steps={steps}", "name=landsat_fractal", *GLARE])
     base = create_backbone(fractal.backbone)
     rows.append(("fractal base (frozen)", retrieval_top1(AdaptedBackbone(base), images)))
+    rows.append(("control: fractal base (frozen), grey views", retrieval_top1(AdaptedBackbone(base), grey)))
     result = pretrain(fractal, quiet=True)
     rows.append((f"fractal base + GLARE adapters ({steps} steps)", retrieval_top1(apply_package(result.adapter_dir, base), images)))
     return rows, len(images)

@@ -64,7 +64,7 @@ def describe_backbone(cfg: RunConfig) -> str:
         card = packaged_card(bb.weights.removeprefix("insitu:"))
         return (
             f"`{bb.weights}`: insitu's embedded base, a {card['architecture']['name']} ({card['architecture']['kwargs']}, "
-            f"patch {card['architecture']['patch_size']}) pretrained from scratch with DINO on generated fractal images only "
+            f"patch {card['architecture']['patch_size']}) pretrained on generated fractal images only, by {card['training']} "
             f"({card['steps']} steps, {card['images_seen']:,} images, {card['device']}). It has generic features, not a "
             "foundation model's: point `backbone.weights` at real weights (safetensors, a DINOv2 folder) or set "
             "`backbone.pretrained: true` when you can."

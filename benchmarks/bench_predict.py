@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,22 +28,11 @@ K = 4
 
 
 def write_scene(path: Path, size: int, bands: int, seed: int = 0) -> Path:
-    """A tiled uint16 scene written block-row by block-row (the writer never holds the scene)."""
-    import rasterio
-    from rasterio.transform import from_origin
-    from rasterio.windows import Window
+    """A tiled uint16 GeoTIFF of ``bands`` × ``size``², written in strips (bench_geotiff's writer)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_geotiff import write_synthetic
 
-    rng = np.random.default_rng(seed)
-    profile = {
-        "driver": "GTiff", "width": size, "height": size, "count": bands, "dtype": "uint16", "nodata": 0,
-        "crs": "EPSG:32633", "transform": from_origin(400000.0, 5300000.0, 10.0, 10.0),
-        "tiled": True, "blockxsize": 256, "blockysize": 256,
-    }  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        for y in range(0, size, 256):
-            h = min(256, size - y)
-            dst.write(rng.integers(1, 10000, (bands, h, size), dtype=np.uint16), window=Window(0, y, size, h))
-    return path
+    return write_synthetic(path, size, bands, seed)
 
 
 def _rss_mb() -> float:

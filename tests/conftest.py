@@ -46,6 +46,18 @@ def shapes_dir(tmp_path: Path) -> Path:
     return write_shapes(tmp_path / "shapes")
 
 
+# data and probe overrides that shrink a PneumoniaMNIST config to a few 32 px items
+TINY_PNEUMONIA = [
+    "data.max_items=16",
+    "data.image_size=32",
+    "probe.train.max_items=40",
+    "probe.test.max_items=20",
+    "probe.train.image_size=32",
+    "probe.test.image_size=32",
+    "probe.knn_k=3",
+]
+
+
 def tiny_config(root: Path, out_dir: Path, **sections: Any) -> dict[str, Any]:
     """A complete run config dict for a 2-block ViT at 32 px that trains in seconds."""
     cfg: dict[str, Any] = {

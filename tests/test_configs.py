@@ -7,7 +7,7 @@ import pytest
 from insitu.config import load_config
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, TINY_PNEUMONIA
 
 # configs/base/ holds base-pretraining configs (a different schema, checked in test_fractals_base).
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "base")
@@ -34,16 +34,7 @@ def test_pneumoniamnist_config_runs_tiny(tmp_path, monkeypatch):
     path = REPO / "configs" / "medical" / "pneumoniamnist.yaml"
     if not SHARED_DATA.exists():
         pytest.skip("shared data not available")
-    overrides = TINY + [
-        f"out_dir={tmp_path}",
-        "data.max_items=16",
-        "data.image_size=32",
-        "probe.train.max_items=40",
-        "probe.test.max_items=20",
-        "probe.train.image_size=32",
-        "probe.test.image_size=32",
-        "probe.knn_k=3",
-    ]
+    overrides = [*TINY, f"out_dir={tmp_path}", *TINY_PNEUMONIA]
     cfg = load_config(path, overrides)
     result = pretrain(cfg, quiet=True)
     assert result.steps == 1 and result.items == 16

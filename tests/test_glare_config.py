@@ -12,7 +12,7 @@ from insitu.config import load_config
 from insitu.domains.busi_split import busi_split, stratified_split, thumbnail_hash
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
-from tests.conftest import REPO, shared
+from tests.conftest import REPO, TINY_PNEUMONIA, shared
 
 TINY = [
     "backbone.img_size=32",
@@ -21,13 +21,7 @@ TINY = [
     "train.batch_size=4",
     "objective.options.out_dim=64",
     "objective.options.dense_out_dim=32",
-    "data.max_items=16",
-    "data.image_size=32",
-    "probe.train.max_items=40",
-    "probe.test.max_items=20",
-    "probe.train.image_size=32",
-    "probe.test.image_size=32",
-    "probe.knn_k=3",
+    *TINY_PNEUMONIA,
 ]
 
 

@@ -30,7 +30,7 @@ from insitu.objectives.graph_matching import (
 from insitu.objectives.qap import solve_lap, solve_qap
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
-from tests.conftest import REPO, TINY_BACKBONE, shared
+from tests.conftest import REPO, TINY_BACKBONE, TINY_PNEUMONIA, shared
 
 
 def meta_row(top: int, left: int, h: int, w: int, size: int = 64, flipped: bool = False) -> list[float]:
@@ -253,13 +253,7 @@ TINY = [
     "objective.options.knn=2",
     "objective.options.proj_dim=16",
     "objective.options.gcn_dim=16",
-    "data.max_items=16",
-    "data.image_size=32",
-    "probe.train.max_items=40",
-    "probe.test.max_items=20",
-    "probe.train.image_size=32",
-    "probe.test.image_size=32",
-    "probe.knn_k=3",
+    *TINY_PNEUMONIA,
 ]
 
 

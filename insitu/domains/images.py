@@ -21,7 +21,7 @@ from insitu.domains.base import (
     Sample,
     stable_id,
 )
-from insitu.domains.synthetic import SHAPES, make_shape_image
+from insitu.domains.synthetic import SHAPES, write_shape_folders
 from insitu.errors import DataError, EmptyDatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -128,14 +128,7 @@ class ImageFolderDomain(Domain):
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
         """Textured shapes (4 classes) as PNG class folders: ``train/`` for pretraining, ``test/``."""
-        rng = np.random.default_rng(seed)
-        for split, n in (("train", n_per_class), ("test", max(4, n_per_class // 2))):
-            for label, shape in enumerate(SHAPES):
-                folder = out_dir / split / shape
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    img, _ = make_shape_image(rng, label, size)
-                    Image.fromarray(img).save(folder / f"{shape}_{i:04d}.png")
+        write_shape_folders(out_dir, seed, n_per_class, size)
         train = {"domain": "images", "root": str(out_dir / "train"), "image_size": size}
         test = {"domain": "images", "root": str(out_dir / "test"), "image_size": size}
         return DemoData(

@@ -295,17 +295,9 @@ class PairsDomain(Domain):
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
         """Textured shapes as PNG class folders, each with a sidecar report written from its class."""
-        from insitu.domains.synthetic import SHAPES, make_shape_image
+        from insitu.domains.synthetic import SHAPES, write_shape_folders
 
-        rng = np.random.default_rng(seed)
-        for split, n in (("train", n_per_class), ("test", max(4, n_per_class // 2))):
-            for label, shape in enumerate(SHAPES):
-                folder = out_dir / split / shape
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    img, _ = make_shape_image(rng, label, size)
-                    Image.fromarray(img).save(folder / f"{shape}_{i:04d}.png")
-                    (folder / f"{shape}_{i:04d}.txt").write_text(_demo_report(shape, rng))
+        write_shape_folders(out_dir, seed, n_per_class, size, sidecar=_demo_report)
         train = {"domain": "pairs", "root": str(out_dir / "train"), "image_size": size}
         test = {"domain": "pairs", "root": str(out_dir / "test"), "image_size": size}
         return DemoData(

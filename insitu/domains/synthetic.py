@@ -7,6 +7,9 @@ vary, so the class is only recoverable from shape, not from a colour shortcut.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -59,3 +62,28 @@ def make_shape_image(rng: np.random.Generator, label: int, size: int = 64, chann
     img += rng.normal(0, 0.03, img.shape)
     out = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
     return out, (mask * (label + 1)).astype(np.uint8)
+
+
+def write_shape_folders(
+    out_dir: Path,
+    seed: int,
+    n_per_class: int,
+    size: int,
+    sidecar: Callable[[str, np.random.Generator], str] | None = None,
+) -> None:
+    """Textured shapes as PNG class folders ``train/<shape>/`` and ``test/<shape>/`` (half as many).
+
+    ``sidecar(shape, rng)``, when given, writes a ``.txt`` next to every image (image-text demos).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_per_class), ("test", max(4, n_per_class // 2))):
+        for label, shape in enumerate(SHAPES):
+            folder = out_dir / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img, _ = make_shape_image(rng, label, size)
+                Image.fromarray(img).save(folder / f"{shape}_{i:04d}.png")
+                if sidecar is not None:
+                    (folder / f"{shape}_{i:04d}.txt").write_text(sidecar(shape, rng))

@@ -46,6 +46,15 @@ def shapes_dir(tmp_path: Path) -> Path:
     return write_shapes(tmp_path / "shapes")
 
 
+# overrides that shrink any run config to a 2-block ViT at 32 px and one step
+TINY_RUN = [
+    "backbone.img_size=32",
+    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
+    "train.max_steps=1",
+    "train.batch_size=4",
+    "objective.options.out_dim=64",
+]
+
 # data and probe overrides that shrink a PneumoniaMNIST config to a few 32 px items
 TINY_PNEUMONIA = [
     "data.max_items=16",

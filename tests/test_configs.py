@@ -7,17 +7,11 @@ import pytest
 from insitu.config import load_config
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
-from tests.conftest import REPO, SHARED_DATA, TINY_PNEUMONIA
+from tests.conftest import REPO, SHARED_DATA, TINY_PNEUMONIA, TINY_RUN
 
 # configs/base/ holds base-pretraining configs (a different schema, checked in test_fractals_base).
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "base")
-TINY = [
-    "backbone.img_size=32",
-    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
-    "train.max_steps=1",
-    "train.batch_size=4",
-    "objective.options.out_dim=64",
-]
+TINY = TINY_RUN
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))

@@ -147,3 +147,13 @@ def test_base_pretrain_mip_tiny(tmp_path):
     assert card["config"]["objective"] == "mip" and card["config"]["num_systems"] == 8
     state = load_file(str(weights))
     assert not any(k.startswith("head") for k in state)  # only the ViT ships, not the bank's classifier
+
+
+def test_shipped_base_warns_when_kwargs_would_be_ignored(caplog):
+    with caplog.at_level("WARNING", logger="insitu"):
+        create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 32, "kwargs": {"depth": 2}})
+    assert "ignored" in caplog.text and "depth" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="insitu"):
+        create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 32, "kwargs": {"depth": 6}})
+    assert "ignored" not in caplog.text

@@ -12,14 +12,10 @@ from insitu.config import load_config
 from insitu.domains.busi_split import busi_split, stratified_split, thumbnail_hash
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
-from tests.conftest import REPO, TINY_PNEUMONIA, shared
+from tests.conftest import REPO, TINY_PNEUMONIA, TINY_RUN, shared
 
 TINY = [
-    "backbone.img_size=32",
-    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
-    "train.max_steps=1",
-    "train.batch_size=4",
-    "objective.options.out_dim=64",
+    *TINY_RUN,
     "objective.options.dense_out_dim=32",
     *TINY_PNEUMONIA,
 ]

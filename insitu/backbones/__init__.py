@@ -16,6 +16,7 @@ embeddings are resampled to ``img_size``; the checkpoint's own size is kept as `
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from insitu.backbones.loaders import fit_state_dict, hf_dinov2_config, hf_dinov2
 from insitu.backbones.vit import ViTBackbone, state_fingerprint
 from insitu.config import BackboneConfig
 from insitu.errors import ConfigError
+
+log = logging.getLogger("insitu")
 
 
 def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
@@ -74,6 +77,8 @@ def packaged_card(name: str) -> dict[str, Any]:
 
 def _with_packaged_architecture(cfg: BackboneConfig, name: str) -> BackboneConfig:
     arch = packaged_card(name)["architecture"]
+    if cfg.kwargs and cfg.kwargs != arch["kwargs"]:
+        log.warning("backbone.kwargs %s ignored: %s%s fixes its own architecture %s", cfg.kwargs, PACKAGED, name, arch["kwargs"])
     return cfg.model_copy(
         update={"name": arch["name"], "patch_size": arch["patch_size"], "kwargs": arch["kwargs"], "weights": str(packaged_bases()[name])}
     )

@@ -73,16 +73,21 @@ class BasePretrainConfig(Strict):
     precision: str = "auto"
 
 
+_MEAN, _STD = torch.tensor(FRACTAL_MEAN).view(3, 1, 1), torch.tensor(FRACTAL_STD).view(3, 1, 1)
+
+
+def _normalise(img: torch.Tensor) -> torch.Tensor:
+    return (img - _MEAN) / _STD
+
+
 class _Views(IterableDataset):
     def __init__(self, stream: FractalStream, crop: MultiCrop) -> None:
         super().__init__()
         self.stream, self.crop = stream, crop
 
     def __iter__(self):  # noqa: ANN204
-        mean = torch.tensor(FRACTAL_MEAN).view(3, 1, 1)
-        std = torch.tensor(FRACTAL_STD).view(3, 1, 1)
         for img in self.stream:
-            yield self.crop((img - mean) / std)
+            yield self.crop(_normalise(img))
 
 
 def _collate(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -106,10 +111,8 @@ class _Labelled(IterableDataset):
         self.stream = stream
 
     def __iter__(self):  # noqa: ANN204
-        mean = torch.tensor(FRACTAL_MEAN).view(3, 1, 1)
-        std = torch.tensor(FRACTAL_STD).view(3, 1, 1)
         for img, labels in self.stream:
-            yield (img - mean) / std, labels
+            yield _normalise(img), labels
 
 
 class _Optimizer:

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, default=Path("insitu-runs/quickstart"), help="run folder (default: insitu-runs/quickstart)")
     q.add_argument("--domain", default="images", help="which domain's demo to run (default: images)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out that another insitu command wrote (a quickstart's own is always replaced)",
+    )
     q.set_defaults(func=_cmd_quickstart)
 
     t = sub.add_parser("pretrain", help="continual self-supervised pretraining of adapters from a config")
@@ -50,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=10"
     )
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace the earlier run in the run folder (only the files insitu wrote there are removed)"
+    )
     t.add_argument("--probe", action="store_true", help="probe frozen vs adapted features at the end")
     t.set_defaults(func=_cmd_pretrain)
 
@@ -58,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--adapter", type=Path, action="append", default=[], help="adapter package folder or .zip (repeatable)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     pr.add_argument("--json", type=Path, help="also write the table as JSON here")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     pr.set_defaults(func=_cmd_probe)
 
     ft = sub.add_parser("finetune", help="train a downstream head (segmentation/classification) on labelled data")
     ft.add_argument("-c", "--config", type=Path, required=True, help="YAML config with a downstream section")
     ft.add_argument("--adapter", type=Path, help="adapter package folder or .zip (default: the untouched backbone)")
     ft.add_argument("--out", type=Path, help="model folder for insitu predict (default: <run>/finetune)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an earlier model in --out (only the files insitu wrote there)")
     ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ft.set_defaults(func=_cmd_finetune)
 
@@ -71,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--config", type=Path, required=True, help="YAML config with a downstream section")
     ev.add_argument("--adapter", type=Path, action="append", default=[], help="adapter package folder or .zip (repeatable)")
     ev.add_argument("--out", type=Path, help="results folder (default: <run>/evaluate)")
+    ev.add_argument("--overwrite", action="store_true", help="replace earlier results in --out (only the files insitu wrote there)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -78,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("model", type=Path, help="folder written by insitu finetune")
     pd.add_argument("inputs", type=Path, help="file or folder to predict")
     pd.add_argument("--out", type=Path, required=True, help="output folder")
+    pd.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --out (only the files insitu wrote there)")
     pd.add_argument("--domain", default=None, help="data domain (default: the one the model was trained on)")
     pd.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option (tile_size too)")
     pd.set_defaults(func=_cmd_predict)
@@ -86,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("root", type=Path, help="folder (or file) to scan")
     s.add_argument("--domain", default="images", help="data domain (images, dicom, geotiff, video)")
     s.add_argument("--out", type=Path, required=True, help="folder for manifest.csv and quarantine.csv")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier scan in --out (only the files insitu wrote there)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option (data.options)")
     s.set_defaults(func=_cmd_scan)
 
@@ -109,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ae = asub.add_parser("export", help="pack a package as .zip / unpack it, or --merged: fold LoRA into a standalone backbone")
     ae.add_argument("path", type=Path, help="package folder or .zip")
     ae.add_argument("--out", type=Path, required=True, help="a .zip, a folder, or with --merged a .safetensors file")
+    ae.add_argument("--overwrite", action="store_true", help="replace an existing --out file, or an earlier export folder insitu wrote")
     ae.add_argument("--merged", action="store_true", help="write the base weights with LoRA folded in (LoRA packages only)")
     ae.add_argument("--base", type=Path, help="base backbone spec (needed with --merged)")
     ae.set_defaults(func=_cmd_adapter_export)
@@ -119,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_argument("--domain", default=None, help="data domain (default: the package's)")
     aa.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option")
     aa.add_argument("--out", type=Path, required=True, help="features .safetensors (item ids go next to it as .json)")
+    aa.add_argument("--overwrite", action="store_true", help="replace existing --out files")
     aa.set_defaults(func=_cmd_adapter_apply)
     return p
 
@@ -126,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from insitu.pipelines.quickstart import quickstart
 
-    summary = quickstart(args.out, args.domain, args.overrides, quiet=args.quiet)
+    summary = quickstart(args.out, args.domain, args.overrides, quiet=args.quiet, overwrite=args.overwrite)
     p = summary["pretrain"]
     _summary_table(
         "insitu quickstart",
@@ -148,7 +163,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from insitu.pipelines.probe import run_probe
 
     cfg = load_config(args.config, args.overrides)
-    result = pretrain(cfg, resume=args.resume, quiet=args.quiet)
+    result = pretrain(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if result.adapter_dir is None:  # a non-zero DDP rank
         return 0
     _summary_table(
@@ -197,9 +212,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from insitu.config import load_config
+    from insitu.io import check_output_file
     from insitu.pipelines.probe import run_probe
 
     cfg = load_config(args.config, args.overrides)
+    if args.json:
+        check_output_file(args.json, args.overwrite)
     rows = [asdict(r) for r in run_probe(cfg, args.adapter)]
     _probe_table(rows)
     if args.json:
@@ -212,7 +230,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from insitu.pipelines.finetune import finetune
 
     cfg = load_config(args.config, args.overrides)
-    result = finetune(cfg, args.adapter, out_dir=args.out or cfg.run_dir / "finetune")
+    result = finetune(cfg, args.adapter, out_dir=args.out or cfg.run_dir / "finetune", overwrite=args.overwrite)
     rows = [(k, f"{v:.4f}") for k, v in result.metrics.items()]
     rows += [("trainable params", f"{result.trainable_params:,}"), ("train/test", f"{result.n_train}/{result.n_test}")]
     _summary_table(f"insitu finetune: {result.name}", [*rows, ("model folder", str(result.out_dir))])
@@ -225,7 +243,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.run_dir / "evaluate"
-    headers, cells = table_rows(evaluate(cfg, args.adapter, out))
+    headers, cells = table_rows(evaluate(cfg, args.adapter, out, overwrite=args.overwrite))
     table = Table(title=f"insitu evaluate: {cfg.name} (mean ± std over seeds)")
     for h in headers:
         table.add_column(h)
@@ -243,7 +261,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     options: dict = {}
     for opt in args.option:
         apply_override(options, opt)
-    written = predict(args.model, args.inputs, args.out, args.domain, options)
+    written = predict(args.model, args.inputs, args.out, args.domain, options, overwrite=args.overwrite)
     _summary_table("insitu predict", [("files written", str(len(written))), ("folder", str(args.out))])
     return 0 if written else 1
 
@@ -259,12 +277,16 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     for opt in args.option:
         apply_override(raw, opt)
     options = validate_options(get_domain_class(args.domain).Options, raw, "--option", "scan")
+    from insitu.io import claim_folder
+
+    folder = claim_folder(args.out, "scan", args.overwrite)
     try:
         manifest = create_domain(args.domain, options).scan(args.root)
     except EmptyDatasetError as exc:
         err_console.print(f"[bold red]EmptyDatasetError[/]: {exc}")
         return 1
     manifest.write(args.out)
+    folder.record()
     counts = manifest.counts()
     rows = [(k, str(v)) for k, v in counts.items()] + [
         ("manifest", str(args.out / "manifest.csv")),
@@ -342,8 +364,14 @@ def _cmd_adapter_export(args: argparse.Namespace) -> int:
     from insitu.adapters import LoRAAdapters, merge_lora
     from insitu.adapters.package import CARD_FILE, META_FILE, TENSORS_FILE, apply_package, load_package, write_zip
     from insitu.errors import ConfigError
+    from insitu.io import check_output_file, claim_folder
 
     pkg = load_package(args.path)  # validate before writing anything
+    folder = None
+    if args.merged or args.out.suffix == ".zip":
+        check_output_file(args.out, args.overwrite)
+    elif not args.path.is_dir():
+        folder = claim_folder(args.out, "adapter export", args.overwrite)
     if args.merged:
         if not args.base:
             raise ConfigError("--merged needs --base (the backbone the LoRA weights are folded into).")
@@ -356,10 +384,12 @@ def _cmd_adapter_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.path} is already a .zip; pass a folder as --out to unpack it.")
         write_zip(args.path, args.out)
     else:
-        args.out.mkdir(parents=True, exist_ok=True)
+        if folder is None:
+            raise ConfigError(f"{args.path} is already a folder; pass a .zip as --out to pack it.")
         with zipfile.ZipFile(args.path) as zf:
             for name in (TENSORS_FILE, META_FILE, CARD_FILE):
                 (args.out / name).write_bytes(zf.read(name))
+        folder.record()
     _summary_table("exported", [("from", str(args.path)), ("to", str(args.out))])
     return 0
 
@@ -370,7 +400,10 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
     from insitu.adapters.package import apply_package, load_package
     from insitu.api import embed_folder
     from insitu.config import apply_override
+    from insitu.io import check_output_file
 
+    for out in (args.out, args.out.with_suffix(".json")):
+        check_output_file(out, args.overwrite)
     pkg = load_package(args.path)
     model = apply_package(pkg, _base_backbone(args.base))
     options: dict = {}
@@ -382,7 +415,7 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
     import torch
 
     save_file({"features": torch.from_numpy(feats).contiguous()}, str(args.out))
-    args.out.with_suffix(".json").write_text(json.dumps({"item_ids": ids, "package": str(args.path)}, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps({"item_ids": ids, "package": args.path.name}, indent=2))
     _summary_table("features written", [("items", str(len(ids))), ("dim", str(feats.shape[1])), ("file", str(args.out))])
     return 0
 

@@ -157,6 +157,13 @@ class RunConfig(Strict):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     downstream: DownstreamConfig | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or value in (".", "..") or Path(value).name != value or "\\" in value:
+            raise ValueError("must be a plain folder name (no '/', '\\' or '..'): the run folder is out_dir/name")
+        return value
+
     @property
     def run_dir(self) -> Path:
         return self.out_dir / self.name

@@ -20,6 +20,7 @@ from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.exports.plots import embedding_plot, few_shot_plot, metric_bars
 from insitu.exports.report import markdown_table, write_report
 from insitu.heads import few_shot_accuracy, knn_accuracy
+from insitu.io import claim_folder
 from insitu.pipelines.finetune import FinetuneResult, build_model, downstream_of, encode, fit_and_score, model_name, prepare, summarize
 
 
@@ -37,11 +38,11 @@ class EvalRow:
     few_shot: list[tuple[int, float, float]] = field(default_factory=list)
 
 
-def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path | None = None) -> list[EvalRow]:
+def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path | None = None, overwrite: bool = False) -> list[EvalRow]:
     """Fine-tune and score the configured head for the frozen backbone and each adapter package."""
     ds = downstream_of(cfg)
     out_dir = Path(out_dir or cfg.run_dir / "evaluate")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = claim_folder(out_dir, "evaluate", overwrite)
     rows, embeddings, samples = [], {}, {}
     for adapter in [None, *(adapters or [])]:
         _, train, test, k = prepare(cfg, adapter)
@@ -63,6 +64,7 @@ def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path |
         rows.append(row)
     write_results(rows, out_dir)
     write_evaluate_report(cfg, rows, embeddings, samples, out_dir)
+    folder.record()
     return rows
 
 

@@ -30,6 +30,7 @@ from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError, DataError
 from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
+from insitu.io import claim_folder
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
 
 log = logging.getLogger("insitu")
@@ -283,17 +284,23 @@ def fit_and_score(
     return model, result, logits
 
 
-def finetune(cfg: RunConfig, adapter: Path | None = None, seed: int | None = None, out_dir: Path | None = None) -> FinetuneResult:
+def finetune(
+    cfg: RunConfig, adapter: Path | None = None, seed: int | None = None, out_dir: Path | None = None, overwrite: bool = False
+) -> FinetuneResult:
     """Train the configured head on ``probe.train`` (or a split of ``data``), score it on the test split.
 
-    With ``out_dir`` the head, its metadata and the resolved config are saved there for ``insitu predict``.
+    With ``out_dir`` the head, its metadata and the resolved config are saved there for ``insitu predict``
+    (the folder is claimed before training: an earlier model there is replaced only with ``overwrite``).
     """
+    folder = claim_folder(Path(out_dir), "finetune", overwrite) if out_dir is not None else None
     seed = cfg.seed if seed is None else seed
     norm, train, test, k = prepare(cfg, adapter)
     model, result, _ = fit_and_score(cfg, adapter, train, test, k, seed)
     if out_dir is not None:
         size = (cfg.probe.train or cfg.data).image_size
         result.out_dir = save_head(model, cfg, adapter, norm, k, train.class_names, size, result, Path(out_dir))
+    if folder is not None:
+        folder.record()
     return result
 
 

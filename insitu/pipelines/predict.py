@@ -24,6 +24,7 @@ from insitu.domains.geotiff_write import tent_weights
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
+from insitu.io import claim_folder
 from insitu.pipelines.finetune import DownstreamModel, load_head
 
 log = logging.getLogger("insitu")
@@ -62,7 +63,9 @@ def sliding_window(predict: TilePredictor, image: torch.Tensor, tile: int, overl
     return acc / wsum
 
 
-def predict(model_dir: Path, inputs: Path, out_dir: Path, domain: str | None = None, options: dict[str, Any] | None = None) -> list[Path]:
+def predict(
+    model_dir: Path, inputs: Path, out_dir: Path, domain: str | None = None, options: dict[str, Any] | None = None, overwrite: bool = False
+) -> list[Path]:
     """Predict every item under ``inputs`` with the model ``insitu finetune`` saved; returns written files."""
     model, meta, norm = load_head(model_dir)
     name = domain or meta["domain"]
@@ -71,11 +74,14 @@ def predict(model_dir: Path, inputs: Path, out_dir: Path, domain: str | None = N
     if writer is None:
         raise ConfigError(f"insitu predict has no writer for domain {name!r}; known: {', '.join(sorted(WRITERS))}.")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = claim_folder(out_dir, "predict", overwrite)
     # tile_size is a geotiff domain option; elsewhere it sets the sliding window, which by default
     # covers the whole image, as training saw whole images resized to image_size
     opts["_tile"] = int((opts.get("tile_size") or meta["image_size"]) if name == "geotiff" else (opts.pop("tile_size", None) or 1 << 30))
-    return writer(model, meta, norm, Path(inputs), out_dir, opts)
+    try:
+        return writer(model, meta, norm, Path(inputs), out_dir, opts)
+    finally:
+        folder.record()
 
 
 def _seg_only(meta: dict[str, Any], what: str) -> None:

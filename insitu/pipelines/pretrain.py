@@ -10,12 +10,12 @@ batch when ``train.nonfinite: skip``.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import math
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from insitu.adapters.package import save_package
 from insitu.backbones import create_backbone
 from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
+from insitu.io import OutputExistsError, OwnedFolder, atomic_write_text, claim_folder, is_secondary_rank, read_owner
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
 
@@ -62,6 +63,11 @@ class PretrainModule(L.LightningModule):
         self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
         self.skipped_batches = 0
         self._last_ema_step = -1
+        self.wall_offset = 0.0  # wall seconds of earlier segments of a resumed run
+        self._fit_start = time.perf_counter()
+
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
 
     def _full_finetune_setup(self) -> torch.nn.Module:
         """Baseline mode: every backbone weight trains; the teacher gets its own EMA backbone copy."""
@@ -156,10 +162,12 @@ class PretrainModule(L.LightningModule):
         if self.teacher_backbone is None:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
         checkpoint["insitu_fingerprint"] = self.fingerprint
+        checkpoint["insitu_wall_s"] = self.wall_offset + time.perf_counter() - self._fit_start
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("insitu_fingerprint") != self.fingerprint:
             raise ConfigError("the checkpoint was made with a different backbone (fingerprint differs); cannot resume.")
+        self.wall_offset = float(checkpoint.get("insitu_wall_s", 0.0))
         own = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.") and k not in checkpoint["state_dict"]}
         checkpoint["state_dict"].update(own)
 
@@ -207,23 +215,66 @@ def resolve_precision(cfg: RunConfig) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> PretrainResult:
-    """Run continual pretraining as configured; returns paths and a summary."""
+def pretrain(
+    cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False, folder: OwnedFolder | None = None
+) -> PretrainResult:
+    """Run continual pretraining as configured; returns paths and a summary.
+
+    The run folder is claimed first (:func:`insitu.io.claim_folder`): a folder insitu did not
+    create is never written into, earlier results are replaced only with ``overwrite`` (and then
+    only what insitu wrote), and the folder is locked for the run. ``folder`` passes a folder the
+    caller has already claimed (the quickstart).
+    """
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
+    primary = not is_secondary_rank()
     if resume and not last.exists():
         raise ConfigError(f"--resume: no checkpoint at {last}. Run without --resume to start.")
-    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{run_dir} already holds checkpoints. Pass --resume to continue, or pick another name (--set name=...).")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    claimed_here = primary and folder is None
+    if claimed_here:
+        folder = _claim_run_folder(run_dir, resume, overwrite)
+    try:
+        return _run(cfg, resume, quiet, folder)
+    finally:
+        if folder is not None:
+            folder.record()
+        if claimed_here:
+            folder.unlock()
+
+
+def _claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> OwnedFolder:
+    if resume:  # continuing a run removes nothing; runs from before ownership records are accepted
+        record = read_owner(run_dir)
+        folder = OwnedFolder(run_dir, "pretrain", record["entries"] if record else ())
+        folder.lock()
+        return folder
+    try:
+        return claim_folder(run_dir, "pretrain", overwrite, flag="--overwrite (or --resume to continue)", lock=True)
+    except OutputExistsError as exc:
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            raise OutputExistsError(
+                f"{run_dir} already holds checkpoints. Pass --resume to continue, --overwrite to start again, or pick another name (--set name=...). ({exc})"
+            ) from exc
+        raise
+
+
+def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) -> PretrainResult:
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if folder is not None:
+        dump_config(cfg, run_dir / "config.yaml")
+    prior_metrics = (
+        _set_aside_metrics(run_dir / "logs", torch.load(last, weights_only=True, map_location="cpu")["global_step"])
+        if resume and folder
+        else None
+    )
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ScannedData.scan(cfg.data)
-    data.manifest.write(run_dir / "manifest")
+    if folder is not None:
+        data.manifest.write(run_dir / "manifest")
     items = data.manifest.items
     normalizer = fit_normalizer(data, items)
     module = PretrainModule(cfg)
@@ -232,7 +283,9 @@ def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrit
     trainer = _trainer(cfg, ckpt_dir, quiet)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
-    wall = time.perf_counter() - start
+    wall = module.wall_offset + time.perf_counter() - start  # resumed runs count their earlier segments too
+    if prior_metrics is not None and trainer.is_global_zero:
+        _merge_metrics(run_dir / "logs", *prior_metrics)
     if trainer.global_step >= cfg.train.max_steps or not last.exists():
         trainer.save_checkpoint(last)
     final_loss = _final_loss(trainer)
@@ -263,12 +316,61 @@ def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrit
             training=summary,
             config=cfg.model_dump(mode="json"),
         )
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result
             save_file({k: v.contiguous() for k, v in module.backbone.vit.state_dict().items()}, str(run_dir / "backbone.safetensors"))
     return PretrainResult(
         run_dir, adapter_dir, trainer.global_step, final_loss, wall, len(items), len(data.manifest.quarantine), trainable, summary
     )
+
+
+PRIOR_METRICS = "metrics.before-resume.csv"
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _set_aside_metrics(logs: Path, resume_step: int) -> tuple[list[dict[str, str]], int]:
+    """Keep the metrics of the earlier segments before Lightning's CSV logger starts a new file.
+
+    Rows logged after the checkpoint (steps the resumed run repeats) are dropped; a segment that
+    was itself killed before merging is folded in too. The rows are also kept on disk until the
+    merge, so a kill during the resumed run loses nothing.
+    """
+    rows = _read_metrics(logs / PRIOR_METRICS) + _read_metrics(logs / "metrics.csv")
+    rows = [r for r in rows if _step(r) < resume_step]
+    _write_metrics(logs / PRIOR_METRICS, rows)
+    (logs / "metrics.csv").unlink(missing_ok=True)
+    return rows, resume_step
+
+
+def _merge_metrics(logs: Path, prior: list[dict[str, str]], resume_step: int) -> None:
+    """``metrics.csv`` = earlier segments (steps before the resume) + the resumed segment."""
+    rows = prior + [r for r in _read_metrics(logs / "metrics.csv") if _step(r) >= resume_step]
+    _write_metrics(logs / "metrics.csv", rows)
+    (logs / PRIOR_METRICS).unlink(missing_ok=True)
+
+
+def _step(row: dict[str, str]) -> int:
+    try:
+        return int(float(row.get("step") or -1))
+    except ValueError:
+        return -1
+
+
+def _write_metrics(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = sorted({k for r in rows for k in r})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:

@@ -14,6 +14,7 @@ import yaml
 from insitu.config import RunConfig, apply_override, validate_config
 from insitu.domains import get_domain_class
 from insitu.exports import markdown_table, plot_loss_curve, write_report
+from insitu.io import atomic_write_text, claim_folder, read_owner
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import ProbeRow, run_probe
 
@@ -28,30 +29,45 @@ def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | 
     raw["data"] = {**raw["data"], **demo.data}
     raw["probe"] = {**raw.get("probe", {}), "train": demo.probe_train, "test": demo.probe_test}
     raw["backbone"]["in_chans"] = demo.in_chans
-    raw["out_dir"], raw["name"] = str(out.parent), out.name
+    raw["out_dir"], raw["name"] = str(out.resolve().parent), out.resolve().name
     for override in overrides or []:  # overrides win over the demo's defaults too
         apply_override(raw, override)
     return validate_config(raw, "quickstart")
 
 
 def quickstart(
-    out: Path = Path("insitu-runs/quickstart"), domain: str = "images", overrides: list[str] | None = None, quiet: bool = False
+    out: Path = Path("insitu-runs/quickstart"),
+    domain: str = "images",
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole pipeline on the embedded demo; writes ``out/adapter`` and ``out/report.md``."""
+    """Run the whole pipeline on the embedded demo; writes ``out/adapter`` and ``out/report.md``.
+
+    Re-running into the same folder replaces the earlier quickstart's own files and nothing else;
+    a folder insitu did not create is refused (see :func:`insitu.io.claim_folder`).
+    """
     start = time.perf_counter()
-    cfg = quickstart_config(Path(out), domain, overrides)
-    result = pretrain(cfg, quiet=quiet, overwrite=True)
-    rows = run_probe(cfg, [result.adapter_dir]) if result.adapter_dir else []
-    wall = time.perf_counter() - start
-    report = _report(cfg, result, rows, wall)
-    summary = {
-        "run_dir": str(cfg.run_dir),
-        "report": str(report),
-        "wall_s": round(wall, 1),
-        "pretrain": result.summary,
-        "probe": [asdict(r) for r in rows],
-    }
-    (cfg.run_dir / "quickstart.json").write_text(json.dumps(summary, indent=2))
+    out = Path(out)
+    record = read_owner(out) if out.is_dir() else None
+    folder = claim_folder(out, "quickstart", overwrite or (record or {}).get("command") == "quickstart", lock=True)
+    try:
+        cfg = quickstart_config(out, domain, overrides)
+        result = pretrain(cfg, quiet=quiet, folder=folder)
+        rows = run_probe(cfg, [result.adapter_dir]) if result.adapter_dir else []
+        wall = time.perf_counter() - start
+        report = _report(cfg, result, rows, wall)
+        summary = {
+            "run_dir": str(cfg.run_dir),
+            "report": str(report),
+            "wall_s": round(wall, 1),
+            "pretrain": result.summary,
+            "probe": [asdict(r) for r in rows],
+        }
+        atomic_write_text(cfg.run_dir / "quickstart.json", json.dumps(summary, indent=2))
+    finally:
+        folder.record()
+        folder.unlock()
     return summary
 
 

@@ -1,0 +1,171 @@
+"""Output folders and files that insitu owns: it never deletes or overwrites what it did not write.
+
+Every folder a command writes into is *claimed* first. A new or empty folder gets an ownership
+record (``.insitu-owned.json``: the command and the top-level entries it wrote). A non-empty
+folder without that record belongs to someone else and is refused, whatever the flags. A folder
+with the record holds an earlier insitu run: it is refused unless the caller passes
+``overwrite``, and then only the entries the record lists are removed; anything a person put
+there beside them stays. A run folder is also locked while a run writes into it, so two runs
+can never interleave their files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from insitu.errors import ConfigError
+
+OWNER_FILE = ".insitu-owned.json"
+LOCK_FILE = ".insitu.lock"
+_HIDDEN = {OWNER_FILE, LOCK_FILE}
+
+
+class OutputExistsError(ConfigError):
+    """An output path is in the way: it holds earlier results, or files insitu did not write."""
+
+
+class RunLockedError(ConfigError):
+    """Another insitu process is writing into the same run folder."""
+
+
+def is_secondary_rank() -> bool:
+    """True in a non-zero rank of a distributed launch (Lightning's launcher, torchrun, SLURM)."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return any(os.environ.get(k, "0").strip() not in ("", "0") for k in keys)
+
+
+class OwnedFolder:
+    """A folder insitu may write into, with the record of what it wrote there."""
+
+    def __init__(self, path: Path, command: str, entries: Iterable[str] = ()) -> None:
+        self.path = Path(path)
+        self.command = command
+        self.entries: set[str] = set(entries)
+        self._before = self._listing()
+        self._lock_fd: int | None = None
+
+    def _listing(self) -> set[str]:
+        return {p.name for p in self.path.iterdir()} - _HIDDEN if self.path.is_dir() else set()
+
+    def forget_listing(self) -> None:
+        """Treat the folder's current entries as pre-existing (not insitu's)."""
+        self._before = self._listing()
+
+    def record(self, *names: str) -> None:
+        """Add ``names`` and every top-level entry created since the claim to the ownership record."""
+        self.entries |= set(names) | (self._listing() - self._before)
+        atomic_write_text(
+            self.path / OWNER_FILE, json.dumps({"created_by": "insitu", "command": self.command, "entries": sorted(self.entries)}, indent=2)
+        )
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the folder until :meth:`unlock` or the process ends."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): the lock file's presence is the lock
+            os.close(fd)
+            try:
+                fd = os.open(self.path / (LOCK_FILE + ".pid"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError as exc:
+                raise self._locked() from exc
+        except OSError as exc:
+            os.close(fd)
+            raise self._locked() from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _locked(self) -> RunLockedError:
+        return RunLockedError(
+            f"{self.path} is in use by another insitu run (lock {LOCK_FILE}). Wait for it to finish, "
+            "or pick another run folder (--set name=... / --out ...)."
+        )
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+            (self.path / (LOCK_FILE + ".pid")).unlink(missing_ok=True)
+
+
+def read_owner(path: Path) -> dict[str, Any] | None:
+    """The ownership record of ``path``, or None when insitu did not create it."""
+    try:
+        record = json.loads((Path(path) / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("created_by") == "insitu" else None
+
+
+def claim_folder(path: Path, command: str, overwrite: bool = False, flag: str = "--overwrite", lock: bool = False) -> OwnedFolder:
+    """Make ``path`` an insitu output folder, refusing anything that would delete others' files.
+
+    * missing or empty: created and recorded as insitu's;
+    * not empty, no ownership record: refused (it is not insitu's to fill or clear);
+    * insitu's, with earlier results: refused unless ``overwrite``; then only the entries the
+      record lists are removed.
+
+    With ``lock`` the folder is locked (:meth:`OwnedFolder.lock`) before anything is removed, so a
+    run still writing there is never disturbed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a folder; pass a folder path that does not exist yet.")
+    record = read_owner(path) if path.exists() else None
+    contents = {p.name for p in path.iterdir()} - _HIDDEN if path.exists() else set()
+    if contents and record is None:
+        raise OutputExistsError(
+            f"{path} is not empty and was not written by insitu; insitu never deletes or writes into a folder it did not "
+            f"create. Pick another folder that does not exist yet ({flag} only replaces insitu's own earlier results)."
+        )
+    if contents and not overwrite:
+        raise OutputExistsError(
+            f"{path} holds earlier results of `insitu {record.get('command', '?')}`. Pass {flag} to replace them "
+            "(only the files insitu wrote there are removed), or pick another folder."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    folder = OwnedFolder(path, command)
+    if lock:
+        folder.lock()
+    if contents:
+        _remove_entries(path, record.get("entries", []))
+        folder.forget_listing()  # what is left is someone else's and stays unrecorded
+    folder.record()
+    return folder
+
+
+def _remove_entries(path: Path, entries: Iterable[str]) -> None:
+    for name in entries:
+        if not isinstance(name, str) or not name or name in _HIDDEN or Path(name).name != name or name in (".", ".."):
+            continue  # a tampered record never reaches outside the folder
+        target = path / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+
+
+def check_output_file(path: Path, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Refuse to replace an existing file unless ``overwrite`` (the user named it and asked)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass {flag} to replace it, or pick another path.")
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a folder; pass a file path.")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

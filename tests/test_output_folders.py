@@ -150,7 +150,9 @@ def test_tampered_ownership_record_never_reaches_outside(tmp_path):
     run = tmp_path / "run"
     claim_folder(run, "scan")
     (run / "manifest.csv").write_text("x")
-    (run / OWNER_FILE).write_text(json.dumps({"created_by": "insitu", "command": "scan", "entries": ["../precious.txt", "/etc", "manifest.csv"]}))
+    (run / OWNER_FILE).write_text(
+        json.dumps({"created_by": "insitu", "command": "scan", "entries": ["../precious.txt", "/etc", "manifest.csv"]})
+    )
     claim_folder(run, "scan", overwrite=True)
     assert outside.read_text() == "keep" and not (run / "manifest.csv").exists()
 

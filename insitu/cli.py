@@ -25,12 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, light=getattr(args, "func", None) in (_cmd_adapter_inspect, _cmd_adapter_verify))
     try:
         return int(args.func(args) or 0)
     except InsituError as exc:
-        err_console.print(f"[bold red]{type(exc).__name__}[/]: {exc}", highlight=False, markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]{type(exc).__name__}[/]: {safe_text(str(exc), 4000)}", highlight=False, markup=True, soft_wrap=True)
         return 2
+
+
+def safe_text(value: object, limit: int = 300) -> str:
+    """Text from a file or an error, fit for a terminal: no control/escape characters, no rich markup."""
+    from rich.markup import escape
+
+    text = "".join(ch if ch.isprintable() else "\ufffd" for ch in str(value))
+    if len(text) > limit:
+        text = text[:limit] + f"… ({len(text) - limit:,} more characters)"
+    return escape(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,12 +309,12 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapter_inspect(args: argparse.Namespace) -> int:
-    from insitu.adapters.package import load_package
+    from insitu.package_format import vet_package  # no torch: vetting a package stays light and fast
 
-    pkg = load_package(args.path)
-    meta = pkg.meta
-    if args.json:
-        console.print_json(json.dumps(meta.model_dump(mode="json")))
+    vetted = vet_package(args.path)
+    meta = vetted.meta
+    if args.json:  # JSON escapes control characters itself
+        print(json.dumps(meta.model_dump(mode="json"), indent=2, ensure_ascii=True))
         return 0
     b = meta.base
     _summary_table(
@@ -316,8 +326,9 @@ def _cmd_adapter_inspect(args: argparse.Namespace) -> int:
             ("base shape", f"{b.num_blocks} blocks, width {b.embed_dim}, patch {b.patch_size}, {b.in_chans} ch, {b.img_size} px"),
             ("adapter", json.dumps(meta.adapter)),
             ("trainable params", f"{meta.trainable_params:,}"),
-            ("tensors", f"{meta.tensors['adapter']} adapter, {meta.tensors['head']} head ({len(pkg.tensors)} total)"),
-            ("objective", meta.objective.get("name", "?")),
+            ("tensors", f"{meta.tensors['adapter']} adapter, {meta.tensors['head']} head ({len(vetted.header)} total)"),
+            ("content sha256", meta.content_sha256 or "not recorded (package from an older insitu): integrity cannot be checked"),
+            ("objective", str(meta.objective.get("name", "?"))),
             ("training", json.dumps({k: meta.training.get(k) for k in ("steps", "items", "final_loss", "device")})),
             ("normalizer", "stored" if meta.normalizer else "none"),
         ],
@@ -344,13 +355,16 @@ def _base_backbone(path: Path):  # noqa: ANN202 - returns a ViTBackbone (importe
 
 
 def _cmd_adapter_verify(args: argparse.Namespace) -> int:
-    from insitu.adapters.package import apply_package, load_package
+    from insitu.package_format import vet_package
 
-    pkg = load_package(args.path)
-    rows = [("integrity", f"ok: insitu.json valid, {len(pkg.tensors)} tensors in adapter.safetensors")]
+    vetted = vet_package(args.path)
+    hashed = "content hash ok" if vetted.meta.content_sha256 else "no content hash recorded (older package)"
+    rows = [("integrity", f"ok: insitu.json valid, {len(vetted.header)} finite tensors in adapter.safetensors, {hashed}")]
     if args.base:
+        from insitu.adapters.package import apply_package, load_package
+
         backbone = _base_backbone(args.base)
-        apply_package(pkg, backbone)  # raises AdapterMismatchError naming each differing field
+        apply_package(load_package(args.path), backbone)  # raises AdapterMismatchError naming each differing field
         rows.append(("base", f"compatible with {backbone.source} (fingerprint {backbone.fingerprint[:16]}…)"))
     _summary_table(f"verified {args.path}", rows)
     return 0
@@ -386,9 +400,18 @@ def _cmd_adapter_export(args: argparse.Namespace) -> int:
     else:
         if folder is None:
             raise ConfigError(f"{args.path} is already a folder; pass a .zip as --out to pack it.")
+        from insitu.package_format import MAX_CARD_BYTES, vet_package
+
+        vetted = vet_package(args.path)
         with zipfile.ZipFile(args.path) as zf:
-            for name in (TENSORS_FILE, META_FILE, CARD_FILE):
-                (args.out / name).write_bytes(zf.read(name))
+            card = zf.open(CARD_FILE).read(MAX_CARD_BYTES) if CARD_FILE in zf.namelist() else b""
+        files = {
+            TENSORS_FILE: vetted.tensor_bytes,
+            META_FILE: json.dumps(vetted.meta.model_dump(mode="json"), indent=2).encode(),
+            CARD_FILE: card,
+        }
+        for name, data in files.items():
+            (args.out / name).write_bytes(data)
         folder.record()
     _summary_table("exported", [("from", str(args.path)), ("to", str(args.out))])
     return 0
@@ -400,6 +423,7 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
     from insitu.adapters.package import apply_package, load_package
     from insitu.api import embed_folder
     from insitu.config import apply_override
+    from insitu.errors import AdapterFormatError
     from insitu.io import check_output_file
 
     for out in (args.out, args.out.with_suffix(".json")):
@@ -412,7 +436,14 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
     domain = args.domain or pkg.meta.input.get("domain", "images")
     size = int(pkg.meta.input.get("image_size", model.backbone.img_size))
     feats, ids = embed_folder(args.data, model, domain, options, size, pkg.meta.normalizer)
+    import numpy as np
     import torch
+
+    if not np.isfinite(feats).all():
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(feats).all(axis=1))[:8]]
+        raise AdapterFormatError(
+            f"{args.path} produced non-finite features for items {bad}; nothing was written. Check the package and those inputs."
+        )
 
     save_file({"features": torch.from_numpy(feats).contiguous()}, str(args.out))
     args.out.with_suffix(".json").write_text(json.dumps({"item_ids": ids, "package": args.path.name}, indent=2))
@@ -421,9 +452,10 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
 
 
 def _summary_table(title: str, rows: list[tuple[str, str]]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=safe_text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
+    rows = [(safe_text(k), safe_text(v)) for k, v in rows]
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
@@ -440,10 +472,12 @@ def _probe_table(rows: list[dict]) -> None:
     console.print(table)
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, light: bool = False) -> None:
     level = logging.WARNING if quiet else logging.INFO
     handler = RichHandler(console=err_console, show_path=False, show_time=False)
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    if light:  # vetting a package never needs the ML stack (importing torch alone is ~0.65 GB)
+        return
     import lightning.pytorch  # noqa: F401 - import first: it configures its loggers on import
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):

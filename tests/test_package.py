@@ -1,3 +1,4 @@
+import hashlib
 import json
 import pickle
 
@@ -22,8 +23,8 @@ def trained(tmp_path):
         tmp_path / "pkg",
         bb,
         adapters,
-        head_state={"w": torch.ones(2)},
-        normalizer={"mean": [0.0], "std": [1.0]},
+        head_state={"dino.w": torch.ones(2)},
+        normalizer={"mean": [0.0] * 3, "std": [1.0] * 3},
         config={"data": {"root": "/hospital/patients/DOE_JOHN"}, "out_dir": "/runs"},
     )
     return bb, adapters, path
@@ -37,7 +38,7 @@ def test_round_trip_gives_identical_outputs(trained):
     assert torch.equal(model.forward_tokens(x)[0], expected)
     pkg = load_package(path)
     assert pkg.meta.base.fingerprint == bb.fingerprint
-    assert set(pkg.head_state()) == {"w"}
+    assert set(pkg.head_state()) == {"dino.w"}
     assert pkg.meta.trainable_params == sum(p.numel() for p in adapters.parameters())
     assert "DOE_JOHN" not in (path / "insitu.json").read_text()  # local paths are redacted
     assert (path / "README.md").read_text().startswith("# insitu adapter package")
@@ -103,5 +104,9 @@ def test_missing_tensor_is_an_error(trained, tmp_path):
     path = save_package(tmp_path / "p2", bb, adapters)
     tensors = {k: v for k, v in load_package(path).tensors.items() if not k.endswith("up.bias")}
     save_file(tensors, str(path / "adapter.safetensors"))
+    meta = json.loads((path / "insitu.json").read_text())  # a consistent package that lacks a tensor
+    meta["content_sha256"] = hashlib.sha256((path / "adapter.safetensors").read_bytes()).hexdigest()
+    meta["tensors"]["adapter"] -= 1
+    (path / "insitu.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterFormatError, match="missing"):
         apply_package(path, bb)

@@ -7,58 +7,34 @@ a backbone whose fingerprint, width, patch size or channels differ, naming each 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import struct
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_config
 from insitu.backbones.vit import ViTBackbone
 from insitu.errors import AdapterFormatError, AdapterMismatchError
-
-FORMAT = "insitu-adapter"
-FORMAT_VERSION = 1
-TENSORS_FILE, META_FILE, CARD_FILE = "adapter.safetensors", "insitu.json", "README.md"
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-UNSAFE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-
-
-class BaseInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str
-    fingerprint: str
-    embed_dim: int
-    patch_size: int
-    in_chans: int
-    img_size: int
-    num_blocks: int
-
-
-class PackageMeta(BaseModel):
-    """The schema of ``insitu.json``."""
-
-    model_config = ConfigDict(extra="forbid")
-    format: str
-    format_version: int
-    base: BaseInfo
-    adapter: dict[str, Any]
-    input: dict[str, Any]
-    normalizer: dict[str, Any] | None
-    objective: dict[str, Any]
-    training: dict[str, Any]
-    metrics: dict[str, Any]
-    trainable_params: int
-    tensors: dict[str, int]
-    config: dict[str, Any]
-    license: str = "unspecified"
+from insitu.package_format import (  # noqa: F401 - the format's names, re-exported
+    CARD_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_HEADER_BYTES,
+    META_FILE,
+    TENSORS_FILE,
+    UNSAFE_SUFFIXES,
+    BaseInfo,
+    PackageMeta,
+    vet_package,
+)
 
 
 @dataclass
@@ -104,9 +80,9 @@ def save_package(
     """Write a package folder; returns its path. Only tensors go into the safetensors file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()}
-    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in (head_state or {}).items()})
-    save_file(tensors, str(out_dir / TENSORS_FILE))
+    tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in adapters.state_dict().items()}
+    tensors.update({f"head.{k}": v.detach().cpu().float().contiguous() for k, v in (head_state or {}).items()})
+    raw = save(tensors)
     meta = PackageMeta(
         format=FORMAT,
         format_version=FORMAT_VERSION,
@@ -120,24 +96,36 @@ def save_package(
         trainable_params=sum(p.numel() for p in adapters.parameters()),
         tensors={"adapter": sum(k.startswith("adapter.") for k in tensors), "head": sum(k.startswith("head.") for k in tensors)},
         config=redact_paths(config or {}),
+        content_sha256=hashlib.sha256(raw).hexdigest(),
     )
-    (out_dir / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2))
-    (out_dir / CARD_FILE).write_text(model_card(meta))
+    # each file appears whole or not at all; insitu.json (with the hash) last
+    _atomic_write(out_dir / TENSORS_FILE, raw)
+    _atomic_write(out_dir / CARD_FILE, model_card(meta).encode())
+    _atomic_write(out_dir / META_FILE, json.dumps(meta.model_dump(mode="json"), indent=2).encode())
     return out_dir
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def load_package(path: str | Path) -> AdapterPackage:
-    """Read and validate a package folder or ``.zip``; raises `AdapterFormatError` on anything off."""
-    path = Path(path)
-    if path.suffix.lower() in UNSAFE_SUFFIXES:
-        raise AdapterFormatError(
-            f"{path} is a pickle-based file; insitu never unpickles. Convert it to an adapter package "
-            "(adapter.safetensors + insitu.json) with safetensors.torch.save_file on a trusted machine."
-        )
-    files = _read_files(path)
-    meta = _parse_meta(files[META_FILE], path)
-    tensors = _parse_tensors(files[TENSORS_FILE], path)
-    return AdapterPackage(meta, tensors, path)
+    """Read and validate a package folder or ``.zip``; raises `AdapterFormatError` on anything off.
+
+    Everything :func:`insitu.package_format.vet_package` checks (sizes, schema, bounds, header,
+    content hash, finite values) happens before a tensor is made.
+    """
+    vetted = vet_package(path)
+    try:
+        tensors = load_safetensors_bytes(vetted.tensor_bytes)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(f"{path}/{TENSORS_FILE} is not a valid safetensors file: {exc}") from None
+    return AdapterPackage(vetted.meta, tensors, Path(path))
 
 
 def apply_package(package: AdapterPackage | str | Path, backbone: ViTBackbone) -> AdaptedBackbone:
@@ -162,6 +150,11 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone) -> None:
     want = meta.base.model_dump()
     have = base_info(backbone)
     fields = {k: (want[k], have[k]) for k in ("fingerprint", "embed_dim", "patch_size", "in_chans", "num_blocks") if want[k] != have[k]}
+    blocks = meta.adapter.get("blocks") or []
+    if any(not 0 <= b < backbone.num_blocks for b in blocks):
+        fields["adapter.blocks"] = (blocks, f"0..{backbone.num_blocks - 1}")
+    if meta.adapter.get("dim") != backbone.embed_dim:
+        fields["adapter.dim"] = (meta.adapter.get("dim"), backbone.embed_dim)
     if fields:
         detail = "; ".join(f"{k}: package {a!r} vs backbone {b!r}" for k, (a, b) in fields.items())
         raise AdapterMismatchError(
@@ -214,51 +207,3 @@ def model_card(meta: PackageMeta) -> str:
     lines += [f"- {k}: {v}" for k, v in meta.metrics.items()] or ["- none recorded"]
     lines += ["", "Load it with `insitu.load_adapter(path, backbone)`; it refuses any other base."]
     return "\n".join(lines) + "\n"
-
-
-def _read_files(path: Path) -> dict[str, bytes]:
-    names = (META_FILE, TENSORS_FILE)
-    if path.is_dir():
-        for bad in path.iterdir():
-            if bad.suffix.lower() in UNSAFE_SUFFIXES:
-                raise AdapterFormatError(f"{bad} is a pickle-based file inside the package; remove it (insitu never unpickles).")
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise AdapterFormatError(f"{path} is not an adapter package: missing {missing}.")
-        return {n: (path / n).read_bytes() for n in names}
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            members = set(zf.namelist())
-            missing = [n for n in names if n not in members]
-            if missing:
-                raise AdapterFormatError(f"{path} is not an adapter package: the zip lacks {missing}.")
-            return {n: zf.read(n) for n in names}
-    raise AdapterFormatError(f"{path} is neither a package folder nor a .zip package.")
-
-
-def _parse_meta(raw: bytes, path: Path) -> PackageMeta:
-    try:
-        meta = PackageMeta.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{path}/{META_FILE} is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        raise AdapterFormatError(f"{path}/{META_FILE} fails the schema: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
-    if meta.format != FORMAT or meta.format_version != FORMAT_VERSION:
-        raise AdapterMismatchError(
-            f"{path}: format {meta.format!r} v{meta.format_version} is not {FORMAT!r} v{FORMAT_VERSION}; "
-            "upgrade insitu or re-export the package.",
-            {"format_version": (meta.format_version, FORMAT_VERSION)},
-        )
-    return meta
-
-
-def _parse_tensors(raw: bytes, path: Path) -> dict[str, torch.Tensor]:
-    if len(raw) < 8:
-        raise AdapterFormatError(f"{path}/{TENSORS_FILE} is truncated ({len(raw)} bytes).")
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    if header_len > MAX_HEADER_BYTES or header_len > len(raw) - 8:
-        raise AdapterFormatError(f"{path}/{TENSORS_FILE} has an impossible header length ({header_len} bytes).")
-    try:
-        return load_safetensors_bytes(raw)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(f"{path}/{TENSORS_FILE} is not a valid safetensors file: {exc}") from None

@@ -81,7 +81,7 @@ def run_checked(func: Any, args: tuple, kwargs: dict) -> Any:
         raise DeviceMismatch(f"{func} mixes accelerator tensors with CPU tensors of shapes {shapes}")
     target = kwargs.get("device")
     if func in CROSS_DEVICE_OK and func is not aten._to_copy.default:
-        out_acc = isinstance(args[0], OnAccelerator)  # copy_ keeps the destination's device
+        out_acc = isinstance(args[0], OnAccelerator)  # copy_ writes into its destination, on that device
     elif target is not None:
         out_acc = _is_fake(target)
     else:
@@ -90,9 +90,18 @@ def run_checked(func: Any, args: tuple, kwargs: dict) -> Any:
         kwargs = {**kwargs, "device": torch.device("cpu")}
     unwrapped_args, unwrapped_kwargs = tree_map(_unwrap, (args, kwargs))
     out = func(*unwrapped_args, **unwrapped_kwargs)
-    if func in CROSS_DEVICE_OK and func is not aten._to_copy.default:
-        return args[0]  # in-place copy: the destination object itself
-    return tree_map(lambda t: OnAccelerator(t) if out_acc and isinstance(t, torch.Tensor) else t, out)
+    # an in-place op returns its input: hand back that same wrapper, not a new one
+    inputs = {id(t.data_): t for t in tensors if isinstance(t, OnAccelerator)}
+    inputs.update({id(t): t for t in tensors if not isinstance(t, OnAccelerator)})
+    return tree_map(lambda t: _wrap(t, out_acc, inputs), out)
+
+
+def _wrap(t: Any, on_acc: bool, inputs: dict[int, torch.Tensor]) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    if id(t) in inputs:
+        return inputs[id(t)]
+    return OnAccelerator(t) if on_acc else t
 
 
 def _unwrap(x: Any) -> Any:
@@ -141,6 +150,17 @@ CASES: dict[str, dict[str, Any]] = {
     "rsp": SMALL_CLIPS,
     "cvrl": SMALL_CLIPS,
 }
+# other code paths of the same objectives (name: (objective, options))
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "glare-noise": ("glare", {**SMALL_GLARE, "local": {"corruption": "noise"}}),
+    "glare-mask": ("glare", {**SMALL_GLARE, "local": {"corruption": "mask"}}),
+    "sigreg-on-glare": ("sigreg", {"base": "glare", "base_options": SMALL_GLARE, "num_vectors": 8}),
+    "graph_matching-no-edges-cls": ("graph_matching", {**CASES["graph_matching"], "edge_term": False, "pool": "cls"}),
+    "convirt-keep-duplicates-mean-pool": (
+        "convirt",
+        {"proj_dim": 16, "mask_duplicates": False, "image_features": "mean", "pooling": "mean"},
+    ),
+}
 CLIP_OBJECTIVES = {"rsp", "cvrl"}
 TEXT_OBJECTIVES = {"convirt", "clip"}
 REPORTS = ["The lungs are clear.", "Right lower lobe pneumonia.", "The lungs are clear.", "Small effusion."]
@@ -188,8 +208,8 @@ def _batch(name: str, transform: Any, n: int = 4) -> dict[str, Any]:
     return collate(items)
 
 
-def _options(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    options = dict(CASES[name])
+def _options(name: str, options: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    options = dict(options)
     if name in TEXT_OBJECTIVES:
         from tests.data.text_fixtures import build_tiny_bert
 
@@ -206,27 +226,33 @@ def _options(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
 KNOWN_OFFENDERS: dict[str, str] = {}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=DeviceMismatch, reason=KNOWN_OFFENDERS[n]))
-        if n in KNOWN_OFFENDERS
-        else n
-        for n in CASES
-    ],
-)
-def test_objective_keeps_tensors_on_the_input_device(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+ALL_CASES = {**{n: (n, o) for n, o in CASES.items()}, **VARIANTS}
+
+
+def _case(case: str) -> Any:
+    name = ALL_CASES[case][0]
+    if case in KNOWN_OFFENDERS:
+        return pytest.param(case, marks=pytest.mark.xfail(strict=True, raises=DeviceMismatch, reason=KNOWN_OFFENDERS[case]))
+    return pytest.param(case, id=case if case == name else f"{name}:{case}")
+
+
+@pytest.mark.parametrize("case", [_case(c) for c in ALL_CASES])
+def test_objective_keeps_tensors_on_the_input_device(case: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Forward, backward and the EMA update of one objective with model and batch on the stand-in accelerator."""
+    name, options = ALL_CASES[case]
     torch.manual_seed(0)
     random.seed(0)
     bb = create_backbone(TINY_BACKBONE)
     student, teacher = create_adapters(bb, {"bottleneck_dim": 8}), create_adapters(bb, {"bottleneck_dim": 8})
-    obj = create_objective(name, bb.embed_dim, bb.patch_size, 32, _options(name, tmp_path_factory), 10)
+    obj = create_objective(name, bb.embed_dim, bb.patch_size, 32, _options(name, options, tmp_path_factory), 10)
     batch = _batch(name, obj.view_transform())
     module_to_accelerator(bb, student, teacher, obj)
     batch = to_accelerator(batch)
     with AcceleratorMode():
         out = obj(batch, AdaptedBackbone(bb, student), AdaptedBackbone(bb, teacher) if obj.needs_teacher else None)
         out["loss"].backward()
+        obj.update_teacher(0.9)
     assert isinstance(out["loss"], OnAccelerator) and torch.isfinite(out["loss"].data_)
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(isinstance(g, OnAccelerator) for g in grads)
+    assert all(isinstance(t, OnAccelerator) for t in [*obj.parameters(), *obj.buffers()])  # nothing fell back to the CPU

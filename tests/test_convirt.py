@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from insitu.config import load_config
 from insitu.objectives import create_objective
-from insitu.objectives.convirt import convirt_loss, text_groups
-from insitu.text import TextEncoderError, load_text_encoder
-from tests.conftest import tiny_config, write_shapes
+from insitu.objectives.convirt import ConVIRTOptions, convirt_loss, text_groups
+from insitu.text import INSTALLED_ENCODERS, InstalledEncoder, TextEncoderError, load_text_encoder, pool_hidden, resolve_text_source
+from tests.conftest import REPO, TINY_BACKBONE, shared, tiny_config, write_shapes
 from tests.data.text_fixtures import build_tiny_bert
 
 
@@ -86,14 +88,85 @@ def test_text_encoder_loads_offline_freezes_and_pools(tiny_bert: Path) -> None:
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("tuned.0.", "model.encoder.layer.1.")) for n in trainable)
     assert not any(p.requires_grad for p in enc.model.embeddings.parameters())
-    short = "The lungs are clear."
-    alone = enc([short])
-    padded = enc([short, "Right lower lobe opacity consistent with pneumonia. Heart size is normal."])[:1]
-    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)  # padding is excluded from the mean
+    short, long = "The lungs are clear.", "Right lower lobe opacity consistent with pneumonia. Heart size is normal."
+    for pooling in ("mean", "max"):
+        enc.pooling = pooling
+        alone, padded = enc([short]), enc([short, long])[:1]
+        torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)  # padding is excluded from the pool
+    assert not torch.allclose(alone, enc.model.embeddings.word_embeddings.weight[:1])  # sanity: a real output
     assert set(enc.state_dict()) == {f"tuned.{k}" for k in enc.tuned.state_dict()}  # frozen weights not saved
     frozen = enc.model.embeddings.word_embeddings.weight.clone()
     enc.load_state_dict(enc.state_dict())  # strict load still works without them
     torch.testing.assert_close(enc.model.embeddings.word_embeddings.weight, frozen)
+
+
+def test_defaults_follow_convirt_upper_half_trains_and_max_pooling(tmp_path: Path) -> None:
+    bert4 = build_tiny_bert(tmp_path / "bert4", layers=4)
+    enc = load_text_encoder(str(bert4))
+    assert enc.pooling == "max" and len(enc.tuned) == 2
+    layers = list(enc.model.encoder.layer)
+    assert all(p.requires_grad for layer in layers[2:] for p in layer.parameters())
+    assert not any(p.requires_grad for layer in layers[:2] for p in layer.parameters())
+    assert not any(p.requires_grad for p in enc.model.embeddings.parameters())
+    h = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(pool_hidden(h, mask, "max")[0], h[0, :2].amax(0))  # the padded token never wins
+    opts = ConVIRTOptions(text_encoder="x")
+    assert opts.pooling == "max" and opts.trainable_layers is None and (opts.temperature, opts.lam) == (0.1, 0.75)
+
+
+def test_installed_encoder_absent_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    absent = InstalledEncoder("insitu_no_such_package", "model", "no-such-package", "nobody/no-such-model")
+    monkeypatch.setitem(INSTALLED_ENCODERS, "no-such-encoder", absent)
+    with pytest.raises(TextEncoderError, match=r'not installed\. Install it with `pip install "insitu\[text\]"`'):
+        load_text_encoder("no-such-encoder")
+    assert resolve_text_source("nobody/no-such-model") == "nobody/no-such-model"  # its hub id falls back to the HF cache
+    assert "all-minilm-l6-v2" in INSTALLED_ENCODERS
+
+
+def _minilm_installed() -> bool:
+    return importlib.util.find_spec(INSTALLED_ENCODERS["all-minilm-l6-v2"].package) is not None
+
+
+needs_minilm = pytest.mark.skipif(not _minilm_installed(), reason='all-MiniLM-L6-v2 is not installed (pip install "insitu[text]")')
+
+
+@needs_minilm
+def test_installed_minilm_embeds_paraphrases_closer_than_unrelated_text() -> None:
+    enc = load_text_encoder("all-minilm-l6-v2", pooling="mean").eval()
+    assert resolve_text_source("sentence-transformers/all-MiniLM-L6-v2") == resolve_text_source("all-minilm-l6-v2")
+    assert enc.hidden_size == 384 and len(enc.tuned) == 3  # 6 layers, the upper half trains
+    texts = ["The lungs are clear.", "No abnormality is seen in the lungs.", "The train to Paris leaves at noon."]
+    with torch.no_grad():
+        e = F.normalize(enc(texts), dim=-1)
+    assert e.shape == (3, 384)
+    paraphrase, unrelated = float(e[0] @ e[1]), float(e[0] @ e[2])
+    assert paraphrase > unrelated + 0.3, (paraphrase, unrelated)
+
+
+@needs_minilm
+def test_shipped_convirt_config_runs_with_its_real_text_tower(tmp_path: Path) -> None:
+    from insitu.pipelines.pretrain import pretrain
+
+    npz = shared("medical", "pneumoniamnist", "pneumoniamnist_balanced_trainval.npz")
+    path = REPO / "configs" / "medical" / "pneumoniamnist_convirt.yaml"
+    tiny = {**TINY_BACKBONE, "in_chans": 1}
+    overrides = [
+        f"data.root={npz}",
+        "data.max_items=8",
+        "data.image_size=32",
+        f"backbone={tiny}",
+        "adapter.bottleneck_dim=8",
+        "objective.options.proj_dim=16",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "trainer.accelerator=cpu",
+        f"out_dir={tmp_path}",
+    ]
+    cfg = load_config(path, overrides=overrides)
+    assert cfg.objective.options["text_encoder"] == "all-minilm-l6-v2"
+    result = pretrain(cfg, quiet=True)
+    assert result.steps == 1 and math.isfinite(result.final_loss)
 
 
 def test_text_encoder_errors_name_the_fix(tiny_bert: Path, tmp_path: Path) -> None:
@@ -114,7 +187,6 @@ def test_clip_learns_its_temperature_and_convirt_needs_text(tiny_bert: Path) -> 
     from insitu.adapters import AdaptedBackbone, create_adapters
     from insitu.backbones import create_backbone
     from insitu.config import BackboneConfig
-    from tests.conftest import TINY_BACKBONE
 
     backbone = create_backbone(BackboneConfig(**TINY_BACKBONE))
     student = AdaptedBackbone(backbone, create_adapters(backbone, {"bottleneck_dim": 8}))

@@ -1,8 +1,10 @@
 """ConVIRT (Zhang et al. 2020) and its CLIP-style symmetric variant: contrastive image-text pretraining.
 
 Image side: the frozen ViT with trainable adapters, its CLS (or mean patch) feature, and a projection
-g_v (Linear-ReLU-Linear). Text side: a Hugging Face encoder (`insitu.text`), frozen except its last
-``trainable_layers`` layers, pooled by mean/max/CLS, and a projection g_u. With v, u the
+g_v (Linear-ReLU-Linear). Text side: a Hugging Face encoder (`insitu.text`) with its embeddings and
+lower layers frozen and its last ``trainable_layers`` layers tuned (default: the upper half; ConVIRT
+tunes the last 6 of ClinicalBERT's 12), max-pooled over tokens as in ConVIRT (or mean/CLS), and a
+projection g_u. With v, u the
 L2-normalised projections of a batch of N pairs and s(i, k) = <v_i, u_k> / τ:
 
     ℓ(v→u)_i = -log exp s(i, i) / Σ_k exp s(i, k)      (image i against all texts)
@@ -45,9 +47,12 @@ class PairViewOptions(BaseModel):
 
 
 class ConVIRTOptions(ObjectiveOptions):
-    text_encoder: str = Field(description="a local folder written by save_pretrained, or a hub id in the local HF cache")
-    trainable_layers: int = Field(1, ge=0)
-    pooling: Literal["mean", "max", "cls"] = "mean"
+    text_encoder: str = Field(
+        description="an installed encoder (all-minilm-l6-v2, from insitu[text]), a local folder written by save_pretrained, "
+        "or a hub id in the local HF cache"
+    )
+    trainable_layers: int | None = Field(None, ge=0, description="the last n text layers train; default: the upper half (ConVIRT)")
+    pooling: Literal["mean", "max", "cls"] = Field("max", description="ConVIRT max-pools the last layer's token outputs")
     max_length: int = Field(128, gt=0)
     image_features: Literal["cls", "mean"] = "cls"
     proj_dim: int = Field(512, gt=0)

@@ -75,9 +75,10 @@ def random_resized_crop_box(
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a C×H×W tensor, channel by channel."""
+    """Separable Gaussian blur of a C×H×W tensor, channel by channel (the kernel follows x's device and dtype)."""
     radius = max(1, int(3 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype) / sigma) ** 2)
+    # on x's device: GLARE blurs whole batches on the training device, not only CPU data-loader views
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
     k = k / k.sum()
     c = x.shape[0]
     y = F.pad(x[None], (radius, radius, radius, radius), mode="reflect")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +41,9 @@ from insitu.objectives.base import Objective, ObjectiveOptions
 from insitu.objectives.dino import feature_std
 from insitu.objectives.qap import solve_lap, solve_qap
 from insitu.objectives.views import gaussian_blur, random_resized_crop_box
+
+COST_EPS = 1e-6  # floor on the per-graph std of the vertex costs
+EDGE_EPS = 1e-6  # floor on the mean degree when normalising edge affinities
 
 # view_meta columns, per view: crop box in original-image pixels, the original size, and the flip
 META_FIELDS = ("top", "left", "height", "width", "image_height", "image_width", "flipped")
@@ -66,7 +69,8 @@ class GraphMatchingOptions(ObjectiveOptions):
     edge_term: bool = True
     edge_weight: float = Field(1.0, ge=0)
     imle_lambda: float = Field(80.0, gt=0)
-    noise_scale: float = Field(0.1, ge=0)
+    noise_scale: float = Field(0.1, ge=0)  # Gumbel scale as a fraction of the (unit) std of the standardised costs
+    margin: float = Field(1.0, ge=0)  # Hamming margin (in cost stds) added to the training solve
     solver_restarts: int = Field(2, ge=0)
     solver_kicks: int = Field(20, ge=0)
     views: PairViewOptions = PairViewOptions()
@@ -191,6 +195,18 @@ def edge_affinity(zs: torch.Tensor, zt: torch.Tensor, adj_s: torch.Tensor, adj_t
     return (cos * mask).reshape(m * m, m * m)
 
 
+def normalise_edges(k: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor) -> torch.Tensor:
+    """K divided by the mean degree (directed edges per node, geometric mean of both graphs).
+
+    The identity's edge score is then a sum of n per-node terms in [-1, 1], like the vertex term,
+    instead of one term per matched edge pair (~100 for n = 16, k = 5). A graph without edges has
+    K = 0; the floor on the degree keeps that finite.
+    """
+    n = adj_s.shape[0]
+    degree = (adj_s.sum().float() * adj_t.sum().float()).sqrt() / n
+    return k / degree.clamp(min=EDGE_EPS)
+
+
 def knn_adjacency(z: torch.Tensor, k: int) -> torch.Tensor:
     """Symmetric bool m×m adjacency: each node to its k nearest neighbours by cosine (no self-loops)."""
     m = z.shape[0]
@@ -223,13 +239,45 @@ Solver = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 
 class SolverClock:
-    """Seconds spent in the combinatorial solver (forward and backward), read and reset per step."""
+    """Seconds spent in the combinatorial solver (forward and backward) and the norms of the IMLE
+    gradients w.r.t. the vertex costs, read and reset per step."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.grad_norms: list[float] = []
 
     def take(self) -> float:
         out, self.seconds = self.seconds, 0.0
+        return out
+
+    def take_grad_norm(self) -> float:
+        """The largest IMLE cost-gradient norm over the graphs since the last call (0 if none)."""
+        out, self.grad_norms = max(self.grad_norms, default=0.0), []
+        return out
+
+
+class GradNormMeter:
+    """The total gradient norm of watched parameters, as accumulated by the last backward pass.
+
+    Hooks read each gradient before clipping; the pipeline clips afterwards (``train.grad_clip``).
+    """
+
+    def __init__(self) -> None:
+        self.sq: dict[int, float] = {}
+        self.watched: set[int] = set()
+
+    def watch(self, params: Iterable[nn.Parameter]) -> None:
+        for p in params:
+            if p.requires_grad and id(p) not in self.watched:
+                self.watched.add(id(p))
+                p.register_post_accumulate_grad_hook(self._record)
+
+    def _record(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.sq[id(p)] = float(p.grad.detach().pow(2).sum())
+
+    def take(self) -> float:
+        out, self.sq = sum(self.sq.values()) ** 0.5, {}
         return out
 
 
@@ -262,6 +310,7 @@ class IMLEMatching(torch.autograd.Function):
         edges = k if k.numel() else None
         target = run_solver(ctx.solver, c + noise - ctx.lam * grad_y, edges, ctx.clock)  # same ε as forward
         grad_c = y - target
+        ctx.clock.grad_norms.append(float(grad_c.norm()))
         grad_k = None
         if edges is not None:
             vy, vt = y.reshape(-1), target.reshape(-1)
@@ -280,6 +329,44 @@ def gumbel_like(c: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.zeros_like(c)
     u = torch.rand_like(c).clamp(1e-10, 1 - 1e-10)
     return -scale * torch.log(-torch.log(u))
+
+
+def standardise(c: torch.Tensor) -> torch.Tensor:
+    """Per-graph zero mean, unit std: the matching and the noise no longer depend on the cost scale."""
+    return (c - c.mean()) / (c.std(unbiased=False) + COST_EPS)
+
+
+def margin_matrix(n: int, margin: float, like: torch.Tensor) -> torch.Tensor:
+    """``margin`` on every off-identity entry: loss-augmented inference for the Hamming loss."""
+    return margin * (1 - torch.eye(n, dtype=like.dtype, device=like.device))
+
+
+def match_costs(
+    c: torch.Tensor,
+    k: torch.Tensor,
+    opts: GraphMatchingOptions,
+    solver: Solver,
+    clock: SolverClock,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hamming loss of the (training: noisy, margin-augmented) matching, and the clean matching.
+
+    Vertex costs are standardised per graph. In training the solve maximises
+    ``ĉ + ε + margin·(1 - I)`` (+ edges) with ε Gumbel of scale ``noise_scale`` (in stds of ĉ): the
+    identity must beat every other matching by ``margin`` per mismatched node before the loss is zero.
+    The clean matching (no noise, no margin) gives the identity fraction.
+    """
+    c = standardise(c)
+    n = c.shape[0]
+    if not training:
+        y = IMLEMatching.apply(c, k, torch.zeros_like(c), opts.imle_lambda, solver, clock)
+        return hamming_to_identity(y), y.detach()
+    noise = gumbel_like(c, opts.noise_scale)
+    y = IMLEMatching.apply(c + margin_matrix(n, opts.margin, c), k, noise, opts.imle_lambda, solver, clock)
+    clean = y.detach()
+    if opts.noise_scale > 0 or opts.margin > 0:
+        clean = run_solver(solver, c, k if k.numel() else None, clock)
+    return hamming_to_identity(y), clean
 
 
 def graph_chunks(batch_size: int, graph_size: int) -> list[torch.Tensor]:
@@ -305,6 +392,7 @@ class GraphMatchingObjective(Objective):
         self.node_head = nn.Sequential(nn.Linear(embed_dim, o.proj_hidden_dim), nn.GELU(), nn.Linear(o.proj_hidden_dim, o.proj_dim))
         self.gcn = GCN(o.proj_dim, o.gcn_dim)
         self.clock = SolverClock()
+        self.grad_meter = GradNormMeter()
 
     def view_transform(self) -> PairViews:
         return PairViews(self.image_size, self.opts.views)
@@ -317,21 +405,26 @@ class GraphMatchingObjective(Objective):
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         views: list[torch.Tensor] = batch["views"]
         meta: torch.Tensor = batch["view_meta"]  # B×2×7
+        if self.training:
+            self.grad_meter.watch([*student.parameters(), *self.parameters()])
         cls_s, ps, grid = student.forward_tokens(views[0])
         cls_t, pt, _ = student.forward_tokens(views[1])
         zs = self.node_head(ps.mean(1) if self.opts.pool == "mean" else cls_s)
         zt = self.node_head(pt.mean(1) if self.opts.pool == "mean" else cls_t)
         hamming, identity, edges = [], [], []
         for idx in graph_chunks(zs.shape[0], self.opts.graph_size):
-            y, n_edges = self.match(zs[idx], zt[idx], ps[idx], pt[idx], meta[idx, 0], meta[idx, 1], grid)
-            hamming.append(hamming_to_identity(y))
-            identity.append(torch.diagonal(y).mean().detach())
+            loss, clean, n_edges = self.match(zs[idx], zt[idx], ps[idx], pt[idx], meta[idx, 0], meta[idx, 1], grid)
+            hamming.append(loss)
+            identity.append(torch.diagonal(clean).mean())
             edges.append(n_edges)
         return {
             "loss": torch.stack(hamming).mean(),
-            "identity_frac": torch.stack(identity).mean(),
+            "identity_fraction": torch.stack(identity).mean(),
             "edges_per_node": torch.tensor(float(np.mean(edges))),
             "solver_s": torch.tensor(self.clock.take()),  # this forward + the previous step's backward
+            # gradients of the previous step's backward (before clipping)
+            "imle_grad_norm": torch.tensor(self.clock.take_grad_norm()),
+            "grad_norm": torch.tensor(self.grad_meter.take()),
             "collapse_std": feature_std(zs.detach()),
         }
 
@@ -344,16 +437,17 @@ class GraphMatchingObjective(Objective):
         meta_s: torch.Tensor,
         meta_t: torch.Tensor,
         grid: tuple[int, int],
-    ) -> tuple[torch.Tensor, float]:
-        """One graph pair: kNN graphs + GCN, affinities, and the IMLE-differentiable matching."""
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One graph pair: kNN graphs + GCN, affinities; the Hamming loss, the clean matching, edges per node."""
         o: GraphMatchingOptions = self.opts
         adj_s, adj_t = knn_adjacency(zs, o.knn), knn_adjacency(zt, o.knn)
         hs, ht = self.gcn(zs, adj_s), self.gcn(zt, adj_t)
         c = vertex_affinity(hs, ht, ps, pt, meta_s, meta_t, grid, o.alpha, o.local_topk)
-        k = o.edge_weight * edge_affinity(hs, ht, adj_s, adj_t) if o.edge_term else c.new_zeros(0)
-        noise = gumbel_like(c, o.noise_scale) if self.training else torch.zeros_like(c)
-        y = IMLEMatching.apply(c, k, noise, o.imle_lambda, self.solver, self.clock)
-        return y, float(adj_s.sum()) / adj_s.shape[0]
+        k = c.new_zeros(0)
+        if o.edge_term:
+            k = o.edge_weight * normalise_edges(edge_affinity(hs, ht, adj_s, adj_t), adj_s, adj_t)
+        loss, clean = match_costs(c, k, o, self.solver, self.clock, self.training)
+        return loss, clean, float(adj_s.sum()) / adj_s.shape[0]
 
     def head_state(self) -> dict[str, torch.Tensor]:
         state = {f"gm_node_head.{k}": v for k, v in self.node_head.state_dict().items()}

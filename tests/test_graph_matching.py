@@ -13,6 +13,7 @@ from insitu.backbones import create_backbone
 from insitu.config import load_config
 from insitu.objectives import create_objective
 from insitu.objectives.graph_matching import (
+    GCN,
     GraphMatchingOptions,
     IMLEMatching,
     PairViewOptions,
@@ -298,6 +299,34 @@ def test_a_graph_without_edges_gives_finite_outputs():
     assert float(eye @ k @ eye) == pytest.approx(n, rel=1e-5)
 
 
+def test_edges_between_identical_nodes_have_a_bounded_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(6, 4)
+    z[1] = z[0]  # twins joined by an edge: a zero-length edge
+    adj = knn_adjacency(z, 2)
+    assert adj[0, 1]
+    norms = {}
+    for softness in (0.0, 0.1):
+        zs = z.clone().requires_grad_(True)
+        k = edge_affinity(zs, z + 0.1 * torch.randn(6, 4), adj, adj, softness)
+        (k * torch.randn_like(k)).sum().backward()
+        assert torch.isfinite(zs.grad).all()
+        norms[softness] = float(zs.grad.norm())
+    assert norms[0.0] > 1e6 and norms[0.1] < 1e3
+
+
+def test_gcn_tells_twin_nodes_apart():
+    torch.manual_seed(0)
+    z = torch.randn(4, 3)
+    adj = torch.ones(4, 4, dtype=torch.bool).fill_diagonal_(False)  # every node has the same neighbourhood
+    gcn = GCN(3, 8)
+    h = gcn(z, adj)
+    assert (h[0] - h[1]).abs().max() > 1e-3
+    with torch.no_grad():
+        gcn.skip.weight.zero_()
+    assert torch.allclose(gcn(z, adj)[0], gcn(z, adj)[1], atol=1e-6)  # the plain GCN cannot
+
+
 def toy_run(margin: float, steps: int = 60) -> tuple[list[float], list[float], list[float]]:
     """A linear map learns to match two noisy views of fixed random features through the IMLE loss.
 
@@ -324,7 +353,7 @@ def toy_run(margin: float, steps: int = 60) -> tuple[list[float], list[float], l
         norms.append(float(lin.weight.grad.norm()))
         opt.step()
         identity.append(frac)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return identity, losses, norms
 
 

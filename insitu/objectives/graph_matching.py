@@ -68,6 +68,7 @@ class GraphMatchingOptions(ObjectiveOptions):
     local_topk: float = Field(0.5, gt=0, le=1)
     edge_term: bool = True
     edge_weight: float = Field(1.0, ge=0)
+    edge_softness: float = Field(0.1, ge=0)  # δ of the edge cosines, as a fraction of the mean edge length
     imle_lambda: float = Field(80.0, gt=0)
     noise_scale: float = Field(0.1, ge=0)  # Gumbel scale as a fraction of the (unit) std of the standardised costs
     margin: float = Field(1.0, ge=0)  # Hamming margin (in cost stds) added to the training solve
@@ -185,11 +186,22 @@ def vertex_affinity(
     return alpha * glob + (1 - alpha) * (local_st + local_ts.T)
 
 
-def edge_affinity(zs: torch.Tensor, zt: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor) -> torch.Tensor:
-    """K m²×m², K[i·m+a, j·m+b] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b) where (i,j) and (a,b) are edges, else 0."""
+def edge_affinity(zs: torch.Tensor, zt: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor, softness: float = 0.0) -> torch.Tensor:
+    """K m²×m², K[i·m+a, j·m+b] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b) where (i,j) and (a,b) are edges, else 0.
+
+    With ``softness`` > 0 each difference d is divided by sqrt(|d|² + δ²) instead of |d|, δ being
+    ``softness`` times the mean edge length (detached): the cosine's gradient, 1/|d|, stays below
+    1/δ on edges between near-identical nodes (exactly identical ones otherwise give 1/1e-12).
+    """
     m = zs.shape[0]
-    ds = F.normalize(zs[:, None] - zs[None], dim=-1)  # m×m×d; the zero self-differences stay zero
-    dt = F.normalize(zt[:, None] - zt[None], dim=-1)
+    ds, dt = zs[:, None] - zs[None], zt[:, None] - zt[None]  # m×m×d; the zero self-differences stay zero
+    delta_sq = 0.0
+    if softness > 0:
+        lengths = torch.cat([ds.detach().norm(dim=-1)[adj_s], dt.detach().norm(dim=-1)[adj_t]])
+        delta_sq = (softness * lengths.mean()) ** 2 if lengths.numel() else 0.0
+    # clamp before the root: its gradient at a zero self-difference would be inf (times 0: NaN)
+    ds = ds / (ds.pow(2).sum(-1, keepdim=True) + delta_sq).clamp(min=1e-24).sqrt()
+    dt = dt / (dt.pow(2).sum(-1, keepdim=True) + delta_sq).clamp(min=1e-24).sqrt()
     cos = torch.einsum("ijd,abd->iajb", ds, dt)
     mask = adj_s[:, None, :, None] & adj_t[None, :, None, :]
     return (cos * mask).reshape(m * m, m * m)
@@ -219,18 +231,25 @@ def knn_adjacency(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class GCN(nn.Module):
-    """Two graph-convolution layers (Kipf & Welling) with the renormalised adjacency D^-½(A+I)D^-½."""
+    """Two graph-convolution layers (Kipf & Welling) with the renormalised adjacency D^-½(A+I)D^-½,
+    plus a linear skip from the input.
+
+    Without the skip, two adjacent nodes with the same neighbours ("twins", frequent in 16-node kNN
+    graphs) get identical rows of D^-½(A+I)D^-½ and so identical outputs, whatever their inputs: no
+    vertex affinity can then tell them apart, and their edge has length zero.
+    """
 
     def __init__(self, in_dim: int, width: int) -> None:
         super().__init__()
         self.lin1 = nn.Linear(in_dim, width)
         self.lin2 = nn.Linear(width, width)
+        self.skip = nn.Linear(in_dim, width, bias=False)
 
     def forward(self, z: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
         a = adj.float() + torch.eye(adj.shape[0], device=z.device)
         d = a.sum(1).rsqrt()
         a = d[:, None] * a * d[None, :]
-        return a @ self.lin2(F.relu(a @ self.lin1(z)))
+        return a @ self.lin2(F.relu(a @ self.lin1(z))) + self.skip(z)
 
 
 # ---------------------------------------------------------------- the solver with IMLE gradients
@@ -445,7 +464,7 @@ class GraphMatchingObjective(Objective):
         c = vertex_affinity(hs, ht, ps, pt, meta_s, meta_t, grid, o.alpha, o.local_topk)
         k = c.new_zeros(0)
         if o.edge_term:
-            k = o.edge_weight * normalise_edges(edge_affinity(hs, ht, adj_s, adj_t), adj_s, adj_t)
+            k = o.edge_weight * normalise_edges(edge_affinity(hs, ht, adj_s, adj_t, o.edge_softness), adj_s, adj_t)
         loss, clean = match_costs(c, k, o, self.solver, self.clock, self.training)
         return loss, clean, float(adj_s.sum()) / adj_s.shape[0]
 

@@ -5,23 +5,27 @@ view and graph:
 
 - node embedding ``z = h(pool(backbone tokens))`` (h: a 2-layer MLP to ``proj_dim``); edges to
   the ``knn`` nearest neighbours of each node in z (cosine, made symmetric); a 2-layer GCN of width
-  ``gcn_dim`` refines the nodes into ``ẑ``.
+  ``gcn_dim`` (plus a linear skip, ours) refines the nodes into ``ẑ``.
 - vertex affinity ``c_v[i,a] = α·cos(ẑ_i^s, ẑ_a^t) + (1-α)·(local_ia + local_ai)``, where
   ``local`` averages two patch-token cosine similarities (ours: their plain mean): (a) over patch
   pairs at the same place of the original image, found from the two crops' boxes (the view
   transform returns them as ``view_meta``), and (b) over each patch's nearest neighbour in the
   other view's patch tokens, keeping the ``local_topk`` (γ) fraction of best pairs. ``local_ia``
-  looks from view s of image i into view t of image a, ``local_ai`` the other way.
+  looks from view s of image i into view t of image a, ``local_ai`` the other way. ``c_v`` is then
+  standardised per graph (zero mean, unit std).
 - edge affinity ``c_e[ia,jb] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b)`` for edges (i,j) of graph s and (a,b)
-  of graph t, scaled by ``edge_weight``.
+  of graph t (a soft cosine, ``edge_softness``), divided by the mean degree and scaled by ``edge_weight``.
 
 The matching maximises vertex + edge affinity over permutations (`insitu.objectives.qap.solve_qap`;
 ``edge_term: false`` is the first-order ablation: the exact LAP of ``c_v`` by scipy). The loss is
 the Hamming distance of the matching to the identity (image i of view s is image i of view t).
 Gradients cross the solver by IMLE (Niepert et al. 2021): in training the vertex costs get Gumbel
-noise ε; the backward pass solves again with the same ε at ``c + ε - λ·∂L/∂y`` (λ = ``imle_lambda``)
-and returns ``y - y'`` for the vertex costs and ``vec(y)vec(y)ᵀ - vec(y')vec(y')ᵀ`` for the edge
-costs. Both views go through the student (a siamese network, as in LVM-Med): no teacher is used.
+noise ε (scale ``noise_scale`` stds of the standardised costs) and a Hamming margin (``margin`` on
+every off-identity entry: loss-augmented inference as in structured SVMs, so the loss stays non-zero
+until the identity wins by the margin); the backward pass solves again with the same ε at
+``c + ε - λ·∂L/∂y`` (λ = ``imle_lambda``) and returns ``y - y'`` for the vertex costs and
+``vec(y)vec(y)ᵀ - vec(y')vec(y')ᵀ`` for the edge costs. Both views go through the student (a
+siamese network, as in LVM-Med): no teacher is used. docs/graph_matching.md says why each choice.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def train_job(args: argparse.Namespace, row: str, seed: int, out_dir: Path) -> d
     pkg = load_package(result.adapter_dir)
     model = apply_package(pkg, create_backbone(cfg.backbone))
     scores = probe_scores(model, Normalizer.from_dict(pkg.meta.normalizer), args)
-    ident, solver = logged(result.run_dir, "train/identity_frac"), logged(result.run_dir, "train/solver_s")
+    ident, solver = logged(result.run_dir, "train/identity_fraction"), logged(result.run_dir, "train/solver_s")
     third = max(1, len(ident) // 3)
     step_s = result.wall_s / max(1, result.steps)
     return {

@@ -13,6 +13,8 @@ from insitu.backbones import create_backbone
 from insitu.config import load_config
 from insitu.objectives import create_objective
 from insitu.objectives.graph_matching import (
+    GCN,
+    GraphMatchingOptions,
     IMLEMatching,
     PairViewOptions,
     PairViews,
@@ -20,11 +22,15 @@ from insitu.objectives.graph_matching import (
     crop_view,
     edge_affinity,
     graph_chunks,
+    gumbel_like,
     hamming_to_identity,
     knn_adjacency,
     local_similarity,
+    match_costs,
+    normalise_edges,
     patch_centres,
     patch_correspondence,
+    standardise,
     vertex_affinity,
 )
 from insitu.objectives.qap import solve_lap, solve_qap
@@ -212,10 +218,15 @@ def test_loss_is_zero_when_both_views_are_identical():
     for edge_term in (True, False):
         obj = objective(edge_term=edge_term).eval()
         out = obj({"views": [images, images.clone()], "view_meta": meta, "item_id": list("abcdefgh")}, student)
-        assert out["loss"] == 0 and out["identity_frac"] == 1
-    # training mode without noise: still zero
-    out = objective(noise_scale=0.0).train()({"views": [images, images.clone()], "view_meta": meta}, student)
+        assert out["loss"] == 0 and out["identity_fraction"] == 1
+    # training mode without noise or margin: still zero
+    batch = {"views": [images, images.clone()], "view_meta": meta}
+    out = objective(noise_scale=0.0, margin=0.0).train()(batch, student)
     assert out["loss"] == 0
+    # vertex costs alone: a margin above the largest gap standardised costs allow (n/sqrt(n-1), 2.31
+    # for n = 4) is never met
+    out = objective(noise_scale=0.0, margin=2.5, edge_term=False).train()(batch, student)
+    assert out["loss"] > 0 and out["identity_fraction"] == 1
 
 
 def test_training_step_reaches_adapters_and_heads():
@@ -230,13 +241,135 @@ def test_training_step_reaches_adapters_and_heads():
         metas.append(m)
     batch = {"views": [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])], "view_meta": torch.stack(metas)}
     out = obj(batch, student)
-    assert out["loss"] > 0 and 0 <= out["identity_frac"] < 1 and out["solver_s"] > 0
+    assert out["loss"] > 0 and 0 <= out["identity_fraction"] < 1 and out["solver_s"] > 0
     out["loss"].backward()
     adapter_grads = [p.grad for p in student.adapters.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in adapter_grads)
     assert obj.gcn.lin1.weight.grad.abs().sum() > 0 and obj.node_head[0].weight.grad.abs().sum() > 0
     assert not any(p.grad is not None for p in student.backbone.parameters())
     assert set(obj.head_state()) >= {"gm_gcn.lin1.weight", "gm_node_head.0.weight"}
+
+
+# ---------------------------------------------------------------- scale, edges, margin: the matching signal
+
+
+def lap_only(c, k):
+    return solve_lap(c)
+
+
+def test_standardised_costs_make_the_matching_and_its_noise_scale_free():
+    torch.manual_seed(0)
+    # a narrow spread, as on a frozen ViT, with the identity ahead by 3 noise stds
+    c = 0.01 * (torch.randn(12, 12, dtype=torch.float64) + 3 * torch.eye(12, dtype=torch.float64))
+    z = standardise(c)
+    assert float(z.mean()) == pytest.approx(0, abs=1e-9) and float(z.std(unbiased=False)) == pytest.approx(1, abs=1e-3)
+    opts = GraphMatchingOptions(noise_scale=0.3, margin=0.5)
+    empty = torch.zeros(0, dtype=torch.float64)
+    results = []
+    for scaled in (c, 1000 * c, c + 7.0, 1000 * (c - 3.0)):
+        torch.manual_seed(1)  # the same Gumbel draws each time
+        noisy = [match_costs(scaled, empty, opts, lap_only, SolverClock(), training=True) for _ in range(5)]
+        results.append([(float(loss), clean) for loss, clean in noisy])
+        assert torch.allclose(standardise(scaled), z, atol=1e-3)
+    for other in results[1:]:
+        for (loss_a, clean_a), (loss_b, clean_b) in zip(results[0], other, strict=True):
+            assert loss_a == loss_b and torch.equal(clean_a, clean_b)
+    assert all(torch.equal(clean, torch.eye(12, dtype=clean.dtype)) for _, clean in results[0])
+    # the noise acts relative to the spread: at 0.3 std it flips only a few matches, where Gumbel
+    # noise of scale 0.3 on the raw costs (the old meaning of noise_scale) leaves chance
+    assert 0 < np.mean([loss for loss, _ in results[0]]) < 0.5 * 2 * 12
+    raw = [solve_lap((c + gumbel_like(c, 0.3)).numpy()) for _ in range(5)]
+    assert np.mean([(perm == np.arange(12)).mean() for perm in raw]) < 0.4
+
+
+def test_a_graph_without_edges_gives_finite_outputs():
+    torch.manual_seed(0)
+    n = 6
+    zs, zt = torch.randn(n, 4, requires_grad=True), torch.randn(n, 4)
+    none = torch.zeros(n, n, dtype=torch.bool)
+    k = normalise_edges(edge_affinity(zs, zt, none, none), none, none)
+    assert torch.isfinite(k).all() and not k.any()
+    c = F.normalize(zs, dim=-1) @ F.normalize(zt, dim=-1).T
+    loss, clean = match_costs(c, k, GraphMatchingOptions(), lambda c, k: solve_lap(c), SolverClock(), training=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zs.grad).all() and clean.sum() == n
+    # with edges: the identity's normalised edge score is a sum of n per-node cosines
+    adj = knn_adjacency(zs, 2)
+    k = normalise_edges(edge_affinity(zs.detach(), zs.detach(), adj, adj), adj, adj)
+    eye = torch.eye(n).reshape(-1)
+    assert float(eye @ k @ eye) == pytest.approx(n, rel=1e-5)
+
+
+def test_edges_between_identical_nodes_have_a_bounded_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(6, 4)
+    z[1] = z[0]  # twins joined by an edge: a zero-length edge
+    adj = knn_adjacency(z, 2)
+    assert adj[0, 1]
+    norms = {}
+    for softness in (0.0, 0.1):
+        zs = z.clone().requires_grad_(True)
+        k = edge_affinity(zs, z + 0.1 * torch.randn(6, 4), adj, adj, softness)
+        (k * torch.randn_like(k)).sum().backward()
+        assert torch.isfinite(zs.grad).all()
+        norms[softness] = float(zs.grad.norm())
+    assert norms[0.0] > 1e6 and norms[0.1] < 1e3
+
+
+def test_gcn_tells_twin_nodes_apart():
+    torch.manual_seed(0)
+    z = torch.randn(4, 3)
+    adj = torch.ones(4, 4, dtype=torch.bool).fill_diagonal_(False)  # every node has the same neighbourhood
+    gcn = GCN(3, 8)
+    h = gcn(z, adj)
+    assert (h[0] - h[1]).abs().max() > 1e-3
+    with torch.no_grad():
+        gcn.skip.weight.zero_()
+    assert torch.allclose(gcn(z, adj)[0], gcn(z, adj)[1], atol=1e-6)  # the plain GCN cannot
+
+
+def toy_run(margin: float, steps: int = 60) -> tuple[list[float], list[float], list[float]]:
+    """A linear map learns to match two noisy views of fixed random features through the IMLE loss.
+
+    Each view is 8 signal features plus 24 fresh nuisance features twice as large, so a random map
+    matches at chance; it must learn to ignore the nuisance. Two graphs of 16 per step, LAP solver.
+    Returns the clean identity fraction, the loss and the map's gradient norm per step.
+    """
+    torch.manual_seed(0)
+    n, signal, nuisance = 16, 8, 24
+    x = torch.randn(2, n, signal)
+    lin = torch.nn.Linear(signal + nuisance, 16, bias=False)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    opts = GraphMatchingOptions(margin=margin, noise_scale=0.1)
+    identity, losses, norms = [], [], []
+    for _ in range(steps):
+        loss, frac = torch.zeros(()), 0.0
+        for g in range(2):
+            vs, vt = (torch.cat([x[g] + 0.05 * torch.randn(n, signal), 2 * torch.randn(n, nuisance)], 1) for _ in range(2))
+            c = F.normalize(lin(vs), dim=-1) @ F.normalize(lin(vt), dim=-1).T
+            hamming, clean = match_costs(c, torch.zeros(0), opts, lap_only, SolverClock(), training=True)
+            loss, frac = loss + hamming / 2, frac + float(clean.diagonal().mean()) / 2
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(lin.weight.grad.norm()))
+        opt.step()
+        identity.append(frac)
+        losses.append(float(loss.detach()))
+    return identity, losses, norms
+
+
+def test_toy_matching_learns_the_identity_and_the_margin_keeps_the_gradient():
+    identity, losses, norms = toy_run(margin=1.0)
+    assert np.mean(identity[:3]) < 0.3  # near chance (1/16) at the start
+    found = next(i for i, f in enumerate(identity) if f >= 0.9)
+    assert found <= 40 and min(identity[found:]) >= 0.8
+    assert all(np.isfinite(norms)) and max(norms) < 500
+    # after the identity is found the margin still asks for more: non-zero loss and gradient every step
+    assert min(losses[found:]) > 0 and min(norms[found:]) > 0
+    # without the margin the Hamming loss and its gradient vanish once the identity wins
+    identity0, losses0, norms0 = toy_run(margin=0.0)
+    found0 = next(i for i, f in enumerate(identity0) if f >= 0.9)
+    assert any(loss == 0 and norm == 0 for loss, norm in zip(losses0[found0:], norms0[found0:], strict=True))
 
 
 def test_unknown_option_is_rejected():

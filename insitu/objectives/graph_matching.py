@@ -5,30 +5,34 @@ view and graph:
 
 - node embedding ``z = h(pool(backbone tokens))`` (h: a 2-layer MLP to ``proj_dim``); edges to
   the ``knn`` nearest neighbours of each node in z (cosine, made symmetric); a 2-layer GCN of width
-  ``gcn_dim`` refines the nodes into ``ẑ``.
+  ``gcn_dim`` (plus a linear skip, ours) refines the nodes into ``ẑ``.
 - vertex affinity ``c_v[i,a] = α·cos(ẑ_i^s, ẑ_a^t) + (1-α)·(local_ia + local_ai)``, where
   ``local`` averages two patch-token cosine similarities (ours: their plain mean): (a) over patch
   pairs at the same place of the original image, found from the two crops' boxes (the view
   transform returns them as ``view_meta``), and (b) over each patch's nearest neighbour in the
   other view's patch tokens, keeping the ``local_topk`` (γ) fraction of best pairs. ``local_ia``
-  looks from view s of image i into view t of image a, ``local_ai`` the other way.
+  looks from view s of image i into view t of image a, ``local_ai`` the other way. ``c_v`` is then
+  standardised per graph (zero mean, unit std).
 - edge affinity ``c_e[ia,jb] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b)`` for edges (i,j) of graph s and (a,b)
-  of graph t, scaled by ``edge_weight``.
+  of graph t (a soft cosine, ``edge_softness``), divided by the mean degree and scaled by ``edge_weight``.
 
 The matching maximises vertex + edge affinity over permutations (`insitu.objectives.qap.solve_qap`;
 ``edge_term: false`` is the first-order ablation: the exact LAP of ``c_v`` by scipy). The loss is
 the Hamming distance of the matching to the identity (image i of view s is image i of view t).
 Gradients cross the solver by IMLE (Niepert et al. 2021): in training the vertex costs get Gumbel
-noise ε; the backward pass solves again with the same ε at ``c + ε - λ·∂L/∂y`` (λ = ``imle_lambda``)
-and returns ``y - y'`` for the vertex costs and ``vec(y)vec(y)ᵀ - vec(y')vec(y')ᵀ`` for the edge
-costs. Both views go through the student (a siamese network, as in LVM-Med): no teacher is used.
+noise ε (scale ``noise_scale`` stds of the standardised costs) and a Hamming margin (``margin`` on
+every off-identity entry: loss-augmented inference as in structured SVMs, so the loss stays non-zero
+until the identity wins by the margin); the backward pass solves again with the same ε at
+``c + ε - λ·∂L/∂y`` (λ = ``imle_lambda``) and returns ``y - y'`` for the vertex costs and
+``vec(y)vec(y)ᵀ - vec(y')vec(y')ᵀ`` for the edge costs. Both views go through the student (a
+siamese network, as in LVM-Med): no teacher is used. docs/graph_matching.md says why each choice.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +45,9 @@ from insitu.objectives.base import Objective, ObjectiveOptions
 from insitu.objectives.dino import feature_std
 from insitu.objectives.qap import solve_lap, solve_qap
 from insitu.objectives.views import gaussian_blur, random_resized_crop_box
+
+COST_EPS = 1e-6  # floor on the per-graph std of the vertex costs
+EDGE_EPS = 1e-6  # floor on the mean degree when normalising edge affinities
 
 # view_meta columns, per view: crop box in original-image pixels, the original size, and the flip
 META_FIELDS = ("top", "left", "height", "width", "image_height", "image_width", "flipped")
@@ -65,8 +72,10 @@ class GraphMatchingOptions(ObjectiveOptions):
     local_topk: float = Field(0.5, gt=0, le=1)
     edge_term: bool = True
     edge_weight: float = Field(1.0, ge=0)
+    edge_softness: float = Field(0.1, ge=0)  # δ of the edge cosines, as a fraction of the mean edge length
     imle_lambda: float = Field(80.0, gt=0)
-    noise_scale: float = Field(0.1, ge=0)
+    noise_scale: float = Field(0.1, ge=0)  # Gumbel scale as a fraction of the (unit) std of the standardised costs
+    margin: float = Field(1.0, ge=0)  # Hamming margin (in cost stds) added to the training solve
     solver_restarts: int = Field(2, ge=0)
     solver_kicks: int = Field(20, ge=0)
     views: PairViewOptions = PairViewOptions()
@@ -181,14 +190,37 @@ def vertex_affinity(
     return alpha * glob + (1 - alpha) * (local_st + local_ts.T)
 
 
-def edge_affinity(zs: torch.Tensor, zt: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor) -> torch.Tensor:
-    """K m²×m², K[i·m+a, j·m+b] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b) where (i,j) and (a,b) are edges, else 0."""
+def edge_affinity(zs: torch.Tensor, zt: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor, softness: float = 0.0) -> torch.Tensor:
+    """K m²×m², K[i·m+a, j·m+b] = cos(ẑ_i - ẑ_j, ẑ_a - ẑ_b) where (i,j) and (a,b) are edges, else 0.
+
+    With ``softness`` > 0 each difference d is divided by sqrt(|d|² + δ²) instead of |d|, δ being
+    ``softness`` times the mean edge length (detached): the cosine's gradient, 1/|d|, stays below
+    1/δ on edges between near-identical nodes (exactly identical ones otherwise give 1/1e-12).
+    """
     m = zs.shape[0]
-    ds = F.normalize(zs[:, None] - zs[None], dim=-1)  # m×m×d; the zero self-differences stay zero
-    dt = F.normalize(zt[:, None] - zt[None], dim=-1)
+    ds, dt = zs[:, None] - zs[None], zt[:, None] - zt[None]  # m×m×d; the zero self-differences stay zero
+    delta_sq = 0.0
+    if softness > 0:
+        lengths = torch.cat([ds.detach().norm(dim=-1)[adj_s], dt.detach().norm(dim=-1)[adj_t]])
+        delta_sq = (softness * lengths.mean()) ** 2 if lengths.numel() else 0.0
+    # clamp before the root: its gradient at a zero self-difference would be inf (times 0: NaN)
+    ds = ds / (ds.pow(2).sum(-1, keepdim=True) + delta_sq).clamp(min=1e-24).sqrt()
+    dt = dt / (dt.pow(2).sum(-1, keepdim=True) + delta_sq).clamp(min=1e-24).sqrt()
     cos = torch.einsum("ijd,abd->iajb", ds, dt)
     mask = adj_s[:, None, :, None] & adj_t[None, :, None, :]
     return (cos * mask).reshape(m * m, m * m)
+
+
+def normalise_edges(k: torch.Tensor, adj_s: torch.Tensor, adj_t: torch.Tensor) -> torch.Tensor:
+    """K divided by the mean degree (directed edges per node, geometric mean of both graphs).
+
+    The identity's edge score is then a sum of n per-node terms in [-1, 1], like the vertex term,
+    instead of one term per matched edge pair (~100 for n = 16, k = 5). A graph without edges has
+    K = 0; the floor on the degree keeps that finite.
+    """
+    n = adj_s.shape[0]
+    degree = (adj_s.sum().float() * adj_t.sum().float()).sqrt() / n
+    return k / degree.clamp(min=EDGE_EPS)
 
 
 def knn_adjacency(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -203,18 +235,25 @@ def knn_adjacency(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class GCN(nn.Module):
-    """Two graph-convolution layers (Kipf & Welling) with the renormalised adjacency D^-½(A+I)D^-½."""
+    """Two graph-convolution layers (Kipf & Welling) with the renormalised adjacency D^-½(A+I)D^-½,
+    plus a linear skip from the input.
+
+    Without the skip, two adjacent nodes with the same neighbours ("twins", frequent in 16-node kNN
+    graphs) get identical rows of D^-½(A+I)D^-½ and so identical outputs, whatever their inputs: no
+    vertex affinity can then tell them apart, and their edge has length zero.
+    """
 
     def __init__(self, in_dim: int, width: int) -> None:
         super().__init__()
         self.lin1 = nn.Linear(in_dim, width)
         self.lin2 = nn.Linear(width, width)
+        self.skip = nn.Linear(in_dim, width, bias=False)
 
     def forward(self, z: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
         a = adj.float() + torch.eye(adj.shape[0], device=z.device)
         d = a.sum(1).rsqrt()
         a = d[:, None] * a * d[None, :]
-        return a @ self.lin2(F.relu(a @ self.lin1(z)))
+        return a @ self.lin2(F.relu(a @ self.lin1(z))) + self.skip(z)
 
 
 # ---------------------------------------------------------------- the solver with IMLE gradients
@@ -223,13 +262,45 @@ Solver = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 
 class SolverClock:
-    """Seconds spent in the combinatorial solver (forward and backward), read and reset per step."""
+    """Seconds spent in the combinatorial solver (forward and backward) and the norms of the IMLE
+    gradients w.r.t. the vertex costs, read and reset per step."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.grad_norms: list[float] = []
 
     def take(self) -> float:
         out, self.seconds = self.seconds, 0.0
+        return out
+
+    def take_grad_norm(self) -> float:
+        """The largest IMLE cost-gradient norm over the graphs since the last call (0 if none)."""
+        out, self.grad_norms = max(self.grad_norms, default=0.0), []
+        return out
+
+
+class GradNormMeter:
+    """The total gradient norm of watched parameters, as accumulated by the last backward pass.
+
+    Hooks read each gradient before clipping; the pipeline clips afterwards (``train.grad_clip``).
+    """
+
+    def __init__(self) -> None:
+        self.sq: dict[int, float] = {}
+        self.watched: set[int] = set()
+
+    def watch(self, params: Iterable[nn.Parameter]) -> None:
+        for p in params:
+            if p.requires_grad and id(p) not in self.watched:
+                self.watched.add(id(p))
+                p.register_post_accumulate_grad_hook(self._record)
+
+    def _record(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.sq[id(p)] = float(p.grad.detach().pow(2).sum())
+
+    def take(self) -> float:
+        out, self.sq = sum(self.sq.values()) ** 0.5, {}
         return out
 
 
@@ -262,6 +333,7 @@ class IMLEMatching(torch.autograd.Function):
         edges = k if k.numel() else None
         target = run_solver(ctx.solver, c + noise - ctx.lam * grad_y, edges, ctx.clock)  # same ε as forward
         grad_c = y - target
+        ctx.clock.grad_norms.append(float(grad_c.norm()))
         grad_k = None
         if edges is not None:
             vy, vt = y.reshape(-1), target.reshape(-1)
@@ -280,6 +352,44 @@ def gumbel_like(c: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.zeros_like(c)
     u = torch.rand_like(c).clamp(1e-10, 1 - 1e-10)
     return -scale * torch.log(-torch.log(u))
+
+
+def standardise(c: torch.Tensor) -> torch.Tensor:
+    """Per-graph zero mean, unit std: the matching and the noise no longer depend on the cost scale."""
+    return (c - c.mean()) / (c.std(unbiased=False) + COST_EPS)
+
+
+def margin_matrix(n: int, margin: float, like: torch.Tensor) -> torch.Tensor:
+    """``margin`` on every off-identity entry: loss-augmented inference for the Hamming loss."""
+    return margin * (1 - torch.eye(n, dtype=like.dtype, device=like.device))
+
+
+def match_costs(
+    c: torch.Tensor,
+    k: torch.Tensor,
+    opts: GraphMatchingOptions,
+    solver: Solver,
+    clock: SolverClock,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hamming loss of the (training: noisy, margin-augmented) matching, and the clean matching.
+
+    Vertex costs are standardised per graph. In training the solve maximises
+    ``ĉ + ε + margin·(1 - I)`` (+ edges) with ε Gumbel of scale ``noise_scale`` (in stds of ĉ): the
+    identity must beat every other matching by ``margin`` per mismatched node before the loss is zero.
+    The clean matching (no noise, no margin) gives the identity fraction.
+    """
+    c = standardise(c)
+    n = c.shape[0]
+    if not training:
+        y = IMLEMatching.apply(c, k, torch.zeros_like(c), opts.imle_lambda, solver, clock)
+        return hamming_to_identity(y), y.detach()
+    noise = gumbel_like(c, opts.noise_scale)
+    y = IMLEMatching.apply(c + margin_matrix(n, opts.margin, c), k, noise, opts.imle_lambda, solver, clock)
+    clean = y.detach()
+    if opts.noise_scale > 0 or opts.margin > 0:
+        clean = run_solver(solver, c, k if k.numel() else None, clock)
+    return hamming_to_identity(y), clean
 
 
 def graph_chunks(batch_size: int, graph_size: int) -> list[torch.Tensor]:
@@ -305,6 +415,7 @@ class GraphMatchingObjective(Objective):
         self.node_head = nn.Sequential(nn.Linear(embed_dim, o.proj_hidden_dim), nn.GELU(), nn.Linear(o.proj_hidden_dim, o.proj_dim))
         self.gcn = GCN(o.proj_dim, o.gcn_dim)
         self.clock = SolverClock()
+        self.grad_meter = GradNormMeter()
 
     def view_transform(self) -> PairViews:
         return PairViews(self.image_size, self.opts.views)
@@ -317,21 +428,26 @@ class GraphMatchingObjective(Objective):
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         views: list[torch.Tensor] = batch["views"]
         meta: torch.Tensor = batch["view_meta"]  # B×2×7
+        if self.training:
+            self.grad_meter.watch([*student.parameters(), *self.parameters()])
         cls_s, ps, grid = student.forward_tokens(views[0])
         cls_t, pt, _ = student.forward_tokens(views[1])
         zs = self.node_head(ps.mean(1) if self.opts.pool == "mean" else cls_s)
         zt = self.node_head(pt.mean(1) if self.opts.pool == "mean" else cls_t)
         hamming, identity, edges = [], [], []
         for idx in graph_chunks(zs.shape[0], self.opts.graph_size):
-            y, n_edges = self.match(zs[idx], zt[idx], ps[idx], pt[idx], meta[idx, 0], meta[idx, 1], grid)
-            hamming.append(hamming_to_identity(y))
-            identity.append(torch.diagonal(y).mean().detach())
+            loss, clean, n_edges = self.match(zs[idx], zt[idx], ps[idx], pt[idx], meta[idx, 0], meta[idx, 1], grid)
+            hamming.append(loss)
+            identity.append(torch.diagonal(clean).mean())
             edges.append(n_edges)
         return {
             "loss": torch.stack(hamming).mean(),
-            "identity_frac": torch.stack(identity).mean(),
+            "identity_fraction": torch.stack(identity).mean(),
             "edges_per_node": torch.tensor(float(np.mean(edges))),
             "solver_s": torch.tensor(self.clock.take()),  # this forward + the previous step's backward
+            # gradients of the previous step's backward (before clipping)
+            "imle_grad_norm": torch.tensor(self.clock.take_grad_norm()),
+            "grad_norm": torch.tensor(self.grad_meter.take()),
             "collapse_std": feature_std(zs.detach()),
         }
 
@@ -344,16 +460,17 @@ class GraphMatchingObjective(Objective):
         meta_s: torch.Tensor,
         meta_t: torch.Tensor,
         grid: tuple[int, int],
-    ) -> tuple[torch.Tensor, float]:
-        """One graph pair: kNN graphs + GCN, affinities, and the IMLE-differentiable matching."""
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One graph pair: kNN graphs + GCN, affinities; the Hamming loss, the clean matching, edges per node."""
         o: GraphMatchingOptions = self.opts
         adj_s, adj_t = knn_adjacency(zs, o.knn), knn_adjacency(zt, o.knn)
         hs, ht = self.gcn(zs, adj_s), self.gcn(zt, adj_t)
         c = vertex_affinity(hs, ht, ps, pt, meta_s, meta_t, grid, o.alpha, o.local_topk)
-        k = o.edge_weight * edge_affinity(hs, ht, adj_s, adj_t) if o.edge_term else c.new_zeros(0)
-        noise = gumbel_like(c, o.noise_scale) if self.training else torch.zeros_like(c)
-        y = IMLEMatching.apply(c, k, noise, o.imle_lambda, self.solver, self.clock)
-        return y, float(adj_s.sum()) / adj_s.shape[0]
+        k = c.new_zeros(0)
+        if o.edge_term:
+            k = o.edge_weight * normalise_edges(edge_affinity(hs, ht, adj_s, adj_t, o.edge_softness), adj_s, adj_t)
+        loss, clean = match_costs(c, k, o, self.solver, self.clock, self.training)
+        return loss, clean, float(adj_s.sum()) / adj_s.shape[0]
 
     def head_state(self) -> dict[str, torch.Tensor]:
         state = {f"gm_node_head.{k}": v for k, v in self.node_head.state_dict().items()}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from insitu.config import load_config
@@ -151,23 +150,23 @@ def video_corpus(tmp: Path) -> None:
 
 
 def package_corpus(tmp: Path) -> None:
-    import torch
-
     from insitu.adapters import create_adapters
-    from insitu.adapters.package import load_package, save_package
+    from insitu.adapters.package import apply_package, load_package, save_package
     from insitu.backbones import create_backbone
     from tests.conftest import TINY_BACKBONE
 
     rng = np.random.default_rng(SEED + 4)
     bb = create_backbone(TINY_BACKBONE)
-    good = save_package(tmp / "good", bb, create_adapters(bb, {"blocks": "all", "bottleneck_dim": 4}), normalizer={"mean": [0.0] * 3, "std": [1.0] * 3})
+    good = save_package(
+        tmp / "good", bb, create_adapters(bb, {"blocks": "all", "bottleneck_dim": 4}), normalizer={"mean": [0.0] * 3, "std": [1.0] * 3}
+    )
     meta, tensors = (good / "insitu.json").read_bytes(), (good / "adapter.safetensors").read_bytes()
     values = [None, -1, 0, 10**12, 1e308, "x" * 300, [], {}, [0, 99], "NaN", True, {"a": [1, {"b": None}]}]
     variants = [("json bytes " + k, v, tensors) for k, v in mutations(meta, rng)]
     variants += [("tensor bytes " + k, meta, v) for k, v in mutations(tensors, rng)]
     parsed = json.loads(meta)
     paths = [(a, b) for a, sect in parsed.items() if isinstance(sect, dict) for b in sect] + [(a, None) for a in parsed]
-    for i in range(24):
+    for _ in range(24):
         a, b = paths[int(rng.integers(len(paths)))]
         edited = json.loads(meta)
         value = values[int(rng.integers(len(values)))]
@@ -182,24 +181,68 @@ def package_corpus(tmp: Path) -> None:
         (pkg / "insitu.json").write_bytes(m)
         (pkg / "adapter.safetensors").write_bytes(t)
         contained(f"package {what}", lambda pkg=pkg: vet_package(pkg))
-        contained(f"package {what} (load + apply)", lambda pkg=pkg: __import__("insitu.adapters.package").adapters.package.apply_package(load_package(pkg), bb))
-    del torch
+        contained(f"package {what} (load + apply)", lambda pkg=pkg: apply_package(load_package(pkg), bb))
 
 
 def config_corpus(tmp: Path) -> None:
     rng = np.random.default_rng(SEED + 5)
     root = write_shapes(tmp / "shapes", n_per_class=1, size=32)
     base = tiny_config(root, tmp / "runs")
-    keys = ["name", "seed", "data.image_size", "data.max_items", "backbone.img_size", "backbone.kwargs", "backbone.patch_size",
-            "adapter.blocks", "adapter.bottleneck_dim", "adapter.scale", "adapter.kind", "objective.name", "objective.options.out_dim",
-            "objective.options.views.local_crops", "train.max_steps", "train.lr", "train.batch_size", "train.accumulate_grad_batches",
-            "trainer.devices", "trainer.precision", "probe.knn_k", "nonexistent.key", "data", "train"]
-    values = ["-1", "0", "1e30", "true", "NaN", ".inf", "[]", "{}", "[0, 99]", "all-of-them", "'../x'", "!!python/object/apply:os.system ['true']",
-              "[", "{a:", "\x00", "1" * 400, "{depthh: 2}", "null", "'x'", "- - -", "&a [*a]"]
+    keys = [
+        "name",
+        "seed",
+        "data.image_size",
+        "data.max_items",
+        "backbone.img_size",
+        "backbone.kwargs",
+        "backbone.patch_size",
+        "adapter.blocks",
+        "adapter.bottleneck_dim",
+        "adapter.scale",
+        "adapter.kind",
+        "objective.name",
+        "objective.options.out_dim",
+        "objective.options.views.local_crops",
+        "train.max_steps",
+        "train.lr",
+        "train.batch_size",
+        "train.accumulate_grad_batches",
+        "trainer.devices",
+        "trainer.precision",
+        "probe.knn_k",
+        "nonexistent.key",
+        "data",
+        "train",
+    ]
+    values = [
+        "-1",
+        "0",
+        "1e30",
+        "true",
+        "NaN",
+        ".inf",
+        "[]",
+        "{}",
+        "[0, 99]",
+        "all-of-them",
+        "'../x'",
+        "!!python/object/apply:os.system ['true']",
+        "[",
+        "{a:",
+        "\x00",
+        "1" * 400,
+        "{depthh: 2}",
+        "null",
+        "'x'",
+        "- - -",
+        "&a [*a]",
+    ]
     for _ in range(60):
         override = f"{keys[int(rng.integers(len(keys)))]}={values[int(rng.integers(len(values)))]}"
         contained(f"--set {override!r}", lambda o=override: load_config(dict(base), [o]))
-    for i, text in enumerate(["a: [", "!!python/object:os.system {}", "\t- x", "data: 3", "x" * 1000, "---\n---\n", "data: {root: !!binary aGk=}"]):
+    for i, text in enumerate(
+        ["a: [", "!!python/object:os.system {}", "\t- x", "data: 3", "x" * 1000, "---\n---\n", "data: {root: !!binary aGk=}"]
+    ):
         path = tmp / f"c{i}.yaml"
         path.write_text(text)
         contained(f"yaml {text[:20]!r}", lambda p=path: load_config(p))
@@ -245,4 +288,3 @@ def test_fuzz_corpus_memory_stays_bounded(tmp_path):
     proc.join(60)
     assert status == "ok", value
     assert value < MEMORY_BOUND_MIB, f"the corpus grew the process by {value} MiB"
-    del yaml

@@ -242,3 +242,14 @@ def test_inspect_memory_is_bounded_on_a_bomb(package, tmp_path):
     rc, rss_kb = out.stdout.split()[-2:]
     assert rc == "2" and "inflates past" in out.stderr
     assert int(rss_kb) < 300 * 1024  # KiB: far below the 512 MiB the member inflates to
+
+
+def test_a_diverged_run_is_never_packaged(tmp_path):
+    from insitu.errors import NonFiniteLossError
+
+    bb = create_backbone(TINY_BACKBONE)
+    adapters = create_adapters(bb, {"blocks": "all", "bottleneck_dim": 4})
+    next(iter(adapters.parameters())).data.fill_(1e30)
+    with pytest.raises(NonFiniteLossError, match="refusing to write the package"):
+        save_package(tmp_path / "p", bb, adapters)
+    assert not (tmp_path / "p" / "insitu.json").exists()

@@ -22,11 +22,12 @@ from safetensors.torch import save
 
 from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_config
 from insitu.backbones.vit import ViTBackbone
-from insitu.errors import AdapterFormatError, AdapterMismatchError
+from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError
 from insitu.package_format import (  # noqa: F401 - the format's names, re-exported
     CARD_FILE,
     FORMAT,
     FORMAT_VERSION,
+    MAX_ABS_WEIGHT,
     MAX_HEADER_BYTES,
     META_FILE,
     TENSORS_FILE,
@@ -82,6 +83,12 @@ def save_package(
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in adapters.state_dict().items()}
     tensors.update({f"head.{k}": v.detach().cpu().float().contiguous() for k, v in (head_state or {}).items()})
+    damaged = [k for k, v in tensors.items() if not torch.isfinite(v).all() or (v.numel() and v.abs().max() > MAX_ABS_WEIGHT)]
+    if damaged:
+        raise NonFiniteLossError(
+            f"refusing to write the package {out_dir}: tensors {damaged[:5]} hold NaN/Inf or values above {MAX_ABS_WEIGHT:g} "
+            "(a diverged run). Lower train.lr, check the data for extreme values, or resume from an earlier checkpoint."
+        )
     raw = save(tensors)
     meta = PackageMeta(
         format=FORMAT,

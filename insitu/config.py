@@ -7,6 +7,8 @@ run and into every adapter package. Relative paths are resolved against the curr
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from insitu.errors import ConfigError
+
+MAX_STEPS = 10**8  # a step count past this is a typo (1e30), not a plan
+MAX_ACCUMULATE = 4096
 
 
 class Strict(BaseModel):
@@ -82,18 +87,27 @@ class ObjectiveConfig(Strict):
 class TrainConfig(Strict):
     """Optimisation: steps, batch, learning rate, EMA, checkpoints, non-finite policy."""
 
-    max_steps: int = Field(100, gt=0)
-    batch_size: int = Field(32, gt=0)
+    max_steps: int = Field(100, gt=0, le=MAX_STEPS, strict=True)
+    batch_size: int = Field(32, gt=0, le=1_000_000, strict=True)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.04, ge=0)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, strict=True)
     ema_momentum: float = Field(0.996, ge=0, le=1)
     grad_clip: float | None = Field(3.0, gt=0)
-    accumulate_grad_batches: int = Field(1, gt=0)
-    checkpoint_every: int = Field(50, gt=0)
-    log_every: int = Field(5, gt=0)
+    accumulate_grad_batches: int = Field(1, gt=0, le=MAX_ACCUMULATE, strict=True)
+    checkpoint_every: int = Field(50, gt=0, le=MAX_STEPS, strict=True)
+    log_every: int = Field(5, gt=0, le=MAX_STEPS, strict=True)
     nonfinite: Literal["stop", "skip"] = "stop"
     full_finetune: bool = False  # train every backbone weight too (a baseline; the teacher gets an EMA backbone copy)
+
+    @field_validator("max_steps", "batch_size", "warmup_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any, info: Any) -> Any:
+        """Counts are whole numbers in range: ``true``, ``2.5`` and ``1e30`` are refused with the limit."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        limit = next((m.le for m in cls.model_fields[info.field_name].metadata if hasattr(m, "le")), None)
+        raise ValueError(f"must be a whole number{f' <= {limit:,}' if limit else ''}, not {type(value).__name__} {value!r}")
 
 
 class TrainerConfig(Strict):
@@ -104,6 +118,21 @@ class TrainerConfig(Strict):
     strategy: str = "auto"
     num_nodes: int = Field(1, gt=0)
     precision: str = "auto"
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        """What Lightning accepts: a count (-1: all), ``auto``, or device indices like ``0,1``."""
+        if isinstance(value, bool):
+            raise ValueError("must be a device count, -1 (all), 'auto' or indices like '0,1', not true/false")
+        if isinstance(value, int):
+            if value == 0 or value < -1:
+                raise ValueError("must be a device count >= 1, or -1 for all devices")
+            return value
+        text = value.strip()
+        if text in ("auto", "-1") or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text):
+            return text
+        raise ValueError("must be a device count (2), -1 or 'auto' (all devices), or device indices ('0,1')")
 
 
 class ProbeConfig(Strict):
@@ -201,7 +230,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override {override!r}: {part!r} is a value, not a section.")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        detail = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"Override {key.strip()!r}: the value {value!r} is not plain YAML ({detail}). Pass a number, true/false, "
+            "a string, [a, list] or {a: mapping}; tags such as !!python/object are never loaded."
+        ) from None
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
@@ -273,7 +309,7 @@ def _validate_component_options(cfg: RunConfig, where: str) -> None:
 def validate_options(model: type[BaseModel], options: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
     """Validate a component's own options block; returns the completed (defaults filled) dict."""
     try:
-        return model.model_validate(options).model_dump(mode="json")
+        validated = model.model_validate(options)
     except ValidationError as exc:
         lines = [f"Invalid config {where}:"]
         for err in exc.errors():
@@ -285,6 +321,40 @@ def validate_options(model: type[BaseModel], options: dict[str, Any], prefix: st
             else:
                 lines.append(f"  '{prefix}.{loc}': {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
+    problems = option_bound_problems(validated, prefix)
+    if problems:
+        raise ConfigError("\n".join([f"Invalid config {where}:", *problems]))
+    return validated.model_dump(mode="json")
+
+
+# Bounds for option fields whose model declares none: sizes are positive, probabilities and
+# momenta lie in [0, 1], temperatures are positive, and no float is NaN or infinite.
+POSITIVE_INT_OPTION = re.compile(r"(^|_)(dim|size|heads|length|regions)$")
+UNIT_INTERVAL_OPTION = re.compile(r"(^|_)(prob|probability|momentum|fraction)($|_)")
+POSITIVE_FLOAT_OPTION = re.compile(r"(^|_)temp(erature)?$")
+
+
+def option_bound_problems(options: BaseModel, prefix: str) -> list[str]:
+    """Out-of-range values in a validated options model (nested models included), one line each."""
+    problems = []
+    for name in type(options).model_fields:
+        value, key = getattr(options, name), f"{prefix}.{name}"
+        if isinstance(value, BaseModel):
+            problems += option_bound_problems(value, key)
+            continue
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        for v in numbers:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"  '{key}': must be a finite number (got {v!r})")
+            elif isinstance(v, int) and POSITIVE_INT_OPTION.search(name) and v <= 0:
+                problems.append(f"  '{key}': must be a positive whole number (got {v!r})")
+            elif UNIT_INTERVAL_OPTION.search(name) and not 0 <= v <= 1:
+                problems.append(f"  '{key}': must lie in [0, 1] (got {v!r})")
+            elif POSITIVE_FLOAT_OPTION.search(name) and v <= 0:
+                problems.append(f"  '{key}': must be > 0 (got {v!r})")
+    return problems
 
 
 def _check_paths(cfg: RunConfig, where: str) -> None:

@@ -15,8 +15,11 @@ embeddings are resampled to ``img_size``; the checkpoint's own size is kept as `
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -103,9 +106,23 @@ def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
             close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:5]
             raise ConfigError(f"backbone.name {cfg.name!r} is not a timm model. Close names: {close}") from None
         raise
+    except TypeError as exc:  # timm passes kwargs down to the model class, which rejects what it does not know
+        raise ConfigError(_kwargs_problem(cfg, exc)) from None
     if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
         raise ConfigError(f"backbone.name {cfg.name!r} is not a ViT (no blocks/patch_embed); pick a timm ViT.")
     return vit
+
+
+def _kwargs_problem(cfg: BackboneConfig, exc: TypeError) -> str:
+    """Name the ``backbone.kwargs`` key the model class refused, with the closest accepted name."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if not match:
+        return f"backbone.kwargs {cfg.kwargs} do not fit {cfg.name!r}: {exc}. Check each value's type."
+    key = match.group(1)
+    accepted = [p for p in inspect.signature(VisionTransformer.__init__).parameters if p != "self"]
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"; did you mean 'backbone.kwargs.{close[0]}'?" if close else f" (timm ViT arguments include {', '.join(accepted[:12])}, ...)"
+    return f"unknown key 'backbone.kwargs.{key}': {cfg.name!r} takes no argument {key!r}{hint}"
 
 
 def _hf_dinov2_model(cfg: BackboneConfig, folder: Path) -> VisionTransformer:

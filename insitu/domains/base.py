@@ -55,7 +55,13 @@ class Manifest:
     skipped: list[QuarantineItem] = field(default_factory=list)
 
     def write(self, out_dir: Path) -> None:
-        """Write ``manifest.csv``, ``quarantine.csv`` (and ``skipped.csv`` if any) and ``manifest.json``."""
+        """Write ``manifest.csv``, ``quarantine.csv`` (and ``skipped.csv`` if any) and ``manifest.json``.
+
+        These files are shareable: paths are written relative to the scanned root (or as opaque
+        salted tokens when outside it), and the root's spelling is scrubbed from every message.
+        """
+        from insitu.privacy import scrub_text, shareable_path
+
         out_dir.mkdir(parents=True, exist_ok=True)
         cols = ["item_id", "path", "group", "label", "split", "extra"]
         with open(out_dir / "manifest.csv", "w", newline="") as f:
@@ -63,23 +69,27 @@ class Manifest:
             writer.writeheader()
             for item in self.items:
                 row = asdict(item)
-                row["extra"] = json.dumps(item.extra, sort_keys=True)
+                row["path"] = shareable_path(item.path, self.root)
+                row["extra"] = scrub_text(json.dumps(item.extra, sort_keys=True), [self.root])
                 writer.writerow(row)
-        _write_rows(out_dir / "quarantine.csv", self.quarantine)
+        _write_rows(out_dir / "quarantine.csv", self.quarantine, self.root)
         if self.skipped:
-            _write_rows(out_dir / "skipped.csv", self.skipped)
+            _write_rows(out_dir / "skipped.csv", self.skipped, self.root)
         summary = {"domain": self.domain, "class_names": self.class_names, **self.counts()}
         (out_dir / "manifest.json").write_text(json.dumps(summary, indent=2))
 
     @classmethod
-    def read(cls, out_dir: Path) -> Manifest:
-        """Read a manifest folder written by `write`."""
+    def read(cls, out_dir: Path, data_root: Path | None = None) -> Manifest:
+        """Read a manifest folder written by `write`; ``data_root`` turns its relative paths back into files."""
         summary = json.loads((out_dir / "manifest.json").read_text())
+        base = Path(data_root) if data_root is not None else None
+        if base is not None and base.is_file():
+            base = base.parent
         with open(out_dir / "manifest.csv", newline="") as f:
             items = [
                 ManifestItem(
                     item_id=r["item_id"],
-                    path=r["path"],
+                    path=str(base / r["path"]) if base is not None else r["path"],
                     group=r["group"],
                     label=int(r["label"]) if r["label"] not in ("", None) else None,
                     split=r["split"] or None,
@@ -89,7 +99,8 @@ class Manifest:
             ]
         with open(out_dir / "quarantine.csv", newline="") as f:
             quarantine = [QuarantineItem(**r) for r in csv.DictReader(f)]
-        return cls(summary["domain"], str(out_dir), items, quarantine, summary.get("class_names", []))
+        root = str(data_root) if data_root is not None else str(out_dir)
+        return cls(summary["domain"], root, items, quarantine, summary.get("class_names", []))
 
     def counts(self) -> dict[str, int]:
         return {
@@ -100,12 +111,15 @@ class Manifest:
         }
 
 
-def _write_rows(path: Path, rows: list[QuarantineItem]) -> None:
+def _write_rows(path: Path, rows: list[QuarantineItem], root: str) -> None:
+    from insitu.privacy import scrub_text, shareable_path
+
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "reason", "message"])
         writer.writeheader()
         for row in rows:
-            writer.writerow(asdict(row))
+            shown = shareable_path(row.path, root)
+            writer.writerow({"path": shown, "reason": scrub_text(row.reason, [root]), "message": scrub_text(row.message, [root])})
 
 
 class DomainOptions(BaseModel):

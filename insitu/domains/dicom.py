@@ -8,7 +8,7 @@ slices (in the acquisition plane or resliced axial/coronal/sagittal, optionally 
 slices as channels) or 3-D crops.
 
 Privacy: item ids and groups are salted hashes (groups hash PatientID, else StudyInstanceUID), and
-by default the ``path`` column of manifest.csv / quarantine.csv holds an opaque token, because PACS
+by default the ``path`` column of manifest.csv / quarantine.csv holds an opaque salted token, because PACS
 export folders are often named after patients. The token -> real path map lives only in the private
 cache folder (``cache_dir``), which is as sensitive as the source data and never leaves the machine.
 """
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from pydantic import Field
 
 from insitu.domains.base import DemoData, Domain, DomainOptions, Manifest, ManifestItem, QuarantineItem, Sample, stable_id
 from insitu.errors import DataError, EmptyDatasetError
+from insitu.privacy import secret_salt
 
 log = logging.getLogger("insitu")
 
@@ -353,6 +353,7 @@ class DicomDomain(Domain):
         self.units: dict[str, Unit] = {}
         self.root: Path | None = None
         self._volumes: dict[str, Volume] = {}
+        self._salt = ""  # set by scan: path tokens are salted, so a guessed PACS layout cannot be confirmed
 
     # -- scanning ------------------------------------------------------------------------------
 
@@ -362,6 +363,7 @@ class DicomDomain(Domain):
             raise DataError(f"{root} does not exist. Point data.root at a DICOM/NIfTI folder.")
         self.root = root
         cache = self.cache_dir(root)
+        self._salt = self.salt(cache)
         files = _list_files(root, cache)
         records = self._records(files, cache)
         items, quarantine, skipped = self._assemble(root, files, records)
@@ -385,12 +387,7 @@ class DicomDomain(Domain):
 
     def salt(self, cache: Path) -> str:
         """A secret salt: from the environment (stable across machines) or one kept in the private cache."""
-        if os.environ.get(self.options.salt_env):
-            return os.environ[self.options.salt_env]
-        path = cache / "salt"
-        if not path.exists():
-            path.write_text(secrets.token_hex(16))
-        return path.read_text().strip()
+        return secret_salt(cache, self.options.salt_env)
 
     def _records(self, files: list[str], cache: Path) -> list[dict[str, Any]]:
         """Per-file records, from the cache where path, size and mtime match; the rest in the pool."""
@@ -488,7 +485,7 @@ class DicomDomain(Domain):
     def display(self, path: str | Path) -> str:
         """What a manifest shows for a path: an opaque token, or the path relative to root."""
         rel = Path(path).resolve().relative_to(self.root).as_posix() if self.root and Path(path).is_absolute() else str(path)
-        return rel if self.options.manifest_paths == "relative" else f"dcm-{stable_id(rel)}"
+        return rel if self.options.manifest_paths == "relative" else f"dcm-{stable_id(rel, salt=self._salt)}"
 
     def scrub(self, message: str, path: str) -> str:
         """Library messages often quote the file path: replace it by its token."""

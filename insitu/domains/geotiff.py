@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,14 +182,15 @@ class GeoTiffDomain(Domain):
         refs, quarantine = self.discover(root)
         items: list[ManifestItem] = []
         skipped: list[QuarantineItem] = []
+        opened: list[tuple[SceneRef, Scene]] = []
         for ref in refs:
-            if max_items and len(items) >= max_items:
-                break
             try:
-                scene = self.open_scene(ref)
+                opened.append((ref, self.open_scene(ref)))
             except Exception as exc:  # noqa: BLE001 - one bad scene is quarantined, the scan goes on
                 quarantine.append(QuarantineItem(ref.path, "cannot use scene", _error_text(exc)))
-                continue
+        for ref, scene in majority_bands(opened, quarantine):
+            if max_items and len(items) >= max_items:
+                break
             items += self._scan_scene(root, ref, scene, quarantine, skipped, (max_items or 0) - len(items))
         if not items:
             reasons = "; ".join(f"{Path(q.path).name}: {q.reason} [{q.message[:200]}]" for q in quarantine[:3])
@@ -518,6 +520,33 @@ class GeoTiffDomain(Domain):
 
 DEMO_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
 DEMO_CLASSES = ("water", "forest", "cropland", "urban")
+
+
+def majority_bands(opened: list[tuple[SceneRef, Scene]], quarantine: list[QuarantineItem]) -> list[tuple[SceneRef, Scene]]:
+    """Keep the scenes with the most common band count; quarantine the others with the reason.
+
+    One model input needs one channel count, so a folder mixing 1-band and 4-band scenes cannot be
+    read as one dataset. Ties go to the larger band count.
+    """
+    counts = Counter(len(scene.names) for _, scene in opened)
+    if len(counts) <= 1:
+        return opened
+    want = max(counts, key=lambda n: (counts[n], n))
+    names = next(scene.names for _, scene in opened if len(scene.names) == want)
+    kept = []
+    for ref, scene in opened:
+        if len(scene.names) == want:
+            kept.append((ref, scene))
+            continue
+        quarantine.append(
+            QuarantineItem(
+                scene.path,
+                "band count differs from the other scenes",
+                f"{len(scene.names)} bands ({', '.join(scene.names)}) but {counts[want]} of {len(opened)} scenes have {want} "
+                f"({', '.join(names)}). Scan scenes of different sensors as separate roots, or pick common bands with data.options.bands.",
+            )
+        )
+    return kept
 
 
 def check_label_alignment(scene: Scene, label_path: str) -> None:

@@ -106,6 +106,7 @@ class ImageFolderDomain(Domain):
             raise DataError(f"{path} has no '{key}' array; data.options.split must be one of {known}.")
         images = arrays[key]
         labels = arrays.get(f"{split}_labels")
+        _check_npz_arrays(path, key, images, labels)
         n = len(images) if not max_items else min(len(images), max_items)
         index = _spread(list(range(len(images))), n)
         items = []
@@ -149,6 +150,21 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             _NPZ_CACHE[path] = {k: data[k] for k in data.files}
     return _NPZ_CACHE[path]
+
+
+def _check_npz_arrays(path: Path, key: str, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """An image array is N×H×W or N×H×W×C (C = 1, 3 or 4) with one label row per image."""
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise DataError(
+            f"{path}: '{key}' has shape {images.shape}; expected N×H×W (grey) or N×H×W×C with C = 1, 3 or 4 "
+            "(MedMNIST layout). Re-export the array in one of these layouts."
+        )
+    if labels is not None and len(labels) != len(images):
+        label_key = key.replace("_images", "_labels")
+        raise DataError(
+            f"{path}: '{label_key}' has {len(labels)} labels for {len(images)} images in '{key}'; "
+            "each image needs exactly one label row. Fix the arrays or drop the labels."
+        )
 
 
 def _check_image(path: Path) -> str | None:

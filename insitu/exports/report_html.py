@@ -18,6 +18,7 @@ from insitu.config import RunConfig
 from insitu.exports.html import write_html_report
 from insitu.exports.plots import embedding_plot
 from insitu.exports.report import markdown_table, plot_loss_curve, write_report
+from insitu.privacy import DATA_ROOT, redact_config, shown_weights
 
 log = logging.getLogger("insitu")
 
@@ -79,7 +80,7 @@ def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | N
         (
             "Training",
             f"Objective `{cfg.objective.name}`, adapters `{cfg.adapter.kind}` on `{cfg.backbone.name}` "
-            f"({'weights ' + cfg.backbone.weights if cfg.backbone.weights else 'random init'}). {s.get('steps')} steps, "
+            f"({shown_weights(cfg.backbone.weights)}). {s.get('steps')} steps, "
             f"final loss {s.get('final_loss')}, {s.get('wall_s')} s on {s.get('device')}.",
         ),
         (
@@ -87,7 +88,7 @@ def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | N
             f"{s.get('trainable_params', 0):,} trainable vs {s.get('frozen_params', 0):,} frozen parameters; "
             f"`adapter.safetensors` is {adapter_bytes / 1024:.1f} KiB.",
         ),
-        ("Data", f"{s.get('items')} items used from `{cfg.data.root}` (domain `{cfg.data.domain}`), {s.get('quarantined')} quarantined."),
+        ("Data", f"{s.get('items')} items used from `{DATA_ROOT}` (domain `{cfg.data.domain}`), {s.get('quarantined')} quarantined."),
         ("Quarantined files by reason", quarantine_summary(run_dir)),
         ("Collapse metric", "`train/collapse_std`: per-dimension std of normalised features × √D, about 1 when spread, 0 on collapse."),
     ]
@@ -98,6 +99,6 @@ def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | N
             figures.append(
                 ("t-SNE of probe test features, coloured by label", probe_embeddings(cfg, result.adapter_dir, run_dir / "embedding.png"))
             )
-    sections.append(("Config", "```\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + "```"))
+    sections.append(("Config", "```\n" + yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False) + "```"))
     write_report(run_dir, f"insitu pretrain: {cfg.name}", sections, loss_png)
     return write_html_report(run_dir / "report.html", f"insitu pretrain: {cfg.name}", sections, [f for f in figures if f[1] is not None])

@@ -12,19 +12,35 @@ import random
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_CROPS = 32  # every crop is one more forward pass per image; more is a typo, not a recipe
 
 
 class MultiCropOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    global_crops: int = 2
-    local_crops: int = 4
+    global_crops: int = Field(2, ge=1, le=MAX_CROPS)
+    local_crops: int = Field(4, ge=0, le=MAX_CROPS)
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.1, 0.4)
-    local_size_ratio: float = 0.5
+    local_size_ratio: float = Field(0.5, gt=0, le=1)
     flip: bool = True
-    blur_prob: float = 0.2
-    intensity: float = 0.2
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    intensity: float = Field(0.2, ge=0, allow_inf_nan=False)
+
+    @field_validator("global_crops", "local_crops", mode="before")
+    @classmethod
+    def _count(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number of crops <= {MAX_CROPS}, not {type(value).__name__} {value!r}")
+        return value
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("must be (min, max) crop area fractions with 0 < min <= max <= 1")
+        return value
 
 
 class MultiCrop:

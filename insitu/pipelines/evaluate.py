@@ -22,6 +22,7 @@ from insitu.exports.report import markdown_table, write_report
 from insitu.heads import few_shot_accuracy, knn_accuracy
 from insitu.io import claim_folder
 from insitu.pipelines.finetune import FinetuneResult, build_model, downstream_of, encode, fit_and_score, model_name, prepare, summarize
+from insitu.privacy import shown_weights
 
 
 @dataclass
@@ -139,7 +140,7 @@ def write_evaluate_report(
             "What ran",
             f"Task `{ds.task}`, head `{ds.head}`, mode `{ds.mode}` ({'adapters + head' if ds.mode == 'adapters' else 'head only'}), "
             f"{ds.steps} steps, seeds {ds.seeds}. Features come from the backbone (never an SSL projection head). "
-            f"Backbone `{cfg.backbone.name}` ({'weights ' + cfg.backbone.weights if cfg.backbone.weights else 'random init: no pretrained base'}).",
+            f"Backbone `{cfg.backbone.name}` ({shown_weights(cfg.backbone.weights) if cfg.backbone.weights else 'random init: no pretrained base'}).",
         ),
         ("Results (mean ± std over seeds)", markdown_table(headers, cells)),
         ("Files", "`evaluate.csv`, `evaluate.json`, `fewshot.csv` (classification), `config.yaml`, figures as PNG."),

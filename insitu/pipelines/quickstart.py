@@ -17,6 +17,7 @@ from insitu.exports import markdown_table, plot_loss_curve, write_report
 from insitu.io import atomic_write_text, claim_folder, read_owner
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import ProbeRow, run_probe
+from insitu.privacy import shown_weights
 
 
 def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | None = None) -> RunConfig:
@@ -86,7 +87,7 @@ def describe_backbone(cfg: RunConfig) -> str:
             "`backbone.pretrained: true` when you can."
         )
     if bb.weights or bb.pretrained:
-        return f"`{bb.name}` with weights from `{bb.weights or 'the timm hub'}`."
+        return f"`{bb.name}` with weights from `{shown_weights(bb.weights).removeprefix('weights ') if bb.weights else 'the timm hub'}`."
     return (
         f"`{bb.name}` ({bb.kwargs or 'default size'}, patch {bb.patch_size}, {bb.img_size} px). **The backbone is randomly "
         f"initialised** (init seed {bb.init_seed}), so these numbers show the mechanics, not what a pretrained model gives. "

@@ -115,11 +115,6 @@ def test_evaluate_report_never_names_local_weights(tmp_path):
     _assert_clean([tmp_path / "eval" / "report.md", tmp_path / "eval" / "report.html"])
 
 
-@pytest.mark.xfail(
-    getattr(package, "redact_config", None) is not redact_config,
-    reason="insitu/adapters/package.py does not call insitu.privacy.redact_config yet",
-    strict=True,
-)
 def test_adapter_package_config_is_redacted(tmp_path):
     backbone = create_backbone(BackboneConfig(**TINY_BACKBONE))
     adapters = create_adapters(backbone, {"blocks": "all", "bottleneck_dim": 4})

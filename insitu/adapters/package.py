@@ -36,6 +36,7 @@ from insitu.package_format import (  # noqa: F401 - the format's names, re-expor
     PackageMeta,
     vet_package,
 )
+from insitu.privacy import redact_config
 
 
 @dataclass
@@ -102,7 +103,7 @@ def save_package(
         metrics=metrics or {},
         trainable_params=sum(p.numel() for p in adapters.parameters()),
         tensors={"adapter": sum(k.startswith("adapter.") for k in tensors), "head": sum(k.startswith("head.") for k in tensors)},
-        config=redact_paths(config or {}),
+        config=redact_config(config or {}),
         content_sha256=hashlib.sha256(raw).hexdigest(),
     )
     # each file appears whole or not at all; insitu.json (with the hash) last
@@ -169,20 +170,6 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone) -> None:
             "Load the base backbone it names (same weights) before applying it.",
             fields,
         )
-
-
-def redact_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a resolved config with local paths removed (folder names can identify people)."""
-    out = json.loads(json.dumps(config, default=str))
-    for section in (out.get("data"), *(out.get("probe", {}) or {}).values()):
-        if isinstance(section, dict) and "root" in section:
-            section["root"] = "<local path>"
-    if "out_dir" in out:
-        out["out_dir"] = "<local path>"
-    bb = out.get("backbone") or {}
-    if bb.get("weights"):
-        bb["weights"] = Path(str(bb["weights"])).name
-    return out
 
 
 def write_zip(package_dir: Path, zip_path: Path) -> Path:

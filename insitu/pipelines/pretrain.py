@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.adapters.package import save_package
 from insitu.backbones import create_backbone
+from insitu.checkpoints import check_checkpoint
 from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
 from insitu.io import OutputExistsError, OwnedFolder, atomic_write_text, claim_folder, is_secondary_rank, read_owner
@@ -263,13 +264,11 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
+    if resume:
+        check_checkpoint(last)  # a tampered or foreign file is a typed error naming it, before Lightning reads it
     if folder is not None:
         dump_config(cfg, run_dir / "config.yaml")
-    prior_metrics = (
-        _set_aside_metrics(run_dir / "logs", torch.load(last, weights_only=True, map_location="cpu")["global_step"])
-        if resume and folder
-        else None
-    )
+    prior_metrics = _set_aside_metrics(run_dir / "logs", check_checkpoint(last)["global_step"]) if resume and folder else None
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ScannedData.scan(cfg.data)

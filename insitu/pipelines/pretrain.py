@@ -36,6 +36,7 @@ from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
+from insitu.pipelines.health import HealthMonitor
 
 log = logging.getLogger("insitu")
 
@@ -62,6 +63,7 @@ class PretrainModule(L.LightningModule):
         self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
         self.skipped_batches = 0
         self._last_ema_step = -1
+        self.last_health: dict[str, torch.Tensor] = {}
 
     def _full_finetune_setup(self) -> torch.nn.Module:
         """Baseline mode: every backbone weight trains; the teacher gets its own EMA backbone copy."""
@@ -98,7 +100,9 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in out.items():
             if name != "loss":
-                self.log(f"train/{name}", value, batch_size=bs)
+                self.log(name if name.startswith("health/") else f"train/{name}", value, batch_size=bs)
+        # the objective's teacher health, for the health monitor's guard (insitu.pipelines.health)
+        self.last_health = {k: v.detach() for k, v in out.items() if k.startswith("health/")}
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
@@ -128,8 +132,13 @@ class PretrainModule(L.LightningModule):
         self.objective.update_teacher(m)
 
     def ema_momentum(self) -> float:
-        """Cosine schedule from ``train.ema_momentum`` to 1 over the run (as in DINO/BYOL)."""
+        """Cosine schedule from the base momentum to 1 over the run (as in DINO/BYOL).
+
+        The base is ``train.ema_momentum`` when set, else `base_ema_momentum` of the run length.
+        """
         m0 = self.cfg.train.ema_momentum
+        if m0 is None:
+            m0 = base_ema_momentum(self.cfg.train.max_steps, self.cfg.train.ema_half_life)
         t = min(1.0, self.global_step / max(1, self.cfg.train.max_steps))
         return 1 - (1 - m0) * (math.cos(math.pi * t) + 1) / 2
 
@@ -162,6 +171,18 @@ class PretrainModule(L.LightningModule):
             raise ConfigError("the checkpoint was made with a different backbone (fingerprint differs); cannot resume.")
         own = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.") and k not in checkpoint["state_dict"]}
         checkpoint["state_dict"].update(own)
+
+
+def base_ema_momentum(max_steps: int, half_life: float = 0.1, low: float = 0.9, high: float = 0.996) -> float:
+    """The momentum whose teacher half-life is ``half_life * max_steps`` steps, clipped to [low, high].
+
+    A teacher at momentum m keeps half of a step's state for ln 0.5 / ln m steps. A fixed 0.996
+    (DINO's, made for 10^5-step runs) leaves a 150-step teacher about 3/4 at its initial state;
+    tying the half-life to the run length lets the teacher follow the student in any run length
+    (300 steps: 0.977, 1,000: 0.993, >= 1,733: 0.996).
+    """
+    m = 0.5 ** (1.0 / max(1e-9, half_life * max_steps))
+    return min(high, max(low, m))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -250,6 +271,9 @@ def pretrain(cfg: RunConfig, resume: bool = False, quiet: bool = False, overwrit
         "precision": resolve_precision(cfg),
         "seed": cfg.seed,
     }
+    monitor = next((c for c in trainer.callbacks if isinstance(c, HealthMonitor)), None)
+    if monitor is not None:
+        summary["health"] = monitor.summary()
     adapter_dir = None
     if trainer.is_global_zero:
         adapter_dir = save_package(
@@ -282,6 +306,8 @@ def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
             auto_insert_metric_name=False,
         )
     ]
+    if cfg.health.enabled:
+        callbacks.append(HealthMonitor(cfg.health, cfg.train.max_steps))
     if not quiet:
         callbacks.append(RichProgressBar(leave=False))
     return L.Trainer(

@@ -52,11 +52,22 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.pdist(x).pow(2).mul(-t).exp().mean().log()
 
 
+def marginal_entropy_ratio(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of the batch-mean distribution over ln K: near 0 when every row picks the same prototypes."""
+    return entropy_ratio(p.reshape(-1, p.shape[-1]).mean(0))
+
+
 def distribution_health(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Entropy, entropy ratio and KL for matched teacher/student distributions (same shape, last axis K)."""
+    """Entropy, entropy ratio, marginal entropy ratio and KL for matched teacher/student distributions (last axis K).
+
+    A healthy teacher has a low per-sample entropy ratio (sharp targets) and a high marginal one
+    (different images, different prototypes); uniform targets give 1 and 1, a one-prototype
+    collapse gives 0 and 0.
+    """
     with torch.no_grad():
         return {
             "teacher_entropy": entropy(teacher_probs),
             "teacher_entropy_ratio": entropy_ratio(teacher_probs),
+            "teacher_marginal_entropy_ratio": marginal_entropy_ratio(teacher_probs),
             "student_teacher_kl": kl_divergence(teacher_probs, student_log_probs),
         }

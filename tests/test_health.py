@@ -189,6 +189,22 @@ def test_koleo_option_adds_the_weighted_regulariser():
     assert "koleo" not in a
 
 
+def test_glare_reports_each_terms_teacher_health():
+    from tests.test_glare import SMALL, glare_batch, models
+
+    _, student, teacher = models()
+    obj = create_objective("glare", 48, 8, 32, {**SMALL, "views": {"local_crops": 1}}, 10)
+    out = obj(glare_batch(obj), student, teacher)
+    for term in ("global", "local", "region"):
+        assert 0 < float(out[f"health/teacher_entropy_ratio_{term}"]) <= 1 + 1e-6
+        assert float(out[f"health/student_teacher_kl_{term}"]) >= 0
+    assert torch.equal(out["health/teacher_entropy_ratio"], out["health/teacher_entropy_ratio_global"])
+    local_first = create_objective("glare", 48, 8, 32, {**SMALL, "views": {"local_crops": 1}, "global_term": False}, 10)
+    out = local_first(glare_batch(local_first), student, teacher)
+    assert "health/teacher_entropy_ratio_global" not in out
+    assert torch.equal(out["health/teacher_entropy_ratio"], out["health/teacher_entropy_ratio_local"])
+
+
 def test_ema_base_momentum_follows_the_run_length(tmp_path, shapes_dir):
     for steps in (300, 1000):
         m = base_ema_momentum(steps, half_life=0.1)

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from lightly.loss import KoLeoLoss
 from lightly.loss.msn_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
+from lightly.models.modules.center import center_mean, center_momentum
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from pydantic import Field
 from torch import nn
 
 from insitu.objectives.base import Objective, ObjectiveOptions
-from insitu.objectives.health import distribution_health
+from insitu.objectives.health import distribution_health, kl_divergence
 from insitu.objectives.views import MultiCrop, MultiCropOptions
 
 
@@ -73,7 +74,7 @@ class RunningStandardize(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
         mean, var = x.mean(0), x.var(0, unbiased=False)
-        m = self.momentum if int(self.count) > 0 else 0.0
+        m = (self.count > 0).float() * self.momentum  # the first update sets the statistics (no host sync)
         self.mean.mul_(m).add_((1 - m) * mean)
         self.var.mul_(m).add_((1 - m) * var)
         self.count += 1
@@ -116,13 +117,14 @@ class DistillLoss(nn.Module):
         t = teacher_out.float()
         if self.centering == "sinkhorn":
             probs = F.softmax(t.reshape(-1, t.shape[-1]) / teacher_temp, dim=-1)
-            return sinkhorn(probs, self.sinkhorn_iterations).reshape(t.shape)
+            return sinkhorn(probs, self.sinkhorn_iterations, gather_distributed=True).reshape(t.shape)
         return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1]).mean(0, keepdim=True)
-        self.center.mul_(self.center_momentum).add_((1 - self.center_momentum) * batch_center)
+        """EMA of the teacher logits' mean (over every rank, lightly's `center_mean`)."""
+        batch_center = center_mean(teacher_out.detach().float().reshape(-1, teacher_out.shape[-1]), dim=(0,))
+        self.center.copy_(center_momentum(self.center, batch_center, self.center_momentum))
 
     def forward(self, teacher_out: list[torch.Tensor], student_out: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
         """Mean cross-entropy over every (teacher view i, student view j != i) pair (DINO)."""
@@ -133,7 +135,7 @@ class DistillLoss(nn.Module):
         if not pairs:
             raise ValueError("the DINO loss needs at least two views")
         loss = torch.stack([-(p_t[i] * log_s[j]).sum(-1).mean() for i, j in pairs]).mean()
-        kl = torch.stack([distribution_health(p_t[i], log_s[j])["student_teacher_kl"] for i, j in pairs]).mean()
+        kl = torch.stack([kl_divergence(p_t[i], log_s[j]) for i, j in pairs]).mean().detach()
         self.health = {**distribution_health(p_t, p_t.clamp_min(1e-12).log()), "student_teacher_kl": kl}
         self.update_center(t)
         return loss

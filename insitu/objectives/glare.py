@@ -100,19 +100,7 @@ class GlareObjective(DinoObjective):
         out: dict[str, torch.Tensor] = {"collapse_std": feature_std(s_tokens[0][0].detach()), "teacher_temp": torch.tensor(temp)}
         if self.training:
             self.dense_norm.update(torch.cat([t[1] for t in teacher_out]))
-        terms: dict[str, torch.Tensor] = {}
-        if o.global_term:
-            terms["global"] = self.global_loss([t[0] for t in teacher_out], [s[0] for s in s_tokens], temp)
-            out.update(health_logs(self.loss, "_global"))
-        if o.local.enabled:
-            terms["local"] = self.local_loss([t[1] for t in teacher_out], [s[1] for s in s_tokens[: len(globals_)]], masks, temp)
-            out.update(health_logs(self.patch_loss, "_local"))
-        if o.regional.enabled and len(globals_) >= 2:
-            terms["region"] = self.regional_loss(teacher_out[:2], [s[1] for s in s_tokens[:2]], temp)
-            out.update(health_logs(self.region_loss, "_region"))
-        # the headline teacher health is the first enabled term's (global, else local, else regional)
-        first = next(iter(terms))
-        out.update({k.removesuffix(f"_{first}"): v for k, v in list(out.items()) if k.startswith("health/") and k.endswith(f"_{first}")})
+        terms = self._terms(teacher_out, s_tokens, masks, temp, out)
         weights = {"global": 1.0, "local": o.local.weight, "region": o.regional.weight}
         out.update({f"loss_{name}": value for name, value in terms.items()})
         loss = sum(weights[name] * value for name, value in terms.items())
@@ -121,6 +109,29 @@ class GlareObjective(DinoObjective):
             loss = loss + o.koleo_weight * out["koleo"]
         out["loss"] = loss
         return out
+
+    def _terms(
+        self, teacher_out: list[tuple[torch.Tensor, ...]], s_tokens: list[tuple], masks: list[torch.Tensor] | None, temp: float, out: dict
+    ) -> dict[str, torch.Tensor]:
+        """The enabled terms' losses; their teacher health goes into ``out`` as ``health/<metric>_<term>``."""
+        o: GlareOptions = self.opts
+        n_global = len(teacher_out)
+        terms: dict[str, torch.Tensor] = {}
+        if o.global_term:
+            terms["global"] = self.global_loss([t[0] for t in teacher_out], [s[0] for s in s_tokens], temp)
+            out.update(health_logs(self.loss, "_global"))
+        if o.local.enabled:
+            terms["local"] = self.local_loss([t[1] for t in teacher_out], [s[1] for s in s_tokens[:n_global]], masks, temp)
+            out.update(health_logs(self.patch_loss, "_local"))
+        if o.regional.enabled and n_global >= 2:
+            terms["region"] = self.regional_loss(teacher_out[:2], [s[1] for s in s_tokens[:2]], temp)
+            out.update(health_logs(self.region_loss, "_region"))
+        if not terms:
+            raise ValueError("glare: no term applies (the regional term needs two global crops; views.global_crops)")
+        # the headline teacher health is the first enabled term's (global, else local, else regional)
+        first = f"_{next(iter(terms))}"
+        out.update({k.removesuffix(first): v for k, v in list(out.items()) if k.startswith("health/") and k.endswith(first)})
+        return terms
 
     @torch.no_grad()
     def _teacher_pass(self, views: list[torch.Tensor], teacher: nn.Module) -> list[tuple[torch.Tensor, ...]]:

@@ -205,6 +205,15 @@ def test_glare_reports_each_terms_teacher_health():
     assert torch.equal(out["health/teacher_entropy_ratio"], out["health/teacher_entropy_ratio_local"])
 
 
+def test_wrapping_objectives_pass_the_teacher_health_on():
+    torch.manual_seed(0)
+    feats = [torch.randn(8, 32) for _ in range(2)]
+    small = {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "views": {"local_crops": 0}}
+    obj = create_objective("sigreg", 32, 8, 32, {"base": "dino", "base_options": small, "num_vectors": 8}, 10)
+    out = obj({"views": feats}, FixedFeatures(), FixedFeatures())
+    assert {"health/teacher_entropy_ratio", "health/student_teacher_kl", "sigreg"} <= set(out)
+
+
 def test_ema_base_momentum_follows_the_run_length(tmp_path, shapes_dir):
     for steps in (300, 1000):
         m = base_ema_momentum(steps, half_life=0.1)
@@ -260,11 +269,16 @@ def test_tiny_run_logs_health_and_summarises_it(tmp_path: Path, shapes_dir: Path
 
 def test_collapsed_run_warns_or_stops(tmp_path: Path, shapes_dir: Path, caplog):
     # a teacher temperature of 100 makes every target uniform: the guard must notice
+    from insitu.exports.report_html import write_pretrain_report
+
     collapsed = ["train.max_steps=9", "objective.options.teacher_temp=100", "health.window=2"]
+    cfg = load_config(tiny_config(shapes_dir, tmp_path / "warn"), collapsed)
     with caplog.at_level(logging.WARNING, logger="insitu"):
-        warned = pretrain(load_config(tiny_config(shapes_dir, tmp_path / "warn"), collapsed), quiet=True)
+        warned = pretrain(cfg, quiet=True)
     assert warned.steps == 9 and len(warned.summary["health"]["alerts"]) == 1
     assert any("collapse guard" in r.getMessage() for r in caplog.records)
+    html = write_pretrain_report(cfg, warned).read_text()
+    assert "WARNING: collapse guard fired" in html and "teacher_temp" in html
     stopped = pretrain(load_config(tiny_config(shapes_dir, tmp_path / "stop"), [*collapsed, "health.guard=stop"]), quiet=True)
     assert stopped.steps < 9 and stopped.summary["health"]["stopped_by_guard"]
     healthy = pretrain(load_config(tiny_config(shapes_dir, tmp_path / "ok"), ["train.max_steps=9", "health.window=2"]), quiet=True)

@@ -86,12 +86,11 @@ def health_section(health: dict[str, Any]) -> str:
         "`alignment` (lower: views of one image agree) and `uniformity` (lower: images spread on the sphere), "
         "Wang & Isola. `grad_norm`/`update_norm` per adapted block: which blocks learn."
     )
-    guard = f"Collapse guard: `{health.get('guard')}`; " + (
-        "no alert." if not health.get("alerts") else f"{len(health['alerts'])} alert(s), see above."
-    )
-    if not rows:
-        return text + "\n\n" + guard
-    return text + "\n\n" + markdown_table(["metric", "first", "last", "min", "max"], rows) + "\n\n" + guard
+    alerts = health.get("alerts") or []
+    guard = f"Collapse guard: `{health.get('guard')}`; " + (f"{len(alerts)} alert(s):" if alerts else "no alert.")
+    parts = [text, markdown_table(["metric", "first", "last", "min", "max"], rows) if rows else "", guard]
+    parts.append("\n".join(f"- {a}" for a in alerts))
+    return "\n\n".join(p for p in parts if p)
 
 
 def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | None = None) -> Path:

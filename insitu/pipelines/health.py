@@ -106,8 +106,8 @@ def block_parameters(adapters: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def group_norm(tensors: list[torch.Tensor]) -> float:
-    """The L2 norm of a list of tensors taken together."""
-    return float(torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors)))
+    """The L2 norm of a list of tensors taken together (0 for none)."""
+    return float(torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))) if tensors else 0.0
 
 
 def fixed_views(batch: dict[str, Any], n: int) -> list[torch.Tensor] | None:
@@ -157,6 +157,8 @@ class HealthMonitor(L.Callback):
         if not is_log_step(trainer) or not hasattr(pl_module, "student"):
             return
         groups = block_parameters(pl_module.student)
+        if not any(p.grad is not None for ps in groups.values() for p in ps):  # a skipped batch: nothing to measure
+            return
         self._grad = {k: group_norm([p.grad for p in ps if p.grad is not None]) for k, ps in groups.items()}
         self._before = {k: [p.detach().clone() for p in ps] for k, ps in groups.items()}
 

@@ -81,7 +81,9 @@ def health_plot(run_dir: Path, out: Path, max_entropy_ratio: float | None = None
     """One panel per group of ``health/...`` metrics in the run's metrics.csv (a key ending in * is a prefix)."""
     from insitu.exports.report import logged_metrics, read_metric
 
-    names = [n for n in logged_metrics(run_dir) if n.startswith("health/")]
+    logged = logged_metrics(run_dir)
+    # GLARE logs each term (_global, _local, _region) and repeats the first one unsuffixed: plot it once
+    names = [n for n in logged if n.startswith("health/") and not any(f"{n}_{t}" in logged for t in ("global", "local", "region"))]
     panels = [
         (title, [n for n in names if any(n == k or (k.endswith("*") and n.startswith(k[:-1])) for k in keys)])
         for title, keys in HEALTH_PANELS
@@ -96,7 +98,7 @@ def health_plot(run_dir: Path, out: Path, max_entropy_ratio: float | None = None
             ax.plot(steps, values, lw=1.3, label=name.removeprefix("health/"))
         if "norm per" in title:
             ax.set_yscale("symlog", linthresh=1e-4)
-        if found[0] == "health/teacher_entropy_ratio":
+        if found[0].startswith("health/teacher_entropy_ratio"):
             ax.set_ylim(0, 1.05)
             if max_entropy_ratio is not None:
                 ax.axhline(max_entropy_ratio, color="#c44", ls="--", lw=1, label="guard")

@@ -17,7 +17,7 @@ from insitu.config import load_config
 from insitu.objectives import create_objective
 from insitu.objectives.dino import DistillLoss, RunningStandardize
 from insitu.objectives.health import alignment, entropy, entropy_ratio, kl_divergence, rankme, uniformity
-from insitu.pipelines.health import CollapseGuard, block_parameters
+from insitu.pipelines.health import CollapseGuard, HealthMonitor, block_parameters, fixed_views
 from insitu.pipelines.pretrain import PretrainModule, base_ema_momentum, pretrain
 from tests.conftest import tiny_config
 
@@ -230,6 +230,23 @@ def test_block_parameters_groups_adapters_by_block(tmp_path, shapes_dir):
     groups = block_parameters(module.student)
     assert sorted(groups) == ["block0", "block1"]
     assert sum(p.numel() for ps in groups.values() for p in ps) == sum(p.numel() for p in module.student.parameters())
+
+
+def test_fixed_views_and_monitor_state_survive_a_resume():
+    images = {"views": [torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8), torch.randn(6, 1, 4, 4)]}
+    assert [tuple(v.shape) for v in fixed_views(images, 4)] == [(4, 1, 8, 8)] * 2
+    clips = {"views": [torch.randn(6, 3, 1, 8, 8)] * 2}  # B×T×C×H×W: the first frame
+    assert [tuple(v.shape) for v in fixed_views(clips, 4)] == [(4, 1, 8, 8)] * 2
+    assert fixed_views({"views": [torch.randn(1, 1, 8, 8)]}, 4) is None  # one image: no spread to measure
+    cfg = load_config({"data": {"root": "."}}, check_paths=False).health
+    monitor = HealthMonitor(cfg, max_steps=100)
+    monitor.history = {"health/rankme": [(5, 7.0), (10, 6.5)]}
+    monitor.ratio_range = (0.2, 0.6)
+    monitor.guard.observe(5, entropy_ratio=0.99, rank=7.0)
+    restored = HealthMonitor(cfg, max_steps=100)
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))  # plain data, as in a checkpoint
+    assert restored.summary() == monitor.summary()
+    assert restored.guard.rank0 == 7.0 and restored.guard.since["entropy"] == 5
 
 
 # ---- a tiny real run ------------------------------------------------------------------------

@@ -92,7 +92,9 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.04, ge=0)
     warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, strict=True)
-    ema_momentum: float = Field(0.996, ge=0, le=1)
+    # the teacher's base EMA momentum; None derives it from the run length (half-life = ema_half_life * max_steps)
+    ema_momentum: float | None = Field(None, ge=0, le=1)
+    ema_half_life: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(3.0, gt=0)
     accumulate_grad_batches: int = Field(1, gt=0, le=MAX_ACCUMULATE, strict=True)
     checkpoint_every: int = Field(50, gt=0, le=MAX_STEPS, strict=True)
@@ -108,6 +110,23 @@ class TrainConfig(Strict):
             return value
         limit = next((m.le for m in cls.model_fields[info.field_name].metadata if hasattr(m, "le")), None)
         raise ValueError(f"must be a whole number{f' <= {limit:,}' if limit else ''}, not {type(value).__name__} {value!r}")
+
+
+class HealthConfig(Strict):
+    """Label-free training health (``health/...`` metrics) and the collapse guard.
+
+    The guard acts when, for ``window`` optimizer steps (at most a third of the run), the teacher's
+    entropy stays above ``max_entropy_ratio`` × ln K, or the effective rank (RankMe) of the
+    monitor's fixed batch stays below ``min_rank_fraction`` of its first value: ``warn`` logs a
+    warning and puts it in the report, ``stop`` also ends the run, ``off`` only records metrics.
+    """
+
+    enabled: bool = True
+    batch_size: int = Field(32, gt=1)
+    guard: Literal["warn", "stop", "off"] = "warn"
+    max_entropy_ratio: float = Field(0.95, gt=0, le=1)
+    min_rank_fraction: float = Field(0.5, ge=0, le=1)
+    window: int = Field(50, gt=0)
 
 
 class TrainerConfig(Strict):
@@ -183,6 +202,7 @@ class RunConfig(Strict):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     downstream: DownstreamConfig | None = None
 

@@ -33,7 +33,7 @@ def test_local_loss_matches_reference():
     torch.manual_seed(0)
     obj = glare()
     center = torch.randn(1, 24) * 0.1
-    obj.patch_loss.center.value.copy_(center)
+    obj.patch_loss.center.copy_(center)
     t = [torch.randn(3, 16, 48) for _ in range(2)]
     s = [torch.randn(3, 16, 48) for _ in range(2)]
     masks = [torch.rand(3, 4, 4) < 0.4 for _ in range(2)]
@@ -44,7 +44,8 @@ def test_local_loss_matches_reference():
     for v in range(2):
         for b in range(3):
             pos = masks[v][b].flatten().nonzero().flatten().tolist()
-            terms = [ce(obj.teacher_dense_head(t[v][b, i]), obj.dense_head(s[v][b, i]), center[0], 0.05) for i in pos]
+            n = obj.dense_norm
+            terms = [ce(obj.teacher_dense_head(n(t[v][b, i])), obj.dense_head(n(s[v][b, i])), center[0], 0.05) for i in pos]
             per_image.append(torch.stack(terms).mean() if terms else torch.tensor(0.0))
     want = torch.stack(per_image).sum() / len(per_image)
     assert torch.allclose(got, want, atol=1e-5)
@@ -110,7 +111,8 @@ def test_regional_loss_matches_reference():
                 sims = torch.stack([F.cosine_similarity(region, p, dim=0) for p in teacher_out[b][1][i]])
                 weights = torch.softmax(sims / 0.2, dim=0)
                 matched = (weights[:, None] * s_patches[b][i]).sum(0)
-                terms.append(ce(obj.teacher_dense_head(region[None])[0], obj.dense_head(matched[None])[0], center[0], 0.06))
+                n = obj.dense_norm
+                terms.append(ce(obj.teacher_dense_head(n(region[None]))[0], obj.dense_head(n(matched[None]))[0], center[0], 0.06))
     assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
 
 

@@ -69,9 +69,9 @@ def test_pretrain_report_has_everything_embedded(tmp_path):
     result = pretrain(cfg, quiet=True)
     out = write_pretrain_report(cfg, result, run_probe(cfg, [result.adapter_dir]))
     parser = check_embedded(out)
-    assert len(parser.images) == 3  # loss, collapse metric, t-SNE embedding
+    assert len(parser.images) == 4  # loss, collapse metric, training health, t-SNE embedding
     text = out.read_text()
-    for needle in ("Probe before/after", "frozen backbone", "trainable", "Quarantined", "KiB", "Config"):
+    for needle in ("Probe before/after", "frozen backbone", "trainable", "Quarantined", "KiB", "Config", "Training health"):
         assert needle in text
     assert (result.run_dir / "report.md").exists()
 

@@ -65,3 +65,48 @@ def metric_bars(rows: list[tuple[str, float, float]], metric: str, out: Path) ->
     ax.set_ylabel(metric)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out)
+
+
+HEALTH_PANELS: list[tuple[str, tuple[str, ...]]] = [
+    ("teacher entropy / ln K (per image; marginal)", ("health/teacher_entropy_ratio*", "health/teacher_marginal_entropy_ratio*")),
+    ("student-teacher KL", ("health/student_teacher_kl*",)),
+    ("effective rank (RankMe, fixed batch)", ("health/rankme",)),
+    ("alignment / uniformity (fixed batch)", ("health/alignment", "health/uniformity")),
+    ("gradient norm per adapted block", ("health/grad_norm/*",)),
+    ("update norm per adapted block", ("health/update_norm/*",)),
+]
+
+
+def health_plot(run_dir: Path, out: Path, max_entropy_ratio: float | None = None) -> Path | None:
+    """One panel per group of ``health/...`` metrics in the run's metrics.csv (a key ending in * is a prefix)."""
+    from insitu.exports.report import logged_metrics, read_metric
+
+    logged = logged_metrics(run_dir)
+    # GLARE logs each term (_global, _local, _region) and repeats the first one unsuffixed: plot it once
+    names = [n for n in logged if n.startswith("health/") and not any(f"{n}_{t}" in logged for t in ("global", "local", "region"))]
+    panels = [
+        (title, [n for n in names if any(n == k or (k.endswith("*") and n.startswith(k[:-1])) for k in keys)])
+        for title, keys in HEALTH_PANELS
+    ]
+    panels = [(title, found) for title, found in panels if found]
+    if not panels:
+        return None
+    fig, axes = plt.subplots((len(panels) + 1) // 2, 2, figsize=(9, 2.6 * ((len(panels) + 1) // 2)), dpi=100, squeeze=False)
+    for ax, (title, found) in zip(axes.flat, panels, strict=False):
+        for name in found:
+            steps, values = read_metric(run_dir, name)
+            ax.plot(steps, values, lw=1.3, label=name.removeprefix("health/"))
+        if "norm per" in title:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        if found[0].startswith("health/teacher_entropy_ratio"):
+            ax.set_ylim(0, 1.05)
+            if max_entropy_ratio is not None:
+                ax.axhline(max_entropy_ratio, color="#c44", ls="--", lw=1, label="guard")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if len(found) > 1 or ax.get_legend_handles_labels()[0][1:]:
+            ax.legend(fontsize=6, ncol=2)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    return _save(fig, out)

@@ -27,6 +27,16 @@ def read_metric(run_dir: Path, name: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+def logged_metrics(run_dir: Path) -> list[str]:
+    """The metric names (columns) of the run's Lightning CSV log; empty when there is none."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return [h for h in header if h not in ("epoch", "step")]
+
+
 def plot_loss_curve(run_dir: Path, out: Path, metric: str = "train/loss") -> Path | None:
     """Plot a metric over steps to a PNG; None when nothing was logged."""
     steps, values = read_metric(run_dir, metric)

@@ -16,7 +16,7 @@ import yaml
 
 from insitu.config import RunConfig
 from insitu.exports.html import write_html_report
-from insitu.exports.plots import embedding_plot
+from insitu.exports.plots import embedding_plot, health_plot
 from insitu.exports.report import markdown_table, plot_loss_curve, write_report
 from insitu.privacy import DATA_ROOT, redact_config, shown_weights
 
@@ -69,6 +69,31 @@ def probe_embeddings(cfg: RunConfig, adapter_dir: Path, out: Path, max_items: in
         return None
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def health_section(health: dict[str, Any]) -> str:
+    """The ``health`` entry of summary.json as a table, with what each metric means."""
+    rows = [
+        [f"`{name}`", _fmt(v.get("first")), _fmt(v.get("last")), _fmt(v.get("min")), _fmt(v.get("max"))]
+        for name, v in health.items()
+        if isinstance(v, dict)
+    ]
+    text = (
+        "Label-free signs of learning. `teacher_entropy_ratio` is the teacher's entropy over ln K: near 1 the "
+        "targets are uniform and nothing is learned. `student_teacher_kl`: how far the student is from the "
+        "targets. `rankme`: effective rank of the features on a fixed batch (falls on collapse). "
+        "`alignment` (lower: views of one image agree) and `uniformity` (lower: images spread on the sphere), "
+        "Wang & Isola. `grad_norm`/`update_norm` per adapted block: which blocks learn."
+    )
+    alerts = health.get("alerts") or []
+    guard = f"Collapse guard: `{health.get('guard')}`; " + (f"{len(alerts)} alert(s):" if alerts else "no alert.")
+    parts = [text, markdown_table(["metric", "first", "last", "min", "max"], rows) if rows else "", guard]
+    parts.append("\n".join(f"- {a}" for a in alerts))
+    return "\n\n".join(p for p in parts if p)
+
+
 def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | None = None) -> Path:
     """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path."""
     run_dir = Path(result.run_dir)
@@ -93,6 +118,13 @@ def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | N
         ("Collapse metric", "`train/collapse_std`: per-dimension std of normalised features × √D, about 1 when spread, 0 on collapse."),
     ]
     figures = [("pretraining loss", loss_png), ("collapse metric", collapse_png)]
+    health = s.get("health")
+    if health:
+        if health.get("alerts"):  # loud: right after the training line
+            stopped = " The run was stopped (health.guard=stop)." if health.get("stopped_by_guard") else ""
+            sections.insert(1, ("WARNING: collapse guard fired", "\n".join(f"- **{a}**" for a in health["alerts"]) + stopped))
+        sections.append(("Training health", health_section(health)))
+        figures.append(("training health metrics", health_plot(run_dir, run_dir / "health.png", cfg.health.max_entropy_ratio)))
     if probe_rows:
         sections.append(("Probe before/after (frozen features)", probe_table(probe_rows)))
         if result.adapter_dir:

@@ -4,19 +4,21 @@ After Ebouky et al. 2025 ("Enhancing Semantic Segmentation with Continual Self-S
 Pre-training"). Their equations are not public; this is our interpretation (docs/objectives.md):
 
 - **global**: DINO self-distillation on the CLS token, both view orders (the `dino` objective,
-  reused by subclassing: same head, centring, sharpening and teacher-temperature warm-up).
+  reused by subclassing: same head, head-input standardisation, centring or Sinkhorn–Knopp,
+  sharpening, optional KoLeo).
 - **local** (iBOT-style): the student sees each global view with a random subset of patches
   corrupted (blurred, noised or zeroed); at those positions its patch-token distribution is
-  matched to the teacher's on the clean view (lightly's `IBOTPatchLoss`, its own centre).
+  matched to the teacher's on the clean view (iBOT patch loss, its own centre).
 - **regional**: from the teacher's last-layer CLS->patch attention on each global view, K
   high-attention seeds are grown to w×w windows; patch tokens are mean-pooled into region tokens;
   each teacher region token finds its counterpart in the *other* view by cross-attention over that
   view's teacher patch tokens, and the student's tokens pooled with those weights are trained to
-  match the teacher region's distribution (lightly's `DINOLoss`, its own centre).
+  match the teacher region's distribution (DINO loss, its own centre).
 
 ``L = L_global + λ_local L_local + λ_region L_region``; each term can be switched off. Only the
 student adapters and the heads train; the pipeline EMA-updates the teacher adapters and this
-objective EMA-updates its teacher heads.
+objective EMA-updates its teacher heads. The dense head sees patch and region tokens through its
+own running standardisation (fed by the teacher's clean patch tokens), like the global head.
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightly.loss import DINOLoss
-from lightly.loss.ibot_loss import IBOTPatchLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from insitu.objectives.dino import DinoObjective, DinoOptions, feature_std
+from insitu.objectives.dino import DinoObjective, DinoOptions, feature_std, health_logs, make_head_norm
 from insitu.objectives.views import gaussian_blur
 
 
@@ -60,10 +60,6 @@ class RegionOptions(BaseModel):
 
 
 class GlareOptions(DinoOptions):
-    # ours: DINO's teacher-temperature warm-up 0.04 -> 0.07, counted in optimizer steps
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 30
     global_term: bool = True
     local: LocalOptions = LocalOptions()
     regional: RegionOptions = RegionOptions()
@@ -87,8 +83,9 @@ class GlareObjective(DinoObjective):
         self.teacher_dense_head = DINOProjectionHead(*dims)
         self.teacher_dense_head.load_state_dict(self.dense_head.state_dict())
         deactivate_requires_grad(self.teacher_dense_head)
-        self.patch_loss = IBOTPatchLoss(o.dense_out_dim, student_temp=o.student_temp, center_momentum=o.center_momentum)
-        self.region_loss = DINOLoss(o.dense_out_dim, student_temp=o.student_temp, center_momentum=o.center_momentum)
+        self.dense_norm = make_head_norm(o.head_input_norm, embed_dim, o.head_norm_momentum)
+        self.patch_loss = self.distill_loss(o.dense_out_dim)
+        self.region_loss = self.distill_loss(o.dense_out_dim)
 
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         if teacher is None:
@@ -101,20 +98,40 @@ class GlareObjective(DinoObjective):
         s_tokens = [student.forward_tokens(v) for v in student_in + views[len(globals_) :]]
         temp = self.teacher_temp()
         out: dict[str, torch.Tensor] = {"collapse_std": feature_std(s_tokens[0][0].detach()), "teacher_temp": torch.tensor(temp)}
-        loss = torch.zeros((), device=views[0].device)
-        if o.global_term:
-            out["loss_global"] = self.loss(
-                [self.teacher_head(t[0]) for t in teacher_out], [self.head(s[0]) for s in s_tokens], teacher_temp=temp
-            )
-            loss = loss + out["loss_global"]
-        if o.local.enabled:
-            out["loss_local"] = self.local_loss([t[1] for t in teacher_out], [s[1] for s in s_tokens[: len(globals_)]], masks, temp)
-            loss = loss + o.local.weight * out["loss_local"]
-        if o.regional.enabled and len(globals_) >= 2:
-            out["loss_region"] = self.regional_loss(teacher_out[:2], [s[1] for s in s_tokens[:2]], temp)
-            loss = loss + o.regional.weight * out["loss_region"]
+        if self.training:
+            self.dense_norm.update(torch.cat([t[1] for t in teacher_out]))
+        terms = self._terms(teacher_out, s_tokens, masks, temp, out)
+        weights = {"global": 1.0, "local": o.local.weight, "region": o.regional.weight}
+        out.update({f"loss_{name}": value for name, value in terms.items()})
+        loss = sum(weights[name] * value for name, value in terms.items())
+        if o.koleo_weight > 0:
+            out["koleo"] = self.koleo_loss([s[0] for s in s_tokens[: len(globals_)]])
+            loss = loss + o.koleo_weight * out["koleo"]
         out["loss"] = loss
         return out
+
+    def _terms(
+        self, teacher_out: list[tuple[torch.Tensor, ...]], s_tokens: list[tuple], masks: list[torch.Tensor] | None, temp: float, out: dict
+    ) -> dict[str, torch.Tensor]:
+        """The enabled terms' losses; their teacher health goes into ``out`` as ``health/<metric>_<term>``."""
+        o: GlareOptions = self.opts
+        n_global = len(teacher_out)
+        terms: dict[str, torch.Tensor] = {}
+        if o.global_term:
+            terms["global"] = self.global_loss([t[0] for t in teacher_out], [s[0] for s in s_tokens], temp)
+            out.update(health_logs(self.loss, "_global"))
+        if o.local.enabled:
+            terms["local"] = self.local_loss([t[1] for t in teacher_out], [s[1] for s in s_tokens[:n_global]], masks, temp)
+            out.update(health_logs(self.patch_loss, "_local"))
+        if o.regional.enabled and n_global >= 2:
+            terms["region"] = self.regional_loss(teacher_out[:2], [s[1] for s in s_tokens[:2]], temp)
+            out.update(health_logs(self.region_loss, "_region"))
+        if not terms:
+            raise ValueError("glare: no term applies (the regional term needs two global crops; views.global_crops)")
+        # the headline teacher health is the first enabled term's (global, else local, else regional)
+        first = f"_{next(iter(terms))}"
+        out.update({k.removesuffix(first): v for k, v in list(out.items()) if k.startswith("health/") and k.endswith(first)})
+        return terms
 
     @torch.no_grad()
     def _teacher_pass(self, views: list[torch.Tensor], teacher: nn.Module) -> list[tuple[torch.Tensor, ...]]:
@@ -139,7 +156,8 @@ class GlareObjective(DinoObjective):
         flat = mask.flatten(1)
         t = torch.cat(t_patches)[flat]
         s = torch.cat(s_patches)[flat]
-        return self.patch_loss(self.teacher_dense_head(t), self.dense_head(s), mask, teacher_temp=teacher_temp)
+        n = self.dense_norm
+        return self.patch_loss.patch_forward(self.teacher_dense_head(n(t)), self.dense_head(n(s)), mask, teacher_temp)
 
     def regional_loss(
         self, teacher_out: list[tuple[torch.Tensor, ...]], s_patches: list[torch.Tensor], teacher_temp: float
@@ -155,9 +173,9 @@ class GlareObjective(DinoObjective):
             weights = match_regions(t_region, teacher_out[b][1], ro.match_temp)
             t_regions.append(t_region.flatten(0, 1))
             s_matched.append((weights @ s_patches[b]).flatten(0, 1))
-        # DINOLoss pairs teacher i with student j != i: teacher regions of view a vs their match in view b
-        t_logits = [self.teacher_dense_head(t) for t in t_regions]
-        s_logits = [self.dense_head(s) for s in reversed(s_matched)]
+        # the loss pairs teacher i with student j != i: teacher regions of view a vs their match in view b
+        t_logits = [self.teacher_dense_head(self.dense_norm(t)) for t in t_regions]
+        s_logits = [self.dense_head(self.dense_norm(s)) for s in reversed(s_matched)]
         return self.region_loss(t_logits, s_logits, teacher_temp=teacher_temp)
 
     @torch.no_grad()
@@ -168,6 +186,7 @@ class GlareObjective(DinoObjective):
     def head_state(self) -> dict[str, torch.Tensor]:
         state = super().head_state()
         state.update({f"glare_dense.{k}": v for k, v in self.dense_head.state_dict().items()})
+        state.update({f"glare_dense_input_norm.{k}": v for k, v in self.dense_norm.state_dict().items()})
         return state
 
 

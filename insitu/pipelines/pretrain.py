@@ -38,6 +38,7 @@ from insitu.errors import ConfigError, NonFiniteLossError
 from insitu.io import OutputExistsError, OwnedFolder, atomic_write_text, claim_folder, is_secondary_rank, read_owner
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
+from insitu.pipelines.health import HealthMonitor
 
 log = logging.getLogger("insitu")
 
@@ -64,6 +65,7 @@ class PretrainModule(L.LightningModule):
         self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
         self.skipped_batches = 0
         self._last_ema_step = -1
+        self.last_health: dict[str, torch.Tensor] = {}
         self.wall_offset = 0.0  # wall seconds of earlier segments of a resumed run
         self._fit_start = time.perf_counter()
 
@@ -105,7 +107,9 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in out.items():
             if name != "loss":
-                self.log(f"train/{name}", value, batch_size=bs)
+                self.log(name if name.startswith("health/") else f"train/{name}", value, batch_size=bs)
+        # the objective's teacher health, for the health monitor's guard (insitu.pipelines.health)
+        self.last_health = {k: v.detach() for k, v in out.items() if k.startswith("health/")}
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
@@ -135,8 +139,13 @@ class PretrainModule(L.LightningModule):
         self.objective.update_teacher(m)
 
     def ema_momentum(self) -> float:
-        """Cosine schedule from ``train.ema_momentum`` to 1 over the run (as in DINO/BYOL)."""
+        """Cosine schedule from the base momentum to 1 over the run (as in DINO/BYOL).
+
+        The base is ``train.ema_momentum`` when set, else `base_ema_momentum` of the run length.
+        """
         m0 = self.cfg.train.ema_momentum
+        if m0 is None:
+            m0 = base_ema_momentum(self.cfg.train.max_steps, self.cfg.train.ema_half_life)
         t = min(1.0, self.global_step / max(1, self.cfg.train.max_steps))
         return 1 - (1 - m0) * (math.cos(math.pi * t) + 1) / 2
 
@@ -171,6 +180,18 @@ class PretrainModule(L.LightningModule):
         self.wall_offset = float(checkpoint.get("insitu_wall_s", 0.0))
         own = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.") and k not in checkpoint["state_dict"]}
         checkpoint["state_dict"].update(own)
+
+
+def base_ema_momentum(max_steps: int, half_life: float = 0.1, low: float = 0.9, high: float = 0.996) -> float:
+    """The momentum whose teacher half-life is ``half_life * max_steps`` steps, clipped to [low, high].
+
+    A teacher at momentum m keeps half of a step's state for ln 0.5 / ln m steps. A fixed 0.996
+    (DINO's, made for 10^5-step runs) leaves a 150-step teacher about 3/4 at its initial state;
+    tying the half-life to the run length lets the teacher follow the student in any run length
+    (300 steps: 0.977, 1,000: 0.993, >= 1,733: 0.996).
+    """
+    m = 0.5 ** (1.0 / max(1e-9, half_life * max_steps))
+    return min(high, max(low, m))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -302,6 +323,9 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
         "precision": resolve_precision(cfg),
         "seed": cfg.seed,
     }
+    monitor = next((c for c in trainer.callbacks if isinstance(c, HealthMonitor)), None)
+    if monitor is not None:
+        summary["health"] = monitor.summary()
     adapter_dir = None
     if trainer.is_global_zero:
         adapter_dir = save_package(
@@ -383,6 +407,8 @@ def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
             auto_insert_metric_name=False,
         )
     ]
+    if cfg.health.enabled:
+        callbacks.append(HealthMonitor(cfg.health, cfg.train.max_steps))
     if not quiet:
         callbacks.append(RichProgressBar(leave=False))
     return L.Trainer(

@@ -129,6 +129,12 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: 
         ),
     ]
     from insitu.exports.html import write_html_report
+    from insitu.exports.plots import health_plot
+    from insitu.exports.report_html import health_section
 
-    write_html_report(cfg.run_dir / "report.html", "insitu quickstart report", sections, [("pretraining loss", loss_png)])
+    figures = [("pretraining loss", loss_png)]
+    if s.get("health"):
+        sections.insert(4, ("Training health", health_section(s["health"])))
+        figures.append(("training health metrics", health_plot(cfg.run_dir, cfg.run_dir / "health.png", cfg.health.max_entropy_ratio)))
+    write_html_report(cfg.run_dir / "report.html", "insitu quickstart report", sections, [f for f in figures if f[1] is not None])
     return write_report(cfg.run_dir, "insitu quickstart report", sections, loss_png)

@@ -174,9 +174,13 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone) -> None:
 def redact_paths(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config with local paths removed (folder names can identify people)."""
     out = json.loads(json.dumps(config, default=str))
-    for section in (out.get("data"), *(out.get("probe", {}) or {}).values()):
+    probe = out.get("probe", {}) or {}
+    dense = probe.get("dense") or {}
+    for section in (out.get("data"), *probe.values(), *dense.values()):
         if isinstance(section, dict) and "root" in section:
             section["root"] = "<local path>"
+            if (section.get("options") or {}).get("masks"):
+                section["options"]["masks"] = "<local path>"
     if "out_dir" in out:
         out["out_dir"] = "<local path>"
     bb = out.get("backbone") or {}

@@ -15,7 +15,7 @@ from insitu.config import RunConfig, apply_override, validate_config
 from insitu.domains import get_domain_class
 from insitu.exports import markdown_table, plot_loss_curve, write_report
 from insitu.pipelines.pretrain import PretrainResult, pretrain
-from insitu.pipelines.probe import ProbeRow, run_probe
+from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe
 
 
 def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | None = None) -> RunConfig:
@@ -83,10 +83,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: 
     loss_png = plot_loss_curve(cfg.run_dir, cfg.run_dir / "loss_curve.png")
     s = result.summary
     backbone_note = describe_backbone(cfg)
-    probe = markdown_table(
-        ["features", "linear probe acc", "kNN acc", "trainable params", "train/test items"],
-        [[r.name, f"{r.linear_acc:.3f}", f"{r.knn_acc:.3f}", f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"] for r in rows],
-    )
+    probe = markdown_table(*probe_table(rows)) + "\n\n" + PROBE_NOTE
     sections = [
         (
             "What ran",

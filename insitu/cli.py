@@ -207,7 +207,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     rows = [asdict(r) for r in result]
     _probe_table(rows)
     csv_path, json_path = write_probe_outputs(result, args.out or cfg.run_dir, cfg)
-    console.print(f"wrote {csv_path} and {json_path}", highlight=False)
+    console.print(f"wrote {csv_path} and {json_path}", highlight=False, soft_wrap=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
     return 0
@@ -411,7 +411,7 @@ def _probe_table(rows: list[dict]) -> None:
         table.add_column(col, overflow="fold")
     for row in cells:
         table.add_row(*row)
-    console.print(table)
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)  # logs and pipes: no folding
 
 
 def _setup_logging(quiet: bool) -> None:

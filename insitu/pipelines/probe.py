@@ -421,23 +421,20 @@ def result_rows(rows: list[Any]) -> list[dict[str, Any]]:
 
 def probe_table(rows: list[Any]) -> tuple[list[str], list[list[str]]]:
     """(headers, cells) of the human-readable probe table: mean ± std, Δ vs frozen [CI], verdict."""
-    headers = ["features", "probe", "labels", "metric", "mean ± std", "Δ vs frozen [95% CI]", "verdict", "evals", "train/test"]
-    cells = []
+    headers = ["features", "probe", "labels", "mean ± std", "Δ vs frozen [95% CI]", "verdict", "train/test × evals"]
     models = [_as_dict(r)["name"] for r in rows]
     order = {"linear": 0, "knn": 1, "dense": 2}
-    ordered = sorted(result_rows(rows), key=lambda r: (order.get(r["probe"], 3), -r["labels"], r["metric"], models.index(r["model"])))
-    for r in ordered:
+    names = {"linear": "linear", "knn": "kNN", "dense": "dense", "accuracy": "acc"}
+    cells = []
+    for r in sorted(result_rows(rows), key=lambda r: (order.get(r["probe"], 3), -r["labels"], r["metric"], models.index(r["model"]))):
         delta = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if r["delta"] is not None else "—"
-        cells.append(
-            [
-                r["model"], r["probe"], f"{r['labels']:.0%}", r["metric"], f"{r['mean']:.3f} ± {r['std']:.3f}",
-                delta, r["verdict"] or "—", str(r["evaluations"]), f"{r['n_train']}/{r['n_test']}",
-            ]
-        )  # fmt: skip
+        probe = f"{names.get(r['probe'], r['probe'])} {names.get(r['metric'], r['metric'])}"
+        size = f"{r['n_train']}/{r['n_test']} × {r['evaluations']}"
+        cells.append([r["model"], probe, f"{r['labels']:.0%}", f"{r['mean']:.3f} ± {r['std']:.3f}", delta, r["verdict"] or "—", size])
     if not cells:  # rows from before the repeated evaluation (no results): one line per model
         for r in map(_as_dict, rows):
             acc = f"linear {r['linear_acc']:.3f} / kNN {r['knn_acc']:.3f}"
-            cells.append([r["name"], "linear/kNN", "100%", "accuracy", acc, "—", "—", "1", f"{r['n_train']}/{r['n_test']}"])
+            cells.append([r["name"], "linear/kNN acc", "100%", acc, "—", "—", f"{r['n_train']}/{r['n_test']} × 1"])
     return headers, cells
 
 

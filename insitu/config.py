@@ -127,7 +127,7 @@ class ProbeConfig(Strict):
 
     Without ``test``, the labelled set is cut into ``folds`` stratified, group-disjoint folds,
     ``repeats`` times (seeds ``seed``, ``seed``+1, ...); with ``test``, the fixed split is scored
-    ``repeats`` times (only the label subsets change). Each ``label_fractions`` entry below 1 trains
+    ``repeats`` times (only the label subsets change), unless ``pool_test`` folds train ∪ test. Each ``label_fractions`` entry below 1 trains
     on that stratified share of the training labels (at least one per class), the same items for
     every model. adapted − frozen gets a paired percentile bootstrap CI with ``bootstrap`` resamples.
     """
@@ -143,6 +143,7 @@ class ProbeConfig(Strict):
     label_fractions: list[float] = Field(default_factory=lambda: [1.0, 0.1, 0.01])
     bootstrap: int = Field(2000, ge=0)
     confidence: float = Field(0.95, gt=0, lt=1)
+    pool_test: bool = False
     group_near_duplicates: bool = False
     dense: DenseProbeConfig | None = None
 

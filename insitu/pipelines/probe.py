@@ -133,6 +133,8 @@ def classification_pool(cfg: RunConfig) -> Pool:
         return Pool([(train, _grouped(train.manifest.items, cfg.probe))], None)
     test = ScannedData.scan(cfg.probe.test)
     _check_labels(test.manifest.items, f"probe test set under {cfg.probe.test.root}")
+    if cfg.probe.pool_test:  # fold over both sets: every item is tested once per repeat
+        return Pool([(train, _grouped(train.manifest.items, cfg.probe)), (test, _grouped(test.manifest.items, cfg.probe))], None)
     n_tr, n_te = len(train.manifest.items), len(test.manifest.items)
     return Pool([(train, train.manifest.items), (test, test.manifest.items)], (np.arange(n_tr), np.arange(n_tr, n_tr + n_te)))
 
@@ -448,6 +450,7 @@ def write_probe_outputs(rows: list[ProbeRow], out_dir: Path, cfg: RunConfig) -> 
         for r in result_rows(rows):
             writer.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_COLUMNS})
     protocol = cfg.probe.model_dump(mode="json", exclude={"train", "test"})
-    protocol |= {"seed": cfg.seed, "split": "fixed train/test" if cfg.probe.test else f"{cfg.probe.folds}-fold stratified group folds"}
+    fixed = cfg.probe.test is not None and not cfg.probe.pool_test
+    protocol |= {"seed": cfg.seed, "split": "fixed train/test" if fixed else f"{cfg.probe.folds}-fold stratified group folds"}
     json_path.write_text(json.dumps({"protocol": protocol, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
     return csv_path, json_path

@@ -169,8 +169,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.probe:
         from dataclasses import asdict
 
+        from insitu.pipelines.probe import write_probe_outputs
+
         rows = run_probe(cfg, [result.adapter_dir])
         _probe_table([asdict(r) for r in rows])
+        write_probe_outputs(rows, result.run_dir, cfg)
     from insitu.exports.report_html import write_pretrain_report
 
     console.print(f"report: {write_pretrain_report(cfg, result, rows)}", highlight=False)

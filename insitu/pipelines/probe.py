@@ -155,11 +155,13 @@ def evaluation_plan(
     seed: int,
     fixed: tuple[np.ndarray, np.ndarray] | None = None,
     fractions: list[float] | None = None,
+    classify: bool = True,
 ) -> list[Split]:
     """Every (repeat, fold, label share) evaluation, built once from labels and groups so all models share it.
 
     Repeat r uses seed ``seed + r`` for its folds; the label subset of (repeat, fold, share) is drawn
-    with the seed sequence (seed + r, fold, share · 10⁶).
+    with the seed sequence (seed + r, fold, share · 10⁶). ``classify``: every training side must hold
+    two classes (the dense probe only stratifies by label).
     """
     plan = []
     for r in range(probe.repeats):
@@ -173,7 +175,7 @@ def evaluation_plan(
             folds = [(np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)) for k in range(probe.folds)]
         for k, (train, test) in enumerate(folds):
             for f in fractions or probe.label_fractions:
-                if len(np.unique(labels[train])) < 2:
+                if classify and len(np.unique(labels[train])) < 2:
                     raise DataError(f"probe fold {k} (repeat {r}) trains on a single class; lower probe.folds or add labelled items.")
                 sub = label_subset(train, labels, f, [seed + r, k, round(f * 1e6)])
                 plan.append(Split(r, k, f, sub, test))
@@ -207,14 +209,17 @@ def extract_features(
 
 
 @torch.no_grad()
-def pool_features(model: Model, pool: Pool, size: int, cfg: ProbeConfig, fallback: Normalizer) -> dict[str, np.ndarray]:
-    """item id -> feature vector over every side of the pool (items that fail to load are absent)."""
-    out: dict[str, np.ndarray] = {}
-    for data, items in pool.sides:
+def pool_features(model: Model, pool: Pool, size: int, cfg: ProbeConfig, fallback: Normalizer) -> dict[tuple[int, str], np.ndarray]:
+    """(side, item id) -> feature vector over every side of the pool (items that fail to load are absent).
+
+    Keyed by side too: two sets scanned from different roots can give the same relative ids.
+    """
+    out: dict[tuple[int, str], np.ndarray] = {}
+    for side, (data, items) in enumerate(pool.sides):
         x, _, ids = _extract(
             model.model, SampleDataset(data, items, model.normalizer or fallback, image_size=size), cfg.batch_size, cfg.features
         )
-        out.update(zip(ids, x, strict=True))
+        out.update(zip([(side, i) for i in ids], x, strict=True))
     return out
 
 
@@ -289,17 +294,18 @@ def classification_results(cfg: RunConfig, models: list[Model]) -> tuple[dict[st
     items = pool.items
     fallback = fit_normalizer(pool.sides[0][0], pool.sides[0][1])
     feats = {m.name: pool_features(m, pool, size, cfg.probe, fallback) for m in models}
-    keep = [i for i, it in enumerate(items) if all(it.item_id in f for f in feats.values())]
+    keys = [(side, it.item_id) for side, (_, its) in enumerate(pool.sides) for it in its]
+    keep = [i for i, key in enumerate(keys) if all(key in f for f in feats.values())]
     index = {old: new for new, old in enumerate(keep)}
     labels = np.array([items[i].label for i in keep])
-    groups = np.array([items[i].group for i in keep])
+    groups = np.array([f"{keys[i][0]}:{items[i].group}" for i in keep])  # groups are per set
     fixed = None
     if pool.fixed is not None:
         fixed = tuple(np.array([index[i] for i in part if i in index]) for part in pool.fixed)
     plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed)
     scored = {}
     for m in models:
-        x = np.stack([feats[m.name][items[i].item_id] for i in keep])
+        x = np.stack([feats[m.name][keys[i]] for i in keep])
         scored[m.name] = score_classification(x, labels, plan, cfg.probe.knn_k)
     metrics = {p: {"accuracy": accuracy_from_counts} for p in ("linear", "knn")}
     full = [s for s in plan if s.fraction == max(cfg.probe.label_fractions)]
@@ -342,14 +348,13 @@ def dense_results(cfg: RunConfig, models: list[Model]) -> dict[str, list[ProbeRe
     for m in models:
         parts = [token_maps(m, d, items, dense.data.image_size, cfg.probe.batch_size, fallback) for d, items in sides]
         per_model[m.name] = parts
-    items = [i for _, its in sides for i in its]
-    by_id = {i.item_id: i for i in items}
-    ids = [i for part in per_model[models[0].name] for i in part[2]]
-    labels = np.array([by_id[i].label if by_id[i].label is not None else 0 for i in ids])
-    groups = np.array([by_id[i].group for i in ids])
+    by_key = {(side, i.item_id): i for side, (_, its) in enumerate(sides) for i in its}
+    ids = [(side, i) for side, part in enumerate(per_model[models[0].name]) for i in part[2]]
+    labels = np.array([by_key[k].label if by_key[k].label is not None else 0 for k in ids])
+    groups = np.array([f"{k[0]}:{by_key[k].group}" for k in ids])
     n_first = len(per_model[models[0].name][0][2])
     fixed = (np.arange(n_first), np.arange(n_first, len(ids))) if dense.test is not None else None
-    plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed, fractions=[1.0])
+    plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed, fractions=[1.0], classify=False)
     scored = {}
     for m in models:
         maps = torch.cat([p[0] for p in per_model[m.name]])

@@ -15,7 +15,7 @@ from insitu.config import RunConfig, apply_override, validate_config
 from insitu.domains import get_domain_class
 from insitu.exports import markdown_table, plot_loss_curve, write_report
 from insitu.pipelines.pretrain import PretrainResult, pretrain
-from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe
+from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
 
 
 def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | None = None) -> RunConfig:
@@ -42,6 +42,8 @@ def quickstart(
     cfg = quickstart_config(Path(out), domain, overrides)
     result = pretrain(cfg, quiet=quiet, overwrite=True)
     rows = run_probe(cfg, [result.adapter_dir]) if result.adapter_dir else []
+    if rows:
+        write_probe_outputs(rows, cfg.run_dir, cfg)
     wall = time.perf_counter() - start
     report = _report(cfg, result, rows, wall)
     summary = {
@@ -104,7 +106,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: 
         ("Probe (frozen features)", probe),
         (
             "Files",
-            "`adapter/` (adapter.safetensors, insitu.json, README.md), `config.yaml` (resolved config), "
+            "`adapter/` (adapter.safetensors, insitu.json, README.md), `config.yaml` (resolved config), `probe.csv`/`probe.json`, "
             "`logs/metrics.csv`, `tensorboard/`, `checkpoints/`, `manifest/`.",
         ),
     ]

@@ -180,3 +180,29 @@ def test_cli_probe_writes_csv_with_the_new_columns(tmp_path, shapes_dir, monkeyp
     assert saved["protocol"]["folds"] == 5 and saved["rows"][0]["name"] == "frozen backbone"
     printed = capsys.readouterr().out
     assert "Δ vs frozen" in printed and "probe.csv" in printed
+
+
+def test_run_probe_folds_keep_groups_apart_and_pool_test_folds_both_sets(tmp_path, shapes_dir, monkeypatch):
+    from tests.conftest import write_shapes
+
+    plans = []
+    score = probe_mod.score_classification
+    monkeypatch.setattr(probe_mod, "score_classification", lambda x, y, plan, k: plans.append(plan) or score(x, y, plan, k))
+    # files shape_<i>.png: group by i, so each group holds one image of every class (mixed-label groups)
+    data = {"domain": "images", "root": str(shapes_dir), "image_size": 32, "options": {"group_pattern": r"_(\d+)\."}}
+    probe = {"folds": 3, "label_fractions": [1.0], "bootstrap": 50}
+    rows = run_probe(load_config(tiny_config(shapes_dir, tmp_path / "runs", data=data, probe=probe)))
+    items = probe_mod.classification_pool(load_config(tiny_config(shapes_dir, tmp_path / "runs", data=data, probe=probe))).items
+    groups = np.array([i.group for i in items])
+    assert len(set(groups)) == 6 and len(plans[0]) == 3
+    for s in plans[0]:
+        assert not set(groups[s.train]) & set(groups[s.test])
+    assert rows[0].evaluations == 3 and rows[0].n_train + rows[0].n_test == 24
+    # a second set with the same relative file names: folds over train ∪ test keep all 48 items apart
+    other = write_shapes(tmp_path / "other", seed=1)
+    plans.clear()
+    test = {"domain": "images", "root": str(other), "image_size": 32}
+    rows = run_probe(load_config(tiny_config(shapes_dir, tmp_path / "runs", probe={**probe, "test": test, "pool_test": True})))
+    tested = np.concatenate([s.test for s in plans[0]])
+    np.testing.assert_array_equal(np.sort(tested), np.arange(48))
+    assert rows[0].n_train + rows[0].n_test == 48

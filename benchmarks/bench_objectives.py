@@ -3,7 +3,7 @@
 For each dataset (``pneumoniamnist`` | ``busi``), objective (``dino``, ``glare``,
 ``graph_matching``, ``convirt``) and seed, adapters are pretrained with
 `insitu.pipelines.pretrain.pretrain` on the shipped fractal base (``backbone.weights:
-insitu:fractal_vit_tiny``, 1 channel, 64 px), each run in its own forked process so its peak RSS
+insitu:fractal_vit_tiny``, 1 channel, 64 px), each run in its own spawned process so its peak RSS
 is its own. Then `insitu.pipelines.probe.run_probe` scores frozen vs adapted with the repeated
 protocol of docs/evaluation.md: stratified group k-fold × repeats (the pretraining seed s seeds the
 folds and label subsets), full labels, 10 % and 1 %, linear probe and kNN, and on BUSI a dense
@@ -136,21 +136,25 @@ def run_config(
 
 
 def in_child(fn: Any, *fn_args: Any) -> dict[str, Any]:
-    """Run ``fn`` in a forked process; return its result plus that process's peak RSS (MB)."""
-    ctx = mp.get_context("fork")
+    """Run ``fn`` in a fresh (spawned) process; return its result plus that process's peak RSS (MB).
+
+    Spawned, not forked: a fork taken after torch has started its thread pools can deadlock, and
+    a fresh process's peak RSS is its own run's (imports included).
+    """
+    ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-
-    def target() -> None:
-        out = fn(*fn_args)
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        child.send(out)
-
-    proc = ctx.Process(target=target)
+    proc = ctx.Process(target=_child, args=(child, fn, fn_args))
     proc.start()
     child.close()  # a crashed child shows up as EOFError instead of a hang
     out = parent.recv()
     proc.join()
     return out
+
+
+def _child(conn: Any, fn: Any, fn_args: tuple) -> None:
+    out = fn(*fn_args)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    conn.send(out)
 
 
 def pretrain_job(raw: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +169,23 @@ def pretrain_job(raw: dict[str, Any]) -> dict[str, Any]:
         "steps": result.steps,
         "wall_s": time.perf_counter() - start,
     }
+
+
+def probe_job(raw: dict[str, Any], adapter: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from insitu.config import load_config
+    from insitu.pipelines.probe import run_probe
+
+    start = time.perf_counter()
+    rows = run_probe(load_config(raw), [Path(adapter)])
+    return {"rows": [asdict(r) for r in rows], "probe_s": time.perf_counter() - start}
+
+
+def text_encoder_job(folder: str) -> dict[str, Any]:
+    from tests.data.text_fixtures import build_tiny_bert
+
+    return {"path": str(build_tiny_bert(Path(folder)))}
 
 
 def first_last(run_dir: Path) -> dict[str, Any]:
@@ -238,27 +259,20 @@ def write_csv(path: Path, headers: list[str], cells: list[list[str]]) -> None:
 
 
 def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
-    from dataclasses import asdict
-
-    from insitu.config import load_config
-    from insitu.pipelines.probe import run_probe
-
+    """Every (dataset, objective, seed): pretrain in one process, probe in another (the parent runs no torch)."""
     text_encoder = args.text_encoder
     if "convirt" in args.objectives and text_encoder is None:
-        from tests.data.text_fixtures import build_tiny_bert
-
-        text_encoder = str(build_tiny_bert(tmp / "tiny_bert"))
+        text_encoder = in_child(text_encoder_job, str(tmp / "tiny_bert"))["path"]
     runs = []
     for dataset in args.datasets:
         for objective in args.objectives:
             for seed in args.seeds:
                 raw = run_config(args, dataset, objective, seed, tmp / "runs", text_encoder)
                 trained = in_child(pretrain_job, raw)
-                start = time.perf_counter()
-                rows = run_probe(load_config(raw), [Path(trained["adapter"])])
-                run = {"dataset": dataset, "objective": objective, "seed": seed, **trained, "probe_s": time.perf_counter() - start}
+                probed = in_child(probe_job, raw, trained["adapter"])
+                run = {"dataset": dataset, "objective": objective, "seed": seed, **trained, "probe_s": probed["probe_s"]}
                 run["logs"] = first_last(Path(trained["run_dir"]))
-                run["probe"] = [asdict(r) for r in rows]
+                run["probe"] = probed["rows"]
                 runs.append(run)
                 print(f"[{dataset}] {objective} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
     return runs

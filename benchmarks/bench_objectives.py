@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-items", type=int, default=None, help="cap every data side (smoke tests)")
     p.add_argument("--probe-items", type=int, default=1000, help="PneumoniaMNIST train images the probes fold")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="fold assignments per run; repeats enter the bootstrap CI")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--dense-steps", type=int, default=100)
     p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")

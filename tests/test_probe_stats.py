@@ -96,6 +96,12 @@ def test_paired_bootstrap_on_constructed_differences():
     d, lo, hi = paired_bootstrap(adapted, frozen, accuracy_from_counts, units=np.arange(n) % 2, n_boot=500)
     assert d == 0.0 and lo == -1.0 and hi == 1.0
     assert verdict(-0.3, -0.1) == LOSS
+    # repeats (R × N × C): repeat 0 gains on every item, repeat 1 loses on every item. Pooled Δ = 0;
+    # resampling items alone would give CI [0, 0], resampling repeats too gives [-1, 1]
+    d, lo, hi = paired_bootstrap(np.stack([right, wrong]), np.stack([wrong, right]), accuracy_from_counts, n_boot=500)
+    assert d == 0.0 and lo == -1.0 and hi == 1.0
+    d, lo, hi = paired_bootstrap(np.stack([right, right]), np.stack([wrong, wrong]), accuracy_from_counts, n_boot=200)
+    assert (d, lo, hi) == (1.0, 1.0, 1.0)
 
 
 def test_dense_counts_against_a_hand_computation():

@@ -75,27 +75,35 @@ def paired_bootstrap(
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float, float]:
-    """(metric(adapted) − metric(frozen), CI low, CI high): a percentile bootstrap over units.
+    """(metric(adapted) − metric(frozen), CI low, CI high): a percentile bootstrap over units (and repeats).
 
-    ``adapted``/``frozen`` are per-item count arrays (N × C) for the *same* items (summed over
-    repeats). Units (groups; default every item its own unit) are resampled with replacement, both
-    models' counts of the drawn units are summed and the metric difference taken, ``n_boot`` times;
-    the CI is the (1 − level)/2 and (1 + level)/2 percentiles of those differences.
+    ``adapted``/``frozen`` are per-item count arrays for the *same* items: N × C, or R × N × C with
+    one slice per repeat. Each resample draws units (groups; default every item its own unit) with
+    replacement and, when R > 1, repeats with replacement too (so the spread between fold
+    assignments and label subsets enters the CI); both models' counts are summed with the same
+    weights and the metric difference taken, ``n_boot`` times. The CI is the (1 − level)/2 and
+    (1 + level)/2 percentiles of those differences; the point estimate pools every repeat and item.
     """
     a, f = np.asarray(adapted, dtype=float), np.asarray(frozen, dtype=float)
-    _, inverse = np.unique(np.arange(len(a)) if units is None else np.asarray(units), return_inverse=True)
+    a, f = (a[None], f[None]) if a.ndim == 2 else (a, f)
+    n_rep, n_items, n_cols = a.shape
+    _, inverse = np.unique(np.arange(n_items) if units is None else np.asarray(units), return_inverse=True)
     n_units = int(inverse.max()) + 1
-    a_u, f_u = np.zeros((n_units, a.shape[1])), np.zeros((n_units, f.shape[1]))
-    np.add.at(a_u, inverse, a)
-    np.add.at(f_u, inverse, f)
-    delta = float(metric(a_u.sum(0)) - metric(f_u.sum(0)))
+    a_u, f_u = np.zeros((n_rep, n_units, n_cols)), np.zeros((n_rep, n_units, n_cols))
+    for r in range(n_rep):
+        np.add.at(a_u[r], inverse, a[r])
+        np.add.at(f_u[r], inverse, f[r])
+    delta = float(metric(a_u.sum((0, 1))) - metric(f_u.sum((0, 1))))
     if n_boot <= 0:
         return delta, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     diffs = []
-    for start in range(0, n_boot, 256):  # weights in chunks keep memory at 256 × units
-        w = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=min(256, n_boot - start)).astype(float)
-        diffs.append(metric(w @ a_u) - metric(w @ f_u))
+    for start in range(0, n_boot, 64):  # weights in chunks keep memory at 64 × units × columns
+        b = min(64, n_boot - start)
+        w = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=b).astype(float)
+        v = rng.multinomial(n_rep, np.full(n_rep, 1 / n_rep), size=b).astype(float) if n_rep > 1 else np.ones((b, 1))
+        sums = [np.einsum("br,bu,ruc->bc", v, w, x) for x in (a_u, f_u)]
+        diffs.append(metric(sums[0]) - metric(sums[1]))
     lo, hi = np.nanpercentile(np.concatenate(diffs), [50 * (1 - level), 50 * (1 + level)])
     return delta, float(lo), float(hi)
 

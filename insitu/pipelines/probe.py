@@ -241,19 +241,20 @@ def build_models(cfg: RunConfig, adapter_paths: list[Path] | None) -> list[Model
 
 
 def score_classification(x: np.ndarray, labels: np.ndarray, plan: list[Split], knn_k: int) -> dict[tuple[str, float], dict[str, Any]]:
-    """Per (probe, share): per-evaluation accuracies and per-item (correct, seen) counts summed over repeats."""
+    """Per (probe, share): per-evaluation accuracies and per-repeat, per-item (correct, seen) counts (R × N × 2)."""
     out: dict[tuple[str, float], dict[str, Any]] = {}
+    repeats = max(s.repeat for s in plan) + 1
     for s in plan:
         preds = {
             "linear": linear_probe_predict(x[s.train], labels[s.train], x[s.test]),
             "knn": knn_predict(x[s.train], labels[s.train], x[s.test], knn_k),
         }
         for probe, pred in preds.items():
-            entry = out.setdefault((probe, s.fraction), {"scores": [], "counts": np.zeros((len(labels), 2)), "n_train": []})
+            entry = out.setdefault((probe, s.fraction), {"scores": [], "counts": np.zeros((repeats, len(labels), 2)), "n_train": []})
             correct = (pred == labels[s.test]).astype(float)
             entry["scores"].append(float(correct.mean()))
-            entry["counts"][s.test, 0] += correct
-            entry["counts"][s.test, 1] += 1
+            entry["counts"][s.repeat, s.test, 0] += correct
+            entry["counts"][s.repeat, s.test, 1] += 1
             entry["n_train"].append(len(s.train))
     return out
 
@@ -272,7 +273,7 @@ def summarise(
         for metric, fn in metrics[key[0]].items():
             for name in names:
                 entry = scored[name][key]
-                seen = entry["counts"][:, -1] > 0 if metric == "accuracy" else entry["seen"]
+                seen = entry["counts"][..., -1].sum(0) > 0 if metric == "accuracy" else entry["seen"]
                 scores = [s[metric] if isinstance(s, dict) else s for s in entry["scores"]]
                 mean, std = mean_std(scores)
                 row = ProbeResult(
@@ -280,7 +281,7 @@ def summarise(
                 )
                 if name != names[0]:
                     d, lo, hi = paired_bootstrap(
-                        entry["counts"][seen], frozen["counts"][seen], fn, units[seen], probe.bootstrap, seed, probe.confidence
+                        entry["counts"][:, seen], frozen["counts"][:, seen], fn, units[seen], probe.bootstrap, seed, probe.confidence
                     )
                     row.delta, row.ci_low, row.ci_high, row.verdict = d, lo, hi, verdict(lo, hi) if probe.bootstrap else ""
                 out[name].append(row)
@@ -367,8 +368,8 @@ def dense_results(cfg: RunConfig, models: list[Model]) -> dict[str, list[ProbeRe
 def score_dense(
     maps: torch.Tensor, masks: torch.Tensor, plan: list[Split], dense: Any, seed: int
 ) -> dict[tuple[str, float], dict[str, Any]]:
-    """Per-evaluation mIoU/Dice and per-image pixel counts summed over repeats, for the dense probe."""
-    counts = np.zeros((len(masks), 3 * dense.num_classes + 3))
+    """Per-evaluation mIoU/Dice and per-repeat, per-image pixel counts (R × N × columns), for the dense probe."""
+    counts = np.zeros((max(s.repeat for s in plan) + 1, len(masks), 3 * dense.num_classes + 3))
     entry: dict[str, Any] = {"scores": [], "counts": counts, "n_train": [], "seen": np.zeros(len(masks), dtype=bool)}
     for s in plan:
         train, test = torch.from_numpy(s.train), torch.from_numpy(s.test)
@@ -378,7 +379,7 @@ def score_dense(
         c = dense_counts(pred, masks[test], dense.num_classes, dense.ignore_index)
         total = c.sum(0)
         entry["scores"].append({"mIoU": float(miou_from_counts(total)), "dice": float(fg_dice_from_counts(total))})
-        counts[s.test] += c
+        counts[s.repeat, s.test] += c
         entry["seen"][s.test] = True
         entry["n_train"].append(len(s.train))
     return {("dense", 1.0): entry}
@@ -408,7 +409,7 @@ def run_probe(cfg: RunConfig, adapter_paths: list[Path] | None = None) -> list[P
 PROBE_NOTE = (
     "mean ± std over the evaluations (stratified group folds × repeats, or a fixed split × repeats); labels: the share "
     "of training labels used (the same items for every model). Δ: adapted − frozen pooled over all evaluations, with a "
-    "paired percentile bootstrap CI over test items (groups); a difference counts as resolved only when its CI excludes 0."
+    "paired percentile bootstrap CI over test items (groups) and repeats; a difference counts as resolved only when its CI excludes 0."
 )
 
 CSV_COLUMNS = [

@@ -429,7 +429,7 @@ def result_rows(rows: list[Any]) -> list[dict[str, Any]]:
 
 def probe_table(rows: list[Any]) -> tuple[list[str], list[list[str]]]:
     """(headers, cells) of the human-readable probe table: mean ± std, Δ vs frozen [CI], verdict."""
-    headers = ["features", "probe", "labels", "mean ± std", "Δ vs frozen [95% CI]", "verdict", "train/test × evals"]
+    headers = ["features", "probe", "labels", "mean ± std", "Δ vs frozen [95% CI]", "verdict", "train per eval / test items × evals"]
     models = [_as_dict(r)["name"] for r in rows]
     order = {"linear": 0, "knn": 1, "dense": 2}
     names = {"linear": "linear", "knn": "kNN", "dense": "dense", "accuracy": "acc"}

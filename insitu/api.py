@@ -28,7 +28,12 @@ def pretrain(
 
 
 def probe(config: str | Path | dict[str, Any] | RunConfig, adapters: list[str | Path] | None = None) -> list[ProbeRow]:
-    """Linear-probe and kNN accuracy of the frozen backbone and of each adapter package."""
+    """Repeated linear-probe/kNN (and dense) evaluation of the frozen backbone and each adapter package.
+
+    One ``ProbeRow`` per model: ``linear_acc``/``knn_acc`` are full-label means over folds × repeats;
+    ``results`` holds every probe × label share × metric with mean ± std and, for adapted models,
+    adapted − frozen with its paired bootstrap CI and verdict (docs/evaluation.md).
+    """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     return _run_probe(cfg, [Path(a) for a in adapters or []])
 

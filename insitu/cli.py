@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--probe", action="store_true", help="probe frozen vs adapted features at the end")
     t.set_defaults(func=_cmd_pretrain)
 
-    pr = sub.add_parser("probe", help="linear-probe and kNN accuracy: frozen backbone vs adapter packages")
+    pr = sub.add_parser(
+        "probe", help="repeated linear-probe/kNN (and dense) evaluation: frozen backbone vs adapter packages, with bootstrap CIs"
+    )
     pr.add_argument("-c", "--config", type=Path, required=True, help="YAML config (backbone and probe sections)")
     pr.add_argument("--adapter", type=Path, action="append", default=[], help="adapter package folder or .zip (repeatable)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    pr.add_argument("--json", type=Path, help="also write the table as JSON here")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    pr.add_argument("--out", type=Path, help="folder for probe.csv and probe.json (default: the run folder)")
+    pr.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    pr.add_argument("--overwrite", action="store_true", help="replace earlier probe.csv/probe.json and an existing --json file")
     pr.set_defaults(func=_cmd_probe)
 
     ft = sub.add_parser("finetune", help="train a downstream head (segmentation/classification) on labelled data")
@@ -191,8 +194,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.probe:
         from dataclasses import asdict
 
+        from insitu.pipelines.probe import write_probe_outputs
+
         rows = run_probe(cfg, [result.adapter_dir])
         _probe_table([asdict(r) for r in rows])
+        write_probe_outputs(rows, result.run_dir, cfg)
     from insitu.exports.report_html import write_pretrain_report
 
     console.print(f"report: {write_pretrain_report(cfg, result, rows)}", highlight=False)
@@ -222,16 +228,22 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from insitu.config import load_config
-    from insitu.io import check_output_file
-    from insitu.pipelines.probe import run_probe
+    from insitu.io import add_files, check_output_file
+    from insitu.pipelines.probe import run_probe, write_probe_outputs
 
     cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.run_dir
     if args.json:
         check_output_file(args.json, args.overwrite)
-    rows = [asdict(r) for r in run_probe(cfg, args.adapter)]
+    folder = add_files(out, ("probe.csv", "probe.json"), "probe", args.overwrite)  # refuse before the work
+    result = run_probe(cfg, args.adapter)
+    rows = [asdict(r) for r in result]
     _probe_table(rows)
+    csv_path, json_path = write_probe_outputs(result, out, cfg)
+    folder.record(csv_path.name, json_path.name)
+    console.print(f"wrote {csv_path} and {json_path}", highlight=False, soft_wrap=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows, indent=2, default=str))
     return 0
 
 
@@ -462,14 +474,15 @@ def _summary_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def _probe_table(rows: list[dict]) -> None:
-    table = Table(title="probe (frozen features)", title_justify="left")
-    for col in ("features", "linear acc", "kNN acc", "trainable params", "train/test"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["name"], f"{r['linear_acc']:.3f}", f"{r['knn_acc']:.3f}", f"{r['trainable_params']:,}", f"{r['n_train']}/{r['n_test']}"
-        )
-    console.print(table)
+    from insitu.pipelines.probe import PROBE_NOTE, probe_table
+
+    headers, cells = probe_table(rows)
+    table = Table(title="probe (frozen features)", title_justify="left", caption=PROBE_NOTE, caption_justify="left")
+    for col in headers:
+        table.add_column(col, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)  # logs and pipes: no folding
 
 
 def _setup_logging(quiet: bool, light: bool = False) -> None:

@@ -154,8 +154,31 @@ class TrainerConfig(Strict):
         raise ValueError("must be a device count (2), -1 or 'auto' (all devices), or device indices ('0,1')")
 
 
+class DenseProbeConfig(Strict):
+    """A linear 1×1 head on frozen patch tokens, scored by mIoU and foreground Dice.
+
+    ``data`` yields items with masks: ``images`` with ``options.masks`` (a mask folder mirroring
+    the image folder, e.g. BUSI), or ``video`` with Kvasir-style ``images/`` + ``masks/``. Without
+    ``test`` it is evaluated on the same repeated group folds as the classification probes.
+    """
+
+    data: DataConfig
+    test: DataConfig | None = None
+    num_classes: int = Field(2, ge=2)
+    steps: int = Field(100, gt=0)
+    lr: float = Field(0.05, gt=0)
+    ignore_index: int = 255
+
+
 class ProbeConfig(Strict):
-    """Frozen-feature evaluation: linear probe and kNN on a labelled set."""
+    """Frozen-feature evaluation: linear probe and kNN (and an optional dense probe), repeated.
+
+    Without ``test``, the labelled set is cut into ``folds`` stratified, group-disjoint folds,
+    ``repeats`` times (seeds ``seed``, ``seed``+1, ...); with ``test``, the fixed split is scored
+    ``repeats`` times (only the label subsets change), unless ``pool_test`` folds train ∪ test. Each ``label_fractions`` entry below 1 trains
+    on that stratified share of the training labels (at least one per class), the same items for
+    every model. adapted − frozen gets a paired percentile bootstrap CI with ``bootstrap`` resamples.
+    """
 
     train: DataConfig | None = None
     test: DataConfig | None = None
@@ -163,6 +186,21 @@ class ProbeConfig(Strict):
     knn_k: int = Field(20, gt=0)
     features: Literal["cls", "mean", "cls+mean"] = "cls+mean"
     batch_size: int = Field(64, gt=0)
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    label_fractions: list[float] = Field(default_factory=lambda: [1.0, 0.1, 0.01])
+    bootstrap: int = Field(2000, ge=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    pool_test: bool = False
+    group_near_duplicates: bool = False
+    dense: DenseProbeConfig | None = None
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value):
+            raise ValueError("label fractions must be in (0, 1], e.g. [1.0, 0.1, 0.01]")
+        return sorted(set(value), reverse=True)
 
 
 class DownstreamConfig(Strict):
@@ -319,6 +357,8 @@ def _validate_component_options(cfg: RunConfig, where: str) -> None:
 
     sections: list[tuple[str, DataConfig]] = [("data", cfg.data)]
     sections += [(f"probe.{k}", d) for k, d in (("train", cfg.probe.train), ("test", cfg.probe.test)) if d]
+    if cfg.probe.dense is not None:
+        sections += [(f"probe.dense.{k}", d) for k, d in (("data", cfg.probe.dense.data), ("test", cfg.probe.dense.test)) if d]
     for prefix, data in sections:
         options_model = get_domain_class(data.domain).Options
         data.options = validate_options(options_model, data.options, f"{prefix}.options", where)
@@ -381,6 +421,9 @@ def _check_paths(cfg: RunConfig, where: str) -> None:
     checks: list[tuple[str, Path | None]] = [("data.root", cfg.data.root)]
     checks += [("probe.train.root", cfg.probe.train.root if cfg.probe.train else None)]
     checks += [("probe.test.root", cfg.probe.test.root if cfg.probe.test else None)]
+    if cfg.probe.dense is not None:
+        checks += [("probe.dense.data.root", cfg.probe.dense.data.root)]
+        checks += [("probe.dense.test.root", cfg.probe.dense.test.root if cfg.probe.dense.test else None)]
     if cfg.backbone.weights and cfg.backbone.weights.startswith("insitu:"):
         from insitu.backbones import packaged_card
 

@@ -142,6 +142,21 @@ def claim_folder(path: Path, command: str, overwrite: bool = False, flag: str = 
     return folder
 
 
+def add_files(path: Path, names: Iterable[str], command: str, overwrite: bool = False) -> OwnedFolder:
+    """Claim ``names`` inside ``path``: a new or empty folder, or one insitu wrote (a run folder).
+
+    A folder insitu did not write is refused as in :func:`claim_folder`; an existing file of those
+    names is replaced only with ``overwrite``. Call ``record()`` on the result after writing.
+    """
+    path = Path(path)
+    record = read_owner(path) if path.is_dir() else None
+    if record is None:
+        return claim_folder(path, command, overwrite)
+    for name in names:
+        check_output_file(path / name, overwrite)
+    return OwnedFolder(path, record.get("command", command), record.get("entries", []))
+
+
 def _remove_entries(path: Path, entries: Iterable[str]) -> None:
     for name in entries:
         if not isinstance(name, str) or not name or name in _HIDDEN or Path(name).name != name or name in (".", ".."):

@@ -24,7 +24,7 @@ REDACTED = "<local path>"
 DATA_ROOT = "<data root>"
 SALT_ENV = "INSITU_SALT"
 # keys whose string values name local files or folders
-PATH_KEY = re.compile(r"root|dir|path|folder|file|weights", re.IGNORECASE)
+PATH_KEY = re.compile(r"root|dir|path|folder|file|weights|mask", re.IGNORECASE)
 # `org/name` (optionally `hf-hub:`/`timm/`): a hub id, unless such a path exists here
 HUB_ID = re.compile(r"^(hf-hub:|hf_hub:)?[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # values that are not paths even under a path-like key (``manifest_paths: token``)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,9 @@ import pytest
 from PIL import Image
 
 from insitu.domains.synthetic import SHAPES, make_shape_image
+
+# tests write only to temporary folders: insitu's private cache (the token salt) included
+os.environ.setdefault("INSITU_CACHE", tempfile.mkdtemp(prefix="insitu-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -88,7 +88,15 @@ def test_quickstart_tiny(tmp_path, capsys):
     for o in overrides:
         args += ["--set", o]
     assert main(args) == 0
-    for rel in ("adapter/adapter.safetensors", "adapter/insitu.json", "adapter/README.md", "report.md", "loss_curve.png", "config.yaml"):
+    for rel in (
+        "adapter/adapter.safetensors",
+        "adapter/insitu.json",
+        "adapter/README.md",
+        "report.md",
+        "loss_curve.png",
+        "config.yaml",
+        "probe.csv",
+    ):
         assert (out / rel).exists(), rel
     report = (out / "report.md").read_text()
     assert "randomly initialised" in report and "frozen backbone" in report and "![loss curve](loss_curve.png)" in report

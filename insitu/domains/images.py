@@ -10,6 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
 from insitu.domains.base import (
     DemoData,
@@ -21,6 +22,7 @@ from insitu.domains.base import (
     Sample,
     stable_id,
 )
+from insitu.domains.masks import read_binary_mask
 from insitu.domains.synthetic import SHAPES, write_shape_folders
 from insitu.errors import DataError, EmptyDatasetError
 
@@ -33,6 +35,8 @@ class ImageOptions(DomainOptions):
     split: str | None = "train"
     group_pattern: str | None = None
     workers: int = 4
+    masks: str | None = None
+    mask_threshold: int = Field(127, ge=0, le=255)
 
 
 class ImageFolderDomain(Domain):
@@ -44,6 +48,9 @@ class ImageFolderDomain(Domain):
         split: which arrays of an ``.npz`` to read (``train``, ``val``, ``test``); ignored for folders.
         group_pattern: a regex whose first group, applied to the file name, gives the split group
             (for example a case id); by default every file is its own group.
+        masks: a folder mirroring the image folder (same relative path and stem, any image suffix)
+            holding a binary mask per image, e.g. BUSI's ``busi_masks/``; pixels above
+            ``mask_threshold`` are foreground (1). Items get a ``mask``; an image without one is quarantined.
     """
 
     name = "images"
@@ -55,6 +62,8 @@ class ImageFolderDomain(Domain):
             return self._scan_npz(root, max_items)
         if not root.is_dir():
             raise DataError(f"{root} is neither a folder of images nor a .npz file. Point data.root at one.")
+        if self.options.masks and not Path(self.options.masks).is_dir():
+            raise DataError(f"options.masks points at {self.options.masks}, which is not a folder; point it at the mask folder.")
         return self._scan_folder(root, max_items)
 
     def load(self, item: ManifestItem, manifest: Manifest) -> Sample:
@@ -67,6 +76,8 @@ class ImageFolderDomain(Domain):
         sample: Sample = {"image": image, "meta": {"domain": self.name, "item_id": item.item_id, "group": item.group}}
         if item.label is not None:
             sample["label"] = item.label
+        if "mask" in item.extra:
+            sample["mask"] = read_binary_mask(item.extra["mask"], tuple(image.shape[-2:]), self.options.mask_threshold)
         return sample
 
     def _scan_folder(self, root: Path, max_items: int | None) -> Manifest:
@@ -86,7 +97,14 @@ class ImageFolderDomain(Domain):
                 continue
             rel = path.relative_to(root).as_posix()
             label = class_dirs.index(rel.split("/")[0]) if use_folders and "/" in rel else None
-            items.append(ManifestItem(stable_id(rel), str(path), self._group(path.name, rel), label))
+            extra = {}
+            if self.options.masks:
+                mask = _mask_for(Path(self.options.masks), path.relative_to(root))
+                if mask is None:
+                    quarantine.append(QuarantineItem(str(path), "no mask", f"expected {Path(self.options.masks) / rel} (any image suffix)"))
+                    continue
+                extra["mask"] = str(mask)
+            items.append(ManifestItem(stable_id(rel), str(path), self._group(path.name, rel), label, None, extra))
         if not items:
             raise EmptyDatasetError(
                 f"No usable image under {root} ({len(quarantine)} quarantined). "
@@ -165,6 +183,15 @@ def _check_npz_arrays(path: Path, key: str, images: np.ndarray, labels: np.ndarr
             f"{path}: '{label_key}' has {len(labels)} labels for {len(images)} images in '{key}'; "
             "each image needs exactly one label row. Fix the arrays or drop the labels."
         )
+
+
+def _mask_for(mask_root: Path, rel: Path) -> Path | None:
+    """The mask file for an image at ``rel``: same relative folder and stem under ``mask_root``."""
+    for suffix in (rel.suffix, *IMAGE_SUFFIXES):
+        candidate = mask_root / rel.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _check_image(path: Path) -> str | None:

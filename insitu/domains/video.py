@@ -42,6 +42,7 @@ from insitu.domains.base import (
     Sample,
     stable_id,
 )
+from insitu.domains.masks import read_binary_mask
 from insitu.domains.synthetic import SHAPES, _shape_mask, _smooth_noise
 from insitu.errors import ConfigError, DataError, EmptyDatasetError
 
@@ -220,9 +221,7 @@ class VideoDomain(Domain):
     def _load_pair(self, item: ManifestItem) -> tuple[torch.Tensor, torch.Tensor]:
         with Image.open(item.path) as im:
             image = _downsize(np.asarray(im.convert("RGB")), self.options.decode_size)
-        with Image.open(item.extra["mask"]) as im:
-            grey = np.asarray(im.convert("L").resize((image.shape[1], image.shape[0]), Image.NEAREST))
-        mask = torch.from_numpy((grey > self.options.mask_threshold).astype(np.int64))
+        mask = read_binary_mask(item.extra["mask"], image.shape[:2], self.options.mask_threshold)
         return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0, mask
 
     # --- scanning ------------------------------------------------------------------------------

@@ -36,10 +36,12 @@ def quarantine_summary(run_dir: Path) -> str:
 
 
 def probe_table(rows: list[Any]) -> str:
-    return markdown_table(
-        ["features", "linear probe acc", "kNN acc", "trainable params", "train/test items"],
-        [[r.name, f"{r.linear_acc:.3f}", f"{r.knn_acc:.3f}", f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"] for r in rows],
-    )
+    """The repeated-probe table (mean ± std, adapted − frozen with its CI and verdict) plus parameter counts."""
+    from insitu.pipelines.probe import PROBE_NOTE
+    from insitu.pipelines.probe import probe_table as cells
+
+    params = markdown_table(["features", "trainable params"], [[r.name, f"{r.trainable_params:,}"] for r in rows])
+    return markdown_table(*cells(rows)) + "\n\n" + PROBE_NOTE + "\n\n" + params
 
 
 def probe_embeddings(cfg: RunConfig, adapter_dir: Path, out: Path, max_items: int = 300) -> Path | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from insitu.heads.classification import LinearHead, MLPHead, few_shot_accuracy, prototype_logits
-from insitu.heads.probe import knn_accuracy, linear_probe_accuracy
+from insitu.heads.probe import dense_linear_probe, knn_accuracy, knn_predict, linear_probe_accuracy, linear_probe_predict
 from insitu.heads.segmentation import FPNDecoder, LinearSegHead
 from insitu.registry import Registry
 
@@ -34,8 +34,11 @@ __all__ = [
     "LinearSegHead",
     "MLPHead",
     "create_head",
+    "dense_linear_probe",
     "few_shot_accuracy",
     "knn_accuracy",
+    "knn_predict",
     "linear_probe_accuracy",
+    "linear_probe_predict",
     "prototype_logits",
 ]

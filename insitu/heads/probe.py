@@ -1,4 +1,5 @@
-"""Frozen-feature probes: logistic-regression linear probe and cosine kNN (DINO-style voting)."""
+"""Frozen-feature probes: logistic-regression linear probe, cosine kNN (DINO-style voting), and a
+dense linear 1×1 probe on patch tokens."""
 
 from __future__ import annotations
 
@@ -9,24 +10,70 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 
-def linear_probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float = 1.0) -> float:
-    """Standardise features, fit multinomial logistic regression, return test accuracy."""
+def linear_probe_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c: float = 1.0) -> np.ndarray:
+    """Standardise features, fit multinomial logistic regression, return the test predictions."""
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(C=c, max_iter=2000)
     clf.fit(scaler.transform(x_train), y_train)
-    return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
+    return clf.predict(scaler.transform(x_test))
+
+
+def linear_probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float = 1.0) -> float:
+    """Test accuracy of ``linear_probe_predict``."""
+    return float((linear_probe_predict(x_train, y_train, x_test, c) == y_test).mean())
+
+
+def knn_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 20, temperature: float = 0.07) -> np.ndarray:
+    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its label."""
+    train = F.normalize(torch.from_numpy(x_train).float(), dim=1)
+    test = F.normalize(torch.from_numpy(x_test).float(), dim=1)
+    labels = torch.from_numpy(y_train).long()
+    n_classes = int(labels.max().item()) + 1
+    k = min(k, len(train))
+    sims, idx = (test @ train.T).topk(k, dim=1)
+    votes = torch.zeros(len(test), n_classes)
+    votes.scatter_add_(1, labels[idx], (sims / temperature).exp())
+    return votes.argmax(1).numpy()
 
 
 def knn_accuracy(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int = 20, temperature: float = 0.07
 ) -> float:
-    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its label."""
-    train = F.normalize(torch.from_numpy(x_train).float(), dim=1)
-    test = F.normalize(torch.from_numpy(x_test).float(), dim=1)
-    labels = torch.from_numpy(y_train).long()
-    n_classes = int(max(labels.max().item(), int(y_test.max())) + 1)
-    k = min(k, len(train))
-    sims, idx = (test @ train.T).topk(k, dim=1)
-    votes = torch.zeros(len(test), n_classes)
-    votes.scatter_add_(1, labels[idx], (sims / temperature).exp())
-    return float((votes.argmax(1).numpy() == y_test).mean())
+    """Test accuracy of ``knn_predict``."""
+    return float((knn_predict(x_train, y_train, x_test, k, temperature) == y_test).mean())
+
+
+def dense_linear_probe(
+    train_tokens: torch.Tensor,
+    train_masks: torch.Tensor,
+    test_tokens: torch.Tensor,
+    num_classes: int,
+    steps: int = 100,
+    lr: float = 0.05,
+    ignore_index: int = 255,
+    seed: int = 0,
+) -> torch.Tensor:
+    """A linear 1×1 head on frozen patch-token maps (B×D×h×w), trained by pixel cross-entropy.
+
+    Tokens are standardised with the training statistics; logits are bilinearly upsampled to the
+    mask size (as ``LinearSegHead`` does) and the head is fitted full-batch with Adam for ``steps``.
+    Returns the predicted class map of every test image (B×H×W).
+    """
+    mean = train_tokens.mean((0, 2, 3), keepdim=True)
+    std = train_tokens.std((0, 2, 3), keepdim=True) + 1e-6
+    x_tr, x_te = (train_tokens - mean) / std, (test_tokens - mean) / std
+    size = tuple(train_masks.shape[-2:])
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Conv2d(x_tr.shape[1], num_classes, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            logits = F.interpolate(head(x_tr), size=size, mode="bilinear", align_corners=False)
+            F.cross_entropy(logits, train_masks.long(), ignore_index=ignore_index).backward()
+            opt.step()
+    with torch.no_grad():
+        return F.interpolate(head(x_te), size=size, mode="bilinear", align_corners=False).argmax(1)

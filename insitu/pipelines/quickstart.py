@@ -16,7 +16,7 @@ from insitu.domains import get_domain_class
 from insitu.exports import markdown_table, plot_loss_curve, write_report
 from insitu.io import atomic_write_text, claim_folder, read_owner
 from insitu.pipelines.pretrain import PretrainResult, pretrain
-from insitu.pipelines.probe import ProbeRow, run_probe
+from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
 from insitu.privacy import shown_weights
 
 
@@ -56,6 +56,8 @@ def quickstart(
         cfg = quickstart_config(out, domain, overrides)
         result = pretrain(cfg, quiet=quiet, folder=folder)
         rows = run_probe(cfg, [result.adapter_dir]) if result.adapter_dir else []
+        if rows:
+            write_probe_outputs(rows, cfg.run_dir, cfg)
         wall = time.perf_counter() - start
         report = _report(cfg, result, rows, wall)
         summary = {
@@ -100,10 +102,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: 
     loss_png = plot_loss_curve(cfg.run_dir, cfg.run_dir / "loss_curve.png")
     s = result.summary
     backbone_note = describe_backbone(cfg)
-    probe = markdown_table(
-        ["features", "linear probe acc", "kNN acc", "trainable params", "train/test items"],
-        [[r.name, f"{r.linear_acc:.3f}", f"{r.knn_acc:.3f}", f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"] for r in rows],
-    )
+    probe = markdown_table(*probe_table(rows)) + "\n\n" + PROBE_NOTE
     sections = [
         (
             "What ran",
@@ -124,7 +123,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], wall: 
         ("Probe (frozen features)", probe),
         (
             "Files",
-            "`adapter/` (adapter.safetensors, insitu.json, README.md), `config.yaml` (resolved config), "
+            "`adapter/` (adapter.safetensors, insitu.json, README.md), `config.yaml` (resolved config), `probe.csv`/`probe.json`, "
             "`logs/metrics.csv`, `tensorboard/`, `checkpoints/`, `manifest/`.",
         ),
     ]

@@ -1,0 +1,322 @@
+"""The measurement protocol for SSL objectives on the shipped base: pretrain, then a probe that can resolve a gain.
+
+For each dataset (``pneumoniamnist`` | ``busi``), objective (``dino``, ``glare``,
+``graph_matching``, ``convirt``) and seed, adapters are pretrained with
+`insitu.pipelines.pretrain.pretrain` on the shipped fractal base (``backbone.weights:
+insitu:fractal_vit_tiny``, 1 channel, 64 px), each run in its own spawned process so its peak RSS
+is its own. Then `insitu.pipelines.probe.run_probe` scores frozen vs adapted with the repeated
+protocol of docs/evaluation.md: stratified group k-fold × repeats (the pretraining seed s seeds the
+folds and label subsets), full labels, 10 % and 1 %, linear probe and kNN, and on BUSI a dense
+linear 1×1 probe on patch tokens scored by mIoU and lesion Dice against ``busi_masks``; each
+adapted − frozen difference gets a paired bootstrap 95 % CI and a verdict.
+
+Data sides. PneumoniaMNIST: the train split pretrains (unlabelled); the probes cut a spread subset
+of ``--probe-items`` train images into folds. BUSI: all 622 images pretrain (unlabelled, the in-situ
+setting: adapt on the images you will evaluate on, never their labels); the probes fold all of them,
+near-duplicates grouped by a perceptual hash so none straddles a fold. ConVIRT needs text: none
+ships with this data, so each image is paired with SYNTHETIC report text written from its label
+(as in configs/medical/pneumoniamnist_convirt.yaml) and a tiny random-weight BERT (tests/data/
+text_fixtures.py) unless ``--text-encoder`` names a local one; the label leaks into pretraining
+through that text, so ConVIRT rows are mechanics, not evidence.
+
+Per run the table shows wall time, peak RSS, first/last loss, and whatever health the objective
+logs, read generically from logs/metrics.csv and summary.json: every ``health/...`` column (teacher
+entropy ratio, ``health/rankme``, ...) first/last, and ``train/identity_fraction`` first/last.
+
+Full protocol (hours on a 2-core CPU; minutes on a GPU):
+
+    python benchmarks/bench_objectives.py --datasets pneumoniamnist busi \\
+        --objectives dino glare graph_matching convirt --seeds 0 1 2 --steps 300 --out bench-objectives
+
+Smoke test (a minute): ``python benchmarks/bench_objectives.py --steps 2 --seeds 0 --max-items 64``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.data.text_fixtures builds the offline tiny BERT for ConVIRT
+DATA = REPO.parent / "shared" / "data" / "medical"
+PNEUMONIA = DATA / "pneumoniamnist" / "pneumoniamnist_balanced_trainval.npz"
+BUSI, BUSI_MASKS = DATA / "busi", DATA / "busi_masks"
+
+OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
+    "dino": {"out_dim": 1024},
+    "glare": {"out_dim": 1024},
+    "graph_matching": {"graph_size": 16, "knn": 5},
+    "convirt": {"trainable_layers": 1, "pooling": "mean", "proj_dim": 256, "temperature": 0.1, "lam": 0.75, "mask_duplicates": True},
+}
+REPORTS = {  # synthetic report text per class, for ConVIRT only
+    "pneumoniamnist": {
+        0: ["FINDINGS: Heart size is normal. The lungs are clear. IMPRESSION: No acute cardiopulmonary abnormality."],
+        1: ["FINDINGS: Patchy airspace opacity in the right lower lobe. IMPRESSION: Findings consistent with pneumonia."],
+    },
+    "busi": {
+        0: ["FINDINGS: Oval circumscribed hypoechoic mass, parallel orientation. IMPRESSION: Probably benign."],
+        1: ["FINDINGS: Irregular mass with spiculated margins and posterior shadowing. IMPRESSION: Suspicious for malignancy."],
+        2: ["FINDINGS: Normal fibroglandular tissue, no mass. IMPRESSION: Negative."],
+    },
+}
+
+
+# ---------------------------------------------------------------- configs
+
+
+def image_data(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The unlabelled pretraining side as an ``images`` data config."""
+    if dataset == "pneumoniamnist":
+        return {"domain": "images", "root": str(PNEUMONIA), "options": {"split": "train", "channels": 1}, "max_items": args.max_items}
+    return {"domain": "images", "root": str(BUSI), "options": {"channels": 1, "labels": "folders"}, "max_items": args.max_items}
+
+
+def probe_section(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The repeated probe: folds over the labelled side; BUSI adds the dense probe on its lesion masks."""
+    side = image_data(dataset, args)
+    if dataset == "pneumoniamnist":
+        side["max_items"] = min(args.probe_items, args.max_items or args.probe_items)
+    probe: dict[str, Any] = {
+        "train": {**side, "image_size": args.size},
+        "folds": args.folds,
+        "repeats": args.repeats,
+        "label_fractions": [1.0, 0.1, 0.01],
+        "bootstrap": args.bootstrap,
+        "knn_k": 20,
+        "group_near_duplicates": dataset == "busi",
+    }
+    if dataset == "busi" and not args.no_dense:
+        masks = {**side, "options": {**side["options"], "masks": str(BUSI_MASKS)}, "image_size": args.size}
+        probe["dense"] = {"data": masks, "steps": args.dense_steps}
+    return probe
+
+
+def run_config(
+    args: argparse.Namespace, dataset: str, objective: str, seed: int, out_dir: Path, text_encoder: str | None
+) -> dict[str, Any]:
+    """One run: the shipped base, bottleneck adapters, the objective's options, and the probe protocol."""
+    data = {**image_data(dataset, args), "image_size": args.size}
+    options = dict(OBJECTIVE_OPTIONS[objective])
+    if objective == "convirt":
+        names = ["normal", "pneumonia"] if dataset == "pneumoniamnist" else ["benign", "malignant", "normal"]
+        data = {**data, "domain": "pairs"}
+        data["options"] = {**data["options"], "label_text": REPORTS[dataset], "class_names": names, "sampling": "first"}
+        data["options"].pop("labels", None)
+        options["text_encoder"] = text_encoder
+    return {
+        "name": f"{dataset}_{objective}_s{seed}",
+        "seed": seed,
+        "out_dir": str(out_dir),
+        "data": data,
+        "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": args.size, "in_chans": 1},
+        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 32, "scale": 0.1},
+        "objective": {"name": objective, "options": options},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "lr": args.lr,
+            "warmup_steps": max(1, args.steps // 10),
+            "checkpoint_every": args.steps,
+            "log_every": max(1, min(5, args.steps // 2)),
+        },
+        "trainer": {"accelerator": args.accelerator},
+        "probe": probe_section(dataset, args),
+    }
+
+
+# ---------------------------------------------------------------- one run (in a child process)
+
+
+def in_child(fn: Any, *fn_args: Any) -> dict[str, Any]:
+    """Run ``fn`` in a fresh (spawned) process; return its result plus that process's peak RSS (MB).
+
+    Spawned, not forked: a fork taken after torch has started its thread pools can deadlock, and
+    a fresh process's peak RSS is its own run's (imports included).
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, fn_args))
+    proc.start()
+    child.close()  # a crashed child shows up as EOFError instead of a hang
+    out = parent.recv()
+    proc.join()
+    return out
+
+
+def _child(conn: Any, fn: Any, fn_args: tuple) -> None:
+    out = fn(*fn_args)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    conn.send(out)
+
+
+def pretrain_job(raw: dict[str, Any]) -> dict[str, Any]:
+    from insitu.config import load_config
+    from insitu.pipelines.pretrain import pretrain
+
+    start = time.perf_counter()
+    result = pretrain(load_config(raw), quiet=True, overwrite=True)
+    return {
+        "adapter": str(result.adapter_dir),
+        "run_dir": str(result.run_dir),
+        "steps": result.steps,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def probe_job(raw: dict[str, Any], adapter: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from insitu.config import load_config
+    from insitu.pipelines.probe import run_probe
+
+    start = time.perf_counter()
+    rows = run_probe(load_config(raw), [Path(adapter)])
+    return {"rows": [asdict(r) for r in rows], "probe_s": time.perf_counter() - start}
+
+
+def text_encoder_job(folder: str) -> dict[str, Any]:
+    from tests.data.text_fixtures import build_tiny_bert
+
+    return {"path": str(build_tiny_bert(Path(folder)))}
+
+
+def first_last(run_dir: Path) -> dict[str, Any]:
+    """First/last value of the loss, every ``health/`` column and ``train/identity_fraction`` in logs/metrics.csv (+ summary.json)."""
+    path = run_dir / "logs" / "metrics.csv"
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    columns = [c for c in (rows[0].keys() if rows else []) if wanted(c)]
+    out: dict[str, Any] = {}
+    for col in columns:
+        values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
+        if values:
+            out[f"{col} first"], out[f"{col} last"] = values[0], values[-1]
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        for key, value in json.loads(summary.read_text()).items():
+            if wanted(key) and key != "train/loss" and isinstance(value, int | float):
+                out[f"{key} (summary)"] = value
+    return out
+
+
+def wanted(column: str) -> bool:
+    return column == "train/loss" or column.startswith("health/") or "/health/" in column or column == "train/identity_fraction"
+
+
+# ---------------------------------------------------------------- tables
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    extra = sorted({k for r in runs for k in r["logs"]}, key=lambda k: (not k.startswith("train/loss"), k))
+    headers = ["dataset", "objective", "seed", "steps", "wall s", "peak RSS MB", *extra]
+    cells = [[r["dataset"], r["objective"], str(r["seed"]), str(r["steps"]), f"{r['wall_s']:.0f}", str(r["peak_rss_mb"])] for r in runs]
+    for row, r in zip(cells, runs, strict=True):
+        row += [fmt(r["logs"].get(k, "")) for k in extra]
+    return headers, cells
+
+
+def probe_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["dataset", "objective", "seed", "probe", "labels", "metric", "frozen", "adapted", "Δ adapted − frozen [95% CI]", "verdict"]
+    cells = []
+    for r in runs:
+        frozen = {(p["probe"], p["labels"], p["metric"]): p for p in r["probe"][0]["results"]}
+        for p in r["probe"][1]["results"]:
+            f = frozen[(p["probe"], p["labels"], p["metric"])]
+            cells.append(
+                [
+                    r["dataset"], r["objective"], str(r["seed"]), p["probe"], f"{p['labels']:.0%}", p["metric"],
+                    f"{f['mean']:.3f} ± {f['std']:.3f}", f"{p['mean']:.3f} ± {p['std']:.3f}",
+                    f"{p['delta']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]", p["verdict"],
+                ]
+            )  # fmt: skip
+    return headers, cells
+
+
+def markdown(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def write_csv(path: Path, headers: list[str], cells: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(headers)
+        writer.writerows(cells)
+
+
+# ---------------------------------------------------------------- main
+
+
+def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Every (dataset, objective, seed): pretrain in one process, probe in another (the parent runs no torch)."""
+    text_encoder = args.text_encoder
+    if "convirt" in args.objectives and text_encoder is None:
+        text_encoder = in_child(text_encoder_job, str(tmp / "tiny_bert"))["path"]
+    runs = []
+    for dataset in args.datasets:
+        for objective in args.objectives:
+            for seed in args.seeds:
+                raw = run_config(args, dataset, objective, seed, tmp / "runs", text_encoder)
+                trained = in_child(pretrain_job, raw)
+                probed = in_child(probe_job, raw, trained["adapter"])
+                run = {"dataset": dataset, "objective": objective, "seed": seed, **trained, "probe_s": probed["probe_s"]}
+                run["logs"] = first_last(Path(trained["run_dir"]))
+                run["probe"] = probed["rows"]
+                runs.append(run)
+                print(f"[{dataset}] {objective} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
+    return runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "busi"], choices=["pneumoniamnist", "busi"])
+    p.add_argument("--objectives", nargs="+", default=["dino", "glare", "graph_matching", "convirt"], choices=list(OBJECTIVE_OPTIONS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds; seed s also seeds the probe folds")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--size", type=int, default=64, help="input size (the shipped base's native 64 px)")
+    p.add_argument("--max-items", type=int, default=None, help="cap every data side (smoke tests)")
+    p.add_argument("--probe-items", type=int, default=1000, help="PneumoniaMNIST train images the probes fold")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="fold assignments per run; repeats enter the bootstrap CI")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--dense-steps", type=int, default=100)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")
+    p.add_argument("--text-encoder", default=None, help="a local text encoder folder for ConVIRT (default: a tiny random BERT)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="folder for runs.csv, probe.csv, results.json (default: print only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.max_items is not None:  # a smoke run: small folds and few resamples keep it to a minute
+        args.folds, args.repeats = min(args.folds, 3), 1
+    print(f"protocol: {json.dumps({k: str(v) for k, v in vars(args).items()})}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="insitu_bench_objectives_") as tmp:
+        runs = run_all(args, Path(tmp))
+    tables = {"runs": run_table(runs), "probe": probe_table(runs)}
+    print("\n### runs\n\n" + markdown(*tables["runs"]))
+    print("\n### probe: adapted vs frozen (mean ± std over folds × repeats; paired bootstrap 95 % CI)\n\n" + markdown(*tables["probe"]))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, (headers, cells) in tables.items():
+            write_csv(args.out / f"{name}.csv", headers, cells)
+        (args.out / "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2, default=str))
+        print(f"\nwrote {args.out}/runs.csv, probe.csv, results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,7 @@ def safe_text(value: object, limit: int = 300) -> str:
     """Text from a file or an error, fit for a terminal: no control/escape characters, no rich markup."""
     from rich.markup import escape
 
-    text = "".join(ch if ch.isprintable() else "\ufffd" for ch in str(value))
+    text = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in str(value))
     if len(text) > limit:
         text = text[:limit] + f"… ({len(text) - limit:,} more characters)"
     return escape(text)

@@ -36,7 +36,8 @@ MAX_TOKENS = 4096  # (image_size / patch)^2 at inference: 1024 px at patch 16
 MAX_ABS_WEIGHT = 1e6  # trained adapter and head weights are O(1); larger is damage or an attack
 TENSOR_DTYPE = "F32"  # packages store float32; anything else would be cast silently
 # head tensors live under the namespace of the objective that trained them
-HEAD_NAMESPACES = ("dino", "glare_dense", "gm_node_head", "gm_gcn", "convirt", "clip", "rsp", "cvrl")
+# (``head.<ns>.…`` where ``<ns>`` is one of these or starts with one and ``_``: dino, dino_input_norm, gm_gcn)
+HEAD_NAMESPACES = ("dino", "glare", "gm", "convirt", "clip", "rsp", "cvrl")
 
 
 class BaseInfo(BaseModel):
@@ -327,7 +328,7 @@ def parse_header(raw: bytes, path: Path) -> dict[str, TensorInfo]:
 
 def check_tensor_names(header: dict[str, TensorInfo], meta: PackageMeta, path: Path) -> None:
     """Only adapter tensors and the objective's own heads; the counts insitu.json records."""
-    foreign = [n for n in header if not (n.startswith("adapter.") or (n.startswith("head.") and n.split(".")[1] in HEAD_NAMESPACES))]
+    foreign = [n for n in header if not (n.startswith("adapter.") or (n.startswith("head.") and _head_namespace_ok(n)))]
     if foreign:
         raise AdapterFormatError(
             f"{path}/{TENSORS_FILE} holds tensors that are not adapters or objective heads: {sorted(foreign)[:8]}. "
@@ -336,6 +337,11 @@ def check_tensor_names(header: dict[str, TensorInfo], meta: PackageMeta, path: P
     counts = {"adapter": sum(n.startswith("adapter.") for n in header), "head": sum(n.startswith("head.") for n in header)}
     if meta.tensors != counts:
         raise AdapterFormatError(f"{path}/{META_FILE}: tensors {meta.tensors} does not match adapter.safetensors ({counts}).")
+
+
+def _head_namespace_ok(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and any(parts[1] == ns or parts[1].startswith(ns + "_") for ns in HEAD_NAMESPACES)
 
 
 def content_hash(raw: bytes) -> str:

@@ -100,6 +100,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, gt=0, le=MAX_STEPS, strict=True)
     log_every: int = Field(5, gt=0, le=MAX_STEPS, strict=True)
     nonfinite: Literal["stop", "skip"] = "stop"
+    # with nonfinite: skip, the run fails once more than this share of its batches (at least 10 counted) were skipped
+    max_skipped_fraction: float = Field(0.1, ge=0, le=1)
     full_finetune: bool = False  # train every backbone weight too (a baseline; the teacher gets an EMA backbone copy)
 
     @field_validator("max_steps", "batch_size", "warmup_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", mode="before")

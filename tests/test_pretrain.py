@@ -117,8 +117,18 @@ def test_non_finite_loss_stops_and_names_items(tmp_path):
 
 def test_non_finite_skip_policy(tmp_path):
     root = _nan_tiff_folder(tmp_path / "nan")
-    raw = tiny_config(root, tmp_path / "runs", train={"batch_size": 4, "max_steps": 4, "nonfinite": "skip"})
+    raw = tiny_config(root, tmp_path / "runs", train={"batch_size": 4, "max_steps": 4, "nonfinite": "skip", "max_skipped_fraction": 0.6})
     raw["objective"]["options"]["views"] = {"local_crops": 1, "global_scale": [1.0, 1.0], "local_scale": [0.9, 1.0]}
     result = pretrain(load_config(raw), quiet=True)
     assert result.summary["skipped_batches"] >= 1
     assert result.steps == 4 and np.isfinite(result.final_loss)
+
+
+def test_skip_policy_fails_the_run_past_its_budget(tmp_path):
+    root = _nan_tiff_folder(tmp_path / "nan")
+    raw = tiny_config(root, tmp_path / "runs", train={"batch_size": 4, "max_steps": 6, "nonfinite": "skip"})
+    raw["objective"]["options"]["views"] = {"local_crops": 1, "global_scale": [1.0, 1.0], "local_scale": [0.9, 1.0]}
+    cfg = load_config(raw)
+    with pytest.raises(NonFiniteLossError, match="more than train.max_skipped_fraction=0.1 allows"):
+        pretrain(cfg, quiet=True)
+    assert not (cfg.run_dir / "adapter" / "insitu.json").exists()  # nothing diverged is packaged

@@ -64,6 +64,7 @@ class PretrainModule(L.LightningModule):
         self.fingerprint = self.backbone.fingerprint
         self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
         self.skipped_batches = 0
+        self.seen_batches = 0
         self._last_ema_step = -1
         self.last_health: dict[str, torch.Tensor] = {}
         self.wall_offset = 0.0  # wall seconds of earlier segments of a resumed run
@@ -95,6 +96,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["item_id"]:
             return None
+        self.seen_batches += 1
         self.objective.step = self.global_step
         # objectives may update buffers in forward (DINO's centre); undo that on a bad batch
         buffers = {k: v.clone() for k, v in self.objective.named_buffers()}
@@ -123,8 +125,15 @@ class PretrainModule(L.LightningModule):
                 msg + ". Check those items (NaN pixels, extreme intensities) or lower train.lr; "
                 "set train.nonfinite=skip to skip such batches."
             )
-        log.warning("%s: batch skipped (train.nonfinite=skip)", msg)
         self.skipped_batches += 1
+        allowed = self.cfg.train.max_skipped_fraction * max(self.seen_batches, 10)
+        if self.skipped_batches > allowed:
+            raise NonFiniteLossError(
+                f"{msg}. {self.skipped_batches} of {self.seen_batches} batches had a non-finite loss, more than "
+                f"train.max_skipped_fraction={self.cfg.train.max_skipped_fraction} allows: the run is diverging or the data "
+                "is broken, so nothing is packaged. Check those items or lower train.lr."
+            )
+        log.warning("%s: batch skipped (train.nonfinite=skip)", msg)
         return None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -60,6 +60,18 @@ TINY_RUN = [
     "objective.options.out_dim=64",
 ]
 
+# overrides that shrink the quickstart (any domain) to a 2-block random-init ViT at 32 px and 2 steps
+TINY_QUICKSTART = [
+    "backbone.weights=null",
+    "train.max_steps=2",
+    "train.batch_size=8",
+    "data.image_size=32",
+    "backbone.img_size=32",
+    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
+    "objective.options.out_dim=64",
+    "probe.knn_k=3",
+]
+
 # data and probe overrides that shrink a PneumoniaMNIST config to a few 32 px items
 TINY_PNEUMONIA = [
     "data.max_items=16",
@@ -89,3 +101,20 @@ def tiny_config(root: Path, out_dir: Path, **sections: Any) -> dict[str, Any]:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
+
+
+def tiny_package(path: Path, **save_kwargs: Any) -> tuple[Any, Any, Path]:
+    """(backbone, adapters, package folder): a 2-block ViT with seeded non-zero bottleneck adapters, saved."""
+    import torch
+
+    from insitu.adapters import create_adapters
+    from insitu.adapters.package import save_package
+    from insitu.backbones import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone(TINY_BACKBONE)
+    adapters = create_adapters(bb, {"blocks": "all", "bottleneck_dim": 8})
+    for p in adapters.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    defaults = {"head_state": {"dino.w": torch.ones(2)}, "normalizer": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+    return bb, adapters, save_package(path, bb, adapters, **{**defaults, **save_kwargs})

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from insitu.cli import main
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, TINY_QUICKSTART, tiny_config
 
 
 def write_cfg(tmp_path, raw):
@@ -74,18 +74,8 @@ def test_ddp_two_cpu_processes(tmp_path, shapes_dir):
 
 def test_quickstart_tiny(tmp_path, capsys):
     out = tmp_path / "qs"
-    overrides = [
-        "backbone.weights=null",
-        "train.max_steps=2",
-        "train.batch_size=8",
-        "data.image_size=32",
-        "backbone.img_size=32",
-        "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
-        "objective.options.out_dim=64",
-        "probe.knn_k=3",
-    ]
     args = ["--quiet", "quickstart", "--out", str(out)]
-    for o in overrides:
+    for o in TINY_QUICKSTART:
         args += ["--set", o]
     assert main(args) == 0
     for rel in (

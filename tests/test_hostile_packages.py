@@ -24,25 +24,13 @@ from insitu.adapters import create_adapters
 from insitu.adapters.package import save_package
 from insitu.backbones import create_backbone
 from insitu.cli import main
-from tests.conftest import REPO, TINY_BACKBONE
+from tests.conftest import REPO, TINY_BACKBONE, tiny_package
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     root = tmp_path_factory.mktemp("pkg")
-    torch.manual_seed(0)
-    bb = create_backbone(TINY_BACKBONE)
-    adapters = create_adapters(bb, {"blocks": "all", "bottleneck_dim": 8})
-    for p in adapters.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = save_package(
-        root / "good",
-        bb,
-        adapters,
-        head_state={"dino.w": torch.ones(2)},
-        normalizer={"mean": [0.0] * 3, "std": [1.0] * 3},
-        input_info={"domain": "images", "image_size": 32, "channels": 3},
-    )
+    _, _, path = tiny_package(root / "good", input_info={"domain": "images", "image_size": 32, "channels": 3})
     base = root / "base.yaml"
     base.write_text(yaml.safe_dump({"backbone": TINY_BACKBONE}))
     return path, base

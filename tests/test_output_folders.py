@@ -19,18 +19,7 @@ from insitu.errors import ConfigError
 from insitu.io import OWNER_FILE, OutputExistsError, RunLockedError, claim_folder, read_owner
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.quickstart import quickstart
-from tests.conftest import REPO, tiny_config
-
-TINY_QUICKSTART = [
-    "backbone.weights=null",
-    "train.max_steps=2",
-    "train.batch_size=8",
-    "data.image_size=32",
-    "backbone.img_size=32",
-    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
-    "objective.options.out_dim=64",
-    "probe.knn_k=3",
-]
+from tests.conftest import REPO, TINY_QUICKSTART, tiny_config
 
 
 def snapshot(root):

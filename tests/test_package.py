@@ -5,29 +5,15 @@ import pickle
 import pytest
 import torch
 
-from insitu.adapters import create_adapters
 from insitu.adapters.package import apply_package, load_package, save_package, write_zip
 from insitu.backbones import create_backbone
 from insitu.errors import AdapterFormatError, AdapterMismatchError
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_BACKBONE, tiny_package
 
 
 @pytest.fixture
 def trained(tmp_path):
-    torch.manual_seed(0)
-    bb = create_backbone(TINY_BACKBONE)
-    adapters = create_adapters(bb, {"blocks": "all", "bottleneck_dim": 8})
-    for p in adapters.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = save_package(
-        tmp_path / "pkg",
-        bb,
-        adapters,
-        head_state={"dino.w": torch.ones(2)},
-        normalizer={"mean": [0.0] * 3, "std": [1.0] * 3},
-        config={"data": {"root": "/hospital/patients/DOE_JOHN"}, "out_dir": "/runs"},
-    )
-    return bb, adapters, path
+    return tiny_package(tmp_path / "pkg", config={"data": {"root": "/hospital/patients/DOE_JOHN"}, "out_dir": "/runs"})
 
 
 def test_round_trip_gives_identical_outputs(trained):

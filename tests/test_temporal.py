@@ -30,7 +30,7 @@ from insitu.objectives.temporal import (
 from insitu.pipelines.data import collate
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.quickstart import quickstart
-from tests.conftest import REPO, TINY_BACKBONE, tiny_config
+from tests.conftest import REPO, TINY_BACKBONE, TINY_QUICKSTART, tiny_config
 from tests.data.video_fixtures import counter_frames, write_video
 
 
@@ -195,15 +195,7 @@ def test_cvrl_pretrain_tiny(tmp_path, clip_videos):
 
 
 def test_quickstart_video_tiny(tmp_path):
-    overrides = [
-        "train.max_steps=2",
-        "train.batch_size=8",
-        "data.image_size=32",
-        "backbone.img_size=32",
-        "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
-        "objective.options.out_dim=64",
-        "probe.knn_k=3",
-    ]
+    overrides = [o for o in TINY_QUICKSTART if not o.startswith("backbone.weights")]  # the video demo's own backbone
     summary = quickstart(tmp_path / "qs", domain="video", overrides=overrides, quiet=True)
     assert (tmp_path / "qs" / "data" / "train" / "circle" / "circle_000.mp4").exists()
     rows = summary["probe"]

@@ -50,6 +50,10 @@ def test_cog_output_on_real_landsat_scene(tmp_path):
 def test_tent_weights_positive_and_centred():
     w = tent_weights(5, 4)
     assert (w > 0).all() and w[2, 1] == w.max() and w[0, 0] == w.min()
+    # by hand: rows ramp 1,2,3,2,1 over ceil(5/2) = 3; columns 1,2,2,1 over 2; weights are their outer product
+    rows, cols = np.array([1, 2, 3, 2, 1]) / 3, np.array([1, 2, 2, 1]) / 2
+    assert np.allclose(w, np.outer(rows, cols)) and w.dtype == np.float32
+    assert np.array_equal(tent_weights(6, 6), tent_weights(6, 6)[::-1, ::-1])  # symmetric about the centre
 
 
 def test_wrong_prediction_shape_is_a_clear_error(tmp_path):

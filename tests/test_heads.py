@@ -29,6 +29,18 @@ def test_classification_heads_shapes_and_gradients(name):
     assert out.shape == (4, 5)
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    head.eval()  # no dropout: rows are independent and the linear head is fc(layer_norm(x)) by hand
+    with torch.no_grad():
+        out = head(x)
+        assert torch.allclose(torch.cat([head(x[i : i + 1]) for i in range(4)]), out, atol=1e-6)
+        y = x.clone()
+        y[2] += 1.0
+        changed = (head(y) - out).abs().sum(1) > 0
+        assert changed.tolist() == [False, False, True, False]
+        if name == "linear":
+            z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+            want = (z * head.norm.weight + head.norm.bias) @ head.fc.weight.T + head.fc.bias
+            assert torch.allclose(out, want, atol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "levels"), [("linear", 1), ("fpn", 2), ("fpn", 4)])
@@ -40,6 +52,21 @@ def test_segmentation_heads_on_backbone_intermediates(backbone, name, levels):
     logits = head(maps, (32, 32))
     assert logits.shape == (2, 3, 32, 32)
     assert torch.isfinite(logits).all()
+    head.eval()
+    with torch.no_grad():
+        out = head(maps, (32, 32))
+        # samples do not mix: the second image alone gives its own logits
+        assert torch.allclose(head([m[1:] for m in maps], (32, 32)), out[1:], atol=1e-5)
+        # every level reaches the output: changing only the finest map changes the logits
+        assert not torch.allclose(head([maps[0] + 1.0, *maps[1:]], (32, 32)), out, atol=1e-4)
+        if name == "linear":
+            # bilinear upsampling ×8 (align_corners=False) copies token (0, 0) to the 4×4 corner pixels
+            norm = head.norm
+            z = (maps[-1][:, :, 0, 0] - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+            want = z @ head.conv.weight[:, :, 0, 0].T + head.conv.bias
+            assert torch.allclose(out[:, :, :4, :4], want[:, :, None, None].expand(-1, -1, 4, 4), atol=1e-5)
+            # a 1×1 head commutes with a horizontal flip of the token maps
+            assert torch.allclose(head([m.flip(-1) for m in maps], (32, 32)), out.flip(-1), atol=1e-5)
 
 
 def test_unknown_head_is_a_config_error():

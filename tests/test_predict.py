@@ -59,6 +59,17 @@ def test_png_masks_and_overlays_via_cli(seg_model, tmp_path):
     assert mask.shape == (48, 48) and set(np.unique(mask)) <= {0, 1}
     assert overlay.size == (48, 48) and overlay.mode == "RGB"
     assert {p: p.read_bytes() for p in src.iterdir()} == before  # sources untouched
+    # the mask is the model's own per-pixel argmax on the image, predicted directly in one pass
+    model, meta, norm = load_head(seg_model)
+    rgb = np.asarray(Image.open(src / "shape_0000.png").convert("RGB"))
+    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+    direct = make_predictor(model, norm, meta["image_size"])(image).argmax(0).numpy()
+    assert np.array_equal(mask, direct)
+    # background pixels keep the (min-max scaled) source colour, class-1 pixels are tinted 45% toward red
+    scaled = (rgb.astype(np.float32) - rgb.min()) / max(int(rgb.max()) - int(rgb.min()), 1) * 255
+    tinted = 0.55 * scaled + 0.45 * np.array([230, 25, 75], np.float32)
+    want = np.where((mask == 1)[..., None], tinted, scaled).round()
+    assert np.abs(np.asarray(overlay).astype(np.float32) - want).max() <= 1
 
 
 def test_video_overlay_mp4_and_frame_csv(seg_model, tmp_path):
@@ -72,6 +83,17 @@ def test_video_overlay_mp4_and_frame_csv(seg_model, tmp_path):
     assert len(frames) == 6 and frames[0].shape == (32, 32, 3)
     lines = (tmp_path / "out" / "case_frames.csv").read_text().splitlines()
     assert lines[0] == "frame,time_s,foreground_fraction" and len(lines) == 7
+    # each row: its frame index, its time at 5 fps, and the foreground share of the model's mask on that frame
+    from insitu.domains import create_domain
+
+    model, meta, norm = load_head(seg_model)
+    predictor = make_predictor(model, norm, meta["image_size"])
+    decoded = create_domain("video", {"decode_size": 32, "crop_fov": False}).read_frames(str(video), list(range(6)))
+    for i, (line, frame) in enumerate(zip(lines[1:], decoded, strict=True)):
+        index, time_s, fraction = line.split(",")
+        mask = predictor(torch.from_numpy(frame).permute(2, 0, 1).float() / 255.0).argmax(0)
+        assert int(index) == i and float(time_s) == pytest.approx(i / 5, abs=1e-3)
+        assert float(fraction) == pytest.approx(float((mask > 0).float().mean()), abs=1e-4)
 
 
 def test_geotiff_prediction_keeps_georeferencing(tmp_path):

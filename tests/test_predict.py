@@ -126,3 +126,13 @@ def test_dicom_seg_references_the_source_series(seg_model, tmp_path):
     labels = read_seg(str(out[0]), files)
     assert labels.shape == (3, 32, 32) and set(np.unique(labels)) <= {0, 1}
     assert [Path(f).read_bytes() for f in files] == before
+    # read back per source file, each frame is the model's mask on that file's slice (files run in z order)
+    from insitu.domains import create_domain
+
+    model, meta, norm = load_head(seg_model)
+    predictor = make_predictor(model, norm, meta["image_size"])
+    domain = create_domain("dicom", {"channels": 3, "cache_dir": str(tmp_path / "cache2"), "plane": "acquisition", "sample": "slice"})
+    manifest = domain.scan(tmp_path / "ct")
+    items = sorted(manifest.items, key=lambda i: i.extra["index"])
+    direct = np.stack([predictor(domain.load(item, manifest)["image"]).argmax(0).numpy() for item in items])
+    assert np.array_equal(labels, direct)

@@ -49,9 +49,22 @@ def test_dino_objective_forward_and_gradients():
     views = obj.view_transform()(torch.randn(3, 40, 40))
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
     batch = {"views": [torch.stack([v, v + 0.1]) for v in views]}
+    torch.nn.init.normal_(student.layers["1"].up.weight, std=0.05)  # student and teacher differ
     out = obj(batch, AdaptedBackbone(bb, student), AdaptedBackbone(bb, teacher))
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
+    # end to end against the pairwise reference: the teacher sees the 2 global views, the student all 6;
+    # both heads see CLS standardised by the teacher batch's statistics (the first update sets them),
+    # the centre starts at zero, temperatures are the defaults (teacher 0.04, student 0.1)
+    with torch.no_grad():
+        t_cls = [bb.forward_tokens(v, teacher)[0] for v in batch["views"][:2]]
+        s_cls = [bb.forward_tokens(v, student)[0] for v in batch["views"]]
+        both = torch.cat(t_cls)
+        mean, var = both.mean(0), both.var(0, unbiased=False)
+        t_out = [obj.teacher_head((c - mean) / torch.sqrt(var + 1e-5)) for c in t_cls]
+        s_out = [obj.head((c - mean) / torch.sqrt(var + 1e-5)) for c in s_cls]
+        want = reference_dino_loss(t_out, s_out, torch.zeros(1, 32), 0.04, 0.1)
+    assert torch.allclose(out["loss"].detach(), want, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in bb.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert student.layers["0"].up.weight.grad is not None

@@ -39,6 +39,12 @@ def test_grey_channel_option(shapes_dir):
     domain = create_domain("images", {"channels": 1})
     manifest = domain.scan(shapes_dir)
     assert domain.load(manifest.items[0], manifest)["image"].shape == (1, 32, 32)
+    # grey is the ITU-R 601 luma of the colour pixels, and each item is its own file
+    for item in manifest.items[:3]:
+        grey = domain.load(item, manifest)["image"][0].numpy()
+        rgb = np.asarray(Image.open(item.path).convert("RGB"), np.float32) / 255.0
+        assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 0.1  # coloured, so channel mix-ups would show
+        assert np.abs(grey - rgb @ np.array([0.299, 0.587, 0.114], np.float32)).max() <= 1 / 255 + 1e-6
 
 
 def test_empty_folder_is_an_error_naming_it(tmp_path):

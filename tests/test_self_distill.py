@@ -83,3 +83,12 @@ def test_two_stage_run(tmp_path: Path, shapes_dir: Path):
     )
     stage2 = pretrain(cfg, quiet=True)
     assert stage2.steps == 2 and stage2.adapter_dir is not None
+    # the stage-1 package was used: every step logs a positive pull toward it (at step 0 the student is the
+    # plain backbone, so a target without the package would give exactly 0), added to the base loss
+    import csv
+
+    rows = [r for r in csv.DictReader((stage2.run_dir / "logs" / "metrics.csv").open()) if r.get("train/distill")]
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["train/distill"]) > 0
+        assert float(r["train/loss"]) == pytest.approx(float(r["train/loss_base"]) + float(r["train/distill"]), rel=1e-4)

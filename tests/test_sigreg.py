@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from insitu.adapters import AdaptedBackbone, create_adapters
@@ -66,3 +67,9 @@ def test_sigreg_around_glare_in_pretraining(tmp_path: Path, shapes_dir: Path):
     result = pretrain(cfg, quiet=True)
     rows = [r for r in csv.DictReader((result.run_dir / "logs" / "metrics.csv").open()) if r.get("train/sigreg")]
     assert rows and all(float(r["train/sigreg"]) > 0 and r.get("train/loss_region") for r in rows)
+    # the regulariser is really added, at the default weight 0.05, to the GLARE loss of the same step
+    assert len(rows) == 2
+    for r in rows:
+        want = float(r["train/loss_base"]) + 0.05 * float(r["train/sigreg"])
+        assert float(r["train/loss"]) == pytest.approx(want, rel=1e-5)
+        assert float(r["train/loss"]) != pytest.approx(float(r["train/loss_base"]), rel=1e-5)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from insitu.cli import main
 from insitu.config import load_config
 from insitu.pipelines.evaluate import evaluate, table_rows
@@ -34,6 +36,14 @@ def test_evaluate_classification_table_files_and_few_shot(tmp_path):
     assert saved[1]["name"] == "+ adapters (tiny)" and len(saved[1]["seeds"]) == 2
     assert (tmp_path / "eval" / "fewshot.csv").read_text().count("\n") == 1 + 2 * 2
     assert (tmp_path / "eval" / "report.html").stat().st_size > 1000 and (tmp_path / "eval" / "report.md").exists()
+    # the exports carry the computed numbers, not just a file: the CSV's frozen accuracy row is the mean
+    # and std of the seeds, and the report's results table has each model's row with its cells
+    frozen = next(r for r in lines if (r["model"], r["metric"]) == ("frozen backbone", "accuracy"))
+    assert float(frozen["mean"]) == pytest.approx(mean, abs=1e-5) and float(frozen["std"]) == pytest.approx(std, abs=1e-5)
+    assert frozen["seeds"] == "2"
+    report = (tmp_path / "eval" / "report.md").read_text()
+    for row_cells in cells:
+        assert "| " + " | ".join(str(c) for c in row_cells) + " |" in report, row_cells
 
 
 def test_evaluate_segmentation_via_cli(tmp_path, capsys):

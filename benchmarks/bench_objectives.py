@@ -274,6 +274,10 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 run["logs"] = first_last(Path(trained["run_dir"]))
                 run["probe"] = probed["rows"]
                 runs.append(run)
+                if args.out:  # each finished run at once: a stopped benchmark keeps what it measured
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    with open(args.out / "runs.jsonl", "a") as f:
+                        f.write(json.dumps(run, default=str) + "\n")
                 print(f"[{dataset}] {objective} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
     return runs
 

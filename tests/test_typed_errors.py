@@ -126,3 +126,20 @@ def test_geotiff_folder_mixing_band_counts_quarantines_the_minority(tmp_path):
     (bad,) = manifest.quarantine
     assert Path(bad.path).name == "pan.tif" and bad.reason == "band count differs from the other scenes"
     assert "1 bands" in bad.message and "have 4" in bad.message
+
+
+def test_resume_from_a_tampered_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    from insitu.config import load_config
+    from insitu.pipelines.pretrain import pretrain
+    from tests.conftest import tiny_config, write_shapes
+
+    raw = tiny_config(write_shapes(tmp_path / "shapes"), tmp_path / "runs")
+    pretrain(load_config(raw), quiet=True)
+    last = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:200])  # damaged in transfer, or tampered
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["--quiet", "pretrain", "-c", str(cfg), "--resume"]) == 2
+    err = capsys.readouterr().err
+    message = err[err.index("ConfigError") :]  # the first run's Lightning logs come before it
+    assert "last.ckpt is not a readable insitu checkpoint" in message and "weights_only" not in message

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import save
 from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_config
 from insitu.backbones.vit import ViTBackbone
 from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError
+from insitu.io import atomic_write_bytes
 from insitu.package_format import (  # noqa: F401 - the format's names, re-exported
     CARD_FILE,
     FORMAT,
@@ -107,19 +107,10 @@ def save_package(
         content_sha256=hashlib.sha256(raw).hexdigest(),
     )
     # each file appears whole or not at all; insitu.json (with the hash) last
-    _atomic_write(out_dir / TENSORS_FILE, raw)
-    _atomic_write(out_dir / CARD_FILE, model_card(meta).encode())
-    _atomic_write(out_dir / META_FILE, json.dumps(meta.model_dump(mode="json"), indent=2).encode())
+    atomic_write_bytes(out_dir / TENSORS_FILE, raw)
+    atomic_write_bytes(out_dir / CARD_FILE, model_card(meta).encode())
+    atomic_write_bytes(out_dir / META_FILE, json.dumps(meta.model_dump(mode="json"), indent=2).encode())
     return out_dir
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_package(path: str | Path) -> AdapterPackage:

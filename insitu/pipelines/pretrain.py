@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import math
@@ -294,11 +295,11 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if resume:
-        check_checkpoint(last)  # a tampered or foreign file is a typed error naming it, before Lightning reads it
+    # a tampered or foreign checkpoint is a typed error naming it, before Lightning reads it
+    resume_step = check_checkpoint(last)["global_step"] if resume else None
     if folder is not None:
         dump_config(cfg, run_dir / "config.yaml")
-    prior_metrics = _set_aside_metrics(run_dir / "logs", check_checkpoint(last)["global_step"]) if resume and folder else None
+    prior_metrics = _set_aside_metrics(run_dir / "logs", resume_step) if resume_step is not None and folder else None
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ScannedData.scan(cfg.data)
@@ -396,13 +397,11 @@ def _step(row: dict[str, str]) -> int:
 
 def _write_metrics(path: Path, rows: list[dict[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = sorted({k for r in rows for k in r})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:

@@ -163,10 +163,11 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
             ("report", summary["report"]),
             ("steps / final loss", f"{p['steps']} / {p['final_loss']:.4f}"),
             ("trainable / frozen params", f"{p['trainable_params']:,} / {p['frozen_params']:,}"),
-            ("wall time", f"{summary['wall_s']} s"),
+            ("wall time", f"{summary['wall_s']} s (" + ", ".join(f"{k} {v} s" for k, v in summary["phases_s"].items()) + ")"),
         ],
     )
     _probe_table(summary["probe"])
+    console.print(summary["verdict"])
     return 0
 
 

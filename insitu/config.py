@@ -103,6 +103,9 @@ class TrainConfig(Strict):
     # with nonfinite: skip, the run fails once more than this share of its batches (at least 10 counted) were skipped
     max_skipped_fraction: float = Field(0.1, ge=0, le=1)
     full_finetune: bool = False  # train every backbone weight too (a baseline; the teacher gets an EMA backbone copy)
+    # K > 0: cache the frozen prefix's output for K pre-drawn views per image and view position (short runs on small
+    # data; needs adapters after block 0 and an objective that does not change pixels in a step; insitu.pipelines.view_cache)
+    cached_views: int = Field(0, ge=0, le=64, strict=True)
 
     @field_validator("max_steps", "batch_size", "warmup_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", mode="before")
     @classmethod

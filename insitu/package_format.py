@@ -37,7 +37,7 @@ MAX_ABS_WEIGHT = 1e6  # trained adapter and head weights are O(1); larger is dam
 TENSOR_DTYPE = "F32"  # packages store float32; anything else would be cast silently
 # head tensors live under the namespace of the objective that trained them
 # (``head.<ns>.…`` where ``<ns>`` is one of these or starts with one and ``_``: dino, dino_input_norm, gm_gcn)
-HEAD_NAMESPACES = ("dino", "glare", "gm", "convirt", "clip", "rsp", "cvrl")
+HEAD_NAMESPACES = ("dino", "glare", "gm", "convirt", "clip", "rsp", "cvrl", "simclr")
 
 
 class BaseInfo(BaseModel):

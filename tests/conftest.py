@@ -69,6 +69,7 @@ TINY_QUICKSTART = [
     "backbone.img_size=32",
     "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
     "objective.options.out_dim=64",
+    "adapter.blocks=1",
     "probe.knn_k=3",
 ]
 

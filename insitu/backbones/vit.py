@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,21 +99,59 @@ class ViTBackbone(nn.Module):
             out.append(p.transpose(1, 2).reshape(p.shape[0], p.shape[2], *grid))
         return out
 
-    def _run(
-        self, x: torch.Tensor, adapters: AdapterSet | None, keep: tuple[int, ...]
-    ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor]]:
+    def prefix_tokens(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """The frozen prefix's output: tokens after blocks ``0 .. first-1`` (no gradient).
+
+        Passing them back to `forward_tokens` with adapters whose first block is ``first`` gives the
+        same result as passing ``x`` (cached views, see ``train.cached_views``).
+        """
+        self._check_size(x)
+        with torch.no_grad():
+            tokens = self._embed(x)
+            for block in self.vit.blocks[:first]:
+                tokens = block(tokens)
+        return tokens
+
+    def _check_size(self, x: torch.Tensor) -> None:
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(
                 f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}; resize or crop the data (data.image_size)."
             )
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+
+    def _run(
+        self, x: torch.Tensor, adapters: AdapterSet | None, keep: tuple[int, ...]
+    ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor]]:
         first = adapters.first_block if adapters is not None else self.num_blocks
         if self.vit.patch_embed.proj.weight.requires_grad:  # unfrozen (full fine-tuning): no frozen prefix
             first = 0
+        if x.ndim == 3:  # [B, N, D]: the frozen prefix's output (`prefix_tokens`), computed earlier
+            return self._run_cached(x, adapters, keep, first)
+        self._check_size(x)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
             tokens = self._embed(x)
+        tokens, kept = self._blocks(tokens, adapters, keep, first, 0)
+        return tokens, grid, kept
+
+    def _run_cached(
+        self, tokens: torch.Tensor, adapters: AdapterSet | None, keep: tuple[int, ...], first: int
+    ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor]]:
+        if adapters is None or first == 0 or any(i < first for i in keep):
+            raise ValueError("cached prefix tokens need adapters that start after block 0 and no earlier intermediates")
+        side = math.isqrt(tokens.shape[1] - self.num_prefix_tokens)
+        if side * side != tokens.shape[1] - self.num_prefix_tokens or tokens.shape[-1] != self.embed_dim:
+            raise ValueError(f"{tuple(tokens.shape)} are not prefix tokens of square views for this backbone")
+        tokens, kept = self._blocks(tokens, adapters, keep, first, first)
+        return tokens, (side, side), kept
+
+    def _blocks(
+        self, tokens: torch.Tensor, adapters: AdapterSet | None, keep: tuple[int, ...], first: int, start: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks ``start ..`` on ``tokens`` (the frozen prefix without gradient); the output and the kept intermediates."""
         kept = []
         for i, block in enumerate(self.vit.blocks):
+            if i < start:
+                continue
             if i < first:
                 with torch.no_grad():  # frozen prefix: no gradient, no saved activations
                     tokens = block(tokens)
@@ -122,7 +161,7 @@ class ViTBackbone(nn.Module):
                 tokens = block(tokens)
             if i in keep:
                 kept.append(tokens)
-        return tokens, grid, kept
+        return tokens, kept
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit

@@ -87,3 +87,87 @@ def write_shape_folders(
                 Image.fromarray(img).save(folder / f"{shape}_{i:04d}.png")
                 if sidecar is not None:
                     (folder / f"{shape}_{i:04d}.txt").write_text(sidecar(shape, rng))
+
+
+# ---------------------------------------------------------------- the scanner-shift demo
+
+TISSUE_CLASSES = ("speckled", "striated", "nodular", "reticular")
+
+
+def scanner_settings(rng: np.random.Generator, n_scanners: int) -> list[dict[str, float]]:
+    """``n_scanners`` acquisition settings: gain, offset, gamma, bias field, blur and noise.
+
+    These are the nuisances a site's scanners add to every image; they do not depend on the class.
+    """
+    return [
+        {
+            "gain": float(rng.uniform(0.6, 1.0)),
+            "offset": float(rng.uniform(0.0, 0.2)),
+            "gamma": float(np.exp(rng.uniform(np.log(0.75), np.log(1.33)))),
+            "bias": float(rng.uniform(0.0, 0.3)),  # amplitude of a smooth multiplicative bias field
+            "blur": float(rng.uniform(0.0, 0.6)),
+            "noise": float(rng.uniform(0.01, 0.04)),
+        }
+        for _ in range(n_scanners)
+    ]
+
+
+def tissue_texture(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """A [0, 1] texture of tissue class ``label`` with random scale, orientation, density and contrast."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    theta = rng.uniform(0, np.pi)
+    u = np.cos(theta) * xx + np.sin(theta) * yy
+    v = -np.sin(theta) * xx + np.cos(theta) * yy
+    name = TISSUE_CLASSES[label]
+    if name == "speckled":  # isotropic fine grain
+        t = _smooth_noise(rng, size, int(rng.integers(size // 5, size // 3)))
+    elif name == "striated":  # parallel fibres, gently wavy
+        period = rng.uniform(4, 8)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (u + 2 * np.sin(v / rng.uniform(6, 12))) / period)
+    elif name == "nodular":  # scattered round nodules
+        t = np.zeros((size, size))
+        for _ in range(int(rng.integers(6, 14))):
+            cx, cy, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(1.5, 3.5)
+            t = np.maximum(t, np.clip(1 - np.hypot(xx - cx, yy - cy) / r, 0, 1) ** 0.5)
+    else:  # reticular: a fine network of crossing lines
+        period = rng.uniform(5, 9)
+        t = np.maximum(np.abs(np.sin(np.pi * u / period)), np.abs(np.sin(np.pi * v / period))) ** 8
+    return t
+
+
+def make_scan_image(rng: np.random.Generator, label: int, size: int, scanner: dict[str, float]) -> np.ndarray:
+    """One grey scan in [0, 1] (H×W): tissue of class ``label`` on a smooth background, seen through
+    ``scanner``'s gain, offset, gamma, bias field, blur and noise (each jittered per image)."""
+    background = 0.3 + 0.3 * _smooth_noise(rng, size, int(rng.integers(2, 5)))
+    img = np.clip(background + rng.uniform(0.15, 0.35) * tissue_texture(rng, label, size), 0, 1)
+    jitter = rng.uniform(0.9, 1.1, 4)
+    bias = 1 + scanner["bias"] * jitter[0] * (_smooth_noise(rng, size, 2) - 0.5) * 2
+    img = np.clip(img * bias, 0, 1) ** (scanner["gamma"] * jitter[1])
+    img = scanner["offset"] * jitter[2] + scanner["gain"] * jitter[3] * img
+    if scanner["blur"] > 0.05:
+        from scipy.ndimage import gaussian_filter
+
+        img = gaussian_filter(img, scanner["blur"])
+    img = img + rng.normal(0, scanner["noise"], img.shape)
+    return np.clip(img, 0, 1)
+
+
+def write_scanner_folders(out_dir: Path, seed: int, n_per_class: int, size: int, n_scanners: int = 4) -> list[dict[str, float]]:
+    """Tissue scans as 16-bit grey PNG class folders ``train/<class>/`` and ``test/<class>/`` (as many each).
+
+    Every image comes from one of ``n_scanners`` seeded scanner settings (the file name carries the
+    scanner, as a site's export would); returns the settings.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    scanners = scanner_settings(rng, n_scanners)
+    for split in ("train", "test"):
+        for label, shape in enumerate(TISSUE_CLASSES):
+            folder = out_dir / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                s = int(rng.integers(n_scanners))
+                img = make_scan_image(rng, label, size, scanners[s])
+                Image.fromarray((img * 65535).round().astype(np.uint16)).save(folder / f"scanner{s}_{shape}_{i:04d}.png")
+    return scanners

@@ -10,6 +10,7 @@ from insitu.registry import unknown_name_message
 
 OBJECTIVES: dict[str, str] = {
     "dino": "insitu.objectives.dino:DinoObjective",
+    "simclr": "insitu.objectives.simclr:SimCLRObjective",
     "rsp": "insitu.objectives.temporal:RSPObjective",
     "cvrl": "insitu.objectives.temporal:CVRLObjective",
     "convirt": "insitu.objectives.convirt:ConVIRTObjective",

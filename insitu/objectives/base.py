@@ -24,6 +24,9 @@ class Objective(nn.Module):
     name: ClassVar[str]
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
     needs_teacher: ClassVar[bool] = True
+    # True when a step only passes the data pipeline's views to the models (no pixel operations of
+    # its own), so the frozen prefix's output for those views can be cached (``train.cached_views``)
+    cacheable_views: ClassVar[bool] = False
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__()

@@ -154,6 +154,7 @@ class DistillLoss(nn.Module):
 class DinoObjective(Objective):
     name = "dino"
     Options = DinoOptions
+    cacheable_views = True
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)

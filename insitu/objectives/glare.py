@@ -70,6 +70,7 @@ class GlareOptions(DinoOptions):
 
 class GlareObjective(DinoObjective):
     name = "glare"
+    cacheable_views = False  # corrupts local views on the training device
     Options = GlareOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:

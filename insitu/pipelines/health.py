@@ -111,9 +111,9 @@ def group_norm(tensors: list[torch.Tensor]) -> float:
 
 
 def fixed_views(batch: dict[str, Any], n: int) -> list[torch.Tensor] | None:
-    """The first two image views (B×C×H×W; a clip B×T×C×H×W gives its first frame) of a batch, cut to n items
-    and kept on the CPU; None if unusable."""
-    views = [v[:, 0] if v.ndim == 5 else v for v in (batch.get("views") or [])[:2] if torch.is_tensor(v) and v.ndim in (4, 5)]
+    """The first two image views (B×C×H×W; a clip B×T×C×H×W gives its first frame; cached views are B×N×D
+    prefix tokens) of a batch, cut to n items and kept on the CPU; None if unusable."""
+    views = [v[:, 0] if v.ndim == 5 else v for v in (batch.get("views") or [])[:2] if torch.is_tensor(v) and v.ndim in (3, 4, 5)]
     if not views or views[0].shape[0] < 2:
         return None
     return [v[:n].detach().cpu().clone() for v in views]

@@ -40,6 +40,7 @@ from insitu.io import OutputExistsError, OwnedFolder, atomic_write_text, claim_f
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
 from insitu.pipelines.health import HealthMonitor
+from insitu.pipelines.view_cache import build_view_cache, check_cacheable
 
 log = logging.getLogger("insitu")
 
@@ -309,7 +310,12 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     normalizer = fit_normalizer(data, items)
     module = PretrainModule(cfg)
     dataset = SampleDataset(data, items, normalizer, module.objective.view_transform(), cfg.data.image_size)
-    dm = PretrainDataModule(dataset, cfg.train.batch_size, cfg.data.num_workers)
+    workers = cfg.data.num_workers
+    if cfg.train.cached_views:  # the frozen prefix runs once per cached view, not once per step
+        first = module.student.first_block
+        check_cacheable(module.objective, module.backbone, first, cfg.train.full_finetune)
+        dataset, workers = build_view_cache(dataset, module.backbone, first, cfg.train.cached_views), 0
+    dm = PretrainDataModule(dataset, cfg.train.batch_size, workers)
     trainer = _trainer(cfg, ckpt_dir, quiet)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)

@@ -141,6 +141,7 @@ SMALL_GLARE = {**SMALL_DINO, "dense_out_dim": 24, "dense_hidden_dim": 16, "dense
 SMALL_CLIPS = {"proj_dim": 16, "hidden_dim": 16, "pool": "attention", "views": {"frames": 3}}
 CASES: dict[str, dict[str, Any]] = {
     "dino": SMALL_DINO,
+    "simclr": {"hidden_dim": 16, "out_dim": 8},
     "glare": SMALL_GLARE,
     "sigreg": {"base": "dino", "base_options": SMALL_DINO, "num_vectors": 8},
     "self_distill": {"base": "glare", "base_options": SMALL_GLARE},  # the adapter path is added below

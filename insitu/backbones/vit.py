@@ -149,9 +149,7 @@ class ViTBackbone(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Blocks ``start ..`` on ``tokens`` (the frozen prefix without gradient); the output and the kept intermediates."""
         kept = []
-        for i, block in enumerate(self.vit.blocks):
-            if i < start:
-                continue
+        for i, block in enumerate(self.vit.blocks[start:], start):
             if i < first:
                 with torch.no_grad():  # frozen prefix: no gradient, no saved activations
                     tokens = block(tokens)

@@ -1,8 +1,10 @@
-"""Seeded procedural images with learnable structure: textured shapes on textured backgrounds.
+"""Seeded procedural images with learnable structure, written to disk in real formats.
 
-Used by the embedded quickstart demo (written to disk as real PNG folders) and by tests. Each
-image holds one shape whose class is its outline; texture, colour, size, position and rotation
-vary, so the class is only recoverable from shape, not from a colour shortcut.
+- Textured shapes on textured backgrounds (the image-text, video and downstream demos, tests): each
+  image holds one shape whose class is its outline; texture, colour, size, position and rotation
+  vary, so the class is only recoverable from shape, not from a colour shortcut.
+- Grey tissue scans (the embedded quickstart, `write_scanner_folders`): four texture classes seen
+  through seeded scanner settings that do not depend on the class (docs/quickstart.md).
 """
 
 from __future__ import annotations

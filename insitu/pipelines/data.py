@@ -53,7 +53,8 @@ class SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def load(self, index: int) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """(the domain's sample, its normalised image), or None (logged) when the item fails to load."""
         item = self.items[index]
         try:
             sample = self.data.domain.load(item, self.data.manifest)
@@ -61,8 +62,14 @@ class SampleDataset(Dataset):
             log.warning("skipping item %s (%s): %s: %s", item.item_id, item.path, type(exc).__name__, exc)
             return None
         image = sample["image"].float()
-        if self.normalizer is not None:
-            image = self.normalizer(image)
+        return sample, self.normalizer(image) if self.normalizer is not None else image
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        loaded = self.load(index)
+        if loaded is None:
+            return None
+        sample, image = loaded
+        item = self.items[index]
         out: dict[str, Any] = {"item_id": item.item_id, "label": sample.get("label", -1)}
         if sample.get("text") is not None:  # image-text pairs (ConVIRT-style objectives)
             out["text"] = sample["text"]

@@ -16,6 +16,7 @@ from insitu.config import RunConfig, apply_override, validate_config
 from insitu.domains import get_domain_class
 from insitu.domains.base import DemoData
 from insitu.exports import markdown_table, plot_loss_curve, write_report
+from insitu.heads.stats import GAIN, LOSS
 from insitu.io import atomic_write_text, claim_folder, read_owner
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
@@ -24,10 +25,8 @@ from insitu.privacy import shown_weights
 log = logging.getLogger("insitu")
 
 
-def quickstart_config(
-    out: Path, domain: str = "images", overrides: list[str] | None = None, with_demo: bool = False
-) -> RunConfig | tuple[RunConfig, DemoData]:
-    """Write the demo data under ``out/data`` and return the validated quickstart config (and the demo)."""
+def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | None = None) -> tuple[RunConfig, DemoData]:
+    """Write the demo data under ``out/data``; return the validated quickstart config and what the demo wrote."""
     raw: dict[str, Any] = yaml.safe_load(resources.files("insitu.pipelines").joinpath("quickstart.yaml").read_text())
     for override in overrides or []:
         apply_override(raw, override)
@@ -39,8 +38,7 @@ def quickstart_config(
     raw["out_dir"], raw["name"] = str(out.resolve().parent), out.resolve().name
     for override in overrides or []:  # overrides win over the demo's defaults too
         apply_override(raw, override)
-    cfg = validate_config(raw, "quickstart")
-    return (cfg, demo) if with_demo else cfg
+    return validate_config(raw, "quickstart"), demo
 
 
 def quickstart(
@@ -61,7 +59,7 @@ def quickstart(
     folder = claim_folder(out, "quickstart", overwrite or (record or {}).get("command") == "quickstart", lock=True)
     try:
         clock.start("data", "writing the demo data")
-        cfg, demo = quickstart_config(out, domain, overrides, with_demo=True)
+        cfg, demo = quickstart_config(out, domain, overrides)
         clock.start("pretrain", f"pretraining adapters ({cfg.train.max_steps} steps; the progress bar shows its ETA)")
         result = pretrain(cfg, quiet=quiet, folder=folder)
         clock.start("probe", "probing frozen vs adapted features")
@@ -89,7 +87,7 @@ def quickstart(
 
 # measured wall seconds of each phase of the embedded quickstart on the project's 2-core CPU (README);
 # only used to print a rough ETA before each phase
-TYPICAL_PHASE_S = {"data": 1, "pretrain": 32, "probe": 6, "report": 2}
+TYPICAL_PHASE_S = {"data": 1, "pretrain": 28, "probe": 6, "report": 1}
 
 
 class PhaseClock:
@@ -160,8 +158,8 @@ def verdict_text(rows: list[ProbeRow]) -> str:
             f"- {what}: {f.mean:.3f} ± {f.std:.3f} frozen → {r.mean:.3f} ± {r.std:.3f} adapted, "
             f"Δ {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]: {r.verdict}."
         )
-    gains = [r for r in results if r.ci_low is not None and r.ci_low > 0]
-    losses = [r for r in results if r.ci_high is not None and r.ci_high < 0]
+    gains = [r for r in results if r.verdict == GAIN]
+    losses = [r for r in results if r.verdict == LOSS]
     if gains and not losses:
         meaning = (
             "Adaptation helped where the CI excludes zero: the adapters, trained without a single label, made the frozen "
@@ -192,8 +190,13 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
         f"trained by `{cfg.objective.name}` self-supervision on {s['items']} unlabelled demo images ({demo}); then a "
         "linear and a kNN probe compared frozen and adapted features on held-out images.\n\n"
         + verdict_text(rows)
-        + "\n\nWhat a real foundation model would change: the embedded base is a small ViT pretrained on generated "
-        "fractals, so it starts weaker and adapts differently than DINOv2 or RAD-DINO would; with real weights "
+        + "\n\nWhat a real foundation model would change: "
+        + (
+            "the embedded base is a small ViT pretrained on generated fractals"
+            if (cfg.backbone.weights or "").startswith("insitu:")
+            else "this backbone is not a foundation model (see Backbone below)"
+        )
+        + ", so it starts weaker and adapts differently than DINOv2 or RAD-DINO would; with real weights "
         "(`backbone.weights`) the frozen baseline is higher and the room for adaptation is different. These numbers "
         "show the method and the measurement on this demo, not what your data will gain."
     )

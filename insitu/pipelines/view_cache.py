@@ -61,11 +61,15 @@ def check_cacheable(objective: Any, backbone: ViTBackbone, first_block: int, ful
 
 
 def build_view_cache(source: SampleDataset, backbone: ViTBackbone, first_block: int, k: int, batch_size: int = 64) -> CachedViewDataset:
-    """Draw ``k`` views per position for every item and run the frozen prefix on them once."""
-    probe = next((source[i] for i in range(len(source)) if source[i] is not None), None)
-    if probe is None:
+    """Draw ``k`` views per position for every item and run the frozen prefix on them once.
+
+    Each image is read once for its ``k`` view sets (and the first one once more, to size the cache
+    before any work).
+    """
+    first = next((loaded[1] for i in range(len(source)) if (loaded := source.load(i)) is not None), None)
+    if first is None:  # failures are logged by SampleDataset.load
         raise ConfigError("train.cached_views: no training item could be loaded")
-    shapes = [tuple(v.shape[-2:]) for v in probe["views"]]
+    shapes = [tuple(v.shape[-2:]) for v in source.transform(first)]
     tokens_per_view = [(h // backbone.patch_size) * (w // backbone.patch_size) + backbone.num_prefix_tokens for h, w in shapes]
     need = len(source) * k * sum(tokens_per_view) * backbone.embed_dim * 4
     if need > MAX_CACHE_BYTES:
@@ -74,8 +78,8 @@ def build_view_cache(source: SampleDataset, backbone: ViTBackbone, first_block: 
             f"(limit {MAX_CACHE_BYTES / 1024**3:.0f} GiB); lower train.cached_views or data.max_items, or set it to 0."
         )
     per_position: list[list[torch.Tensor]] = [[] for _ in shapes]
-    kept: list[int] = []
     pending: list[list[torch.Tensor]] = [[] for _ in shapes]
+    kept: list[int] = []
 
     def flush() -> None:
         for pos, views in enumerate(pending):
@@ -84,17 +88,16 @@ def build_view_cache(source: SampleDataset, backbone: ViTBackbone, first_block: 
                 views.clear()
 
     for index in range(len(source)):
-        draws = [source[index] for _ in range(k)]
-        if any(d is None for d in draws):  # SampleDataset already logged why
+        loaded = source.load(index)
+        if loaded is None:
             continue
         kept.append(index)
-        for pos in range(len(shapes)):
-            pending[pos].extend(d["views"][pos] for d in draws)
+        for _ in range(k):
+            for pos, view in enumerate(source.transform(loaded[1])):
+                pending[pos].append(view)
         if len(pending[0]) >= batch_size * k:
             flush()
     flush()
-    if not kept:
-        raise ConfigError("train.cached_views: no training item could be loaded")
     tokens = [torch.cat(chunks).view(len(kept), k, *chunks[0].shape[1:]) for chunks in per_position]
     log.info("cached %d views per position for %d items (%.0f MiB)", k, len(kept), sum(t.numel() for t in tokens) * 4 / 2**20)
     return CachedViewDataset(source, tokens, kept)

@@ -1,66 +1,95 @@
-"""What the embedded fractal base buys: random init vs fractal base vs fractal base + GLARE adapters.
+"""What an embedded base buys: frozen features of random init, ``fractal_vit_tiny`` and ``procedural_vit_tiny``.
 
-PneumoniaMNIST (real chest X-rays, upsampled to 64 px): linear-probe and kNN accuracy on the
-validation split, features from the frozen backbone (and with adapters trained on the training
-split). Landsat (real 3-band scene, 64 px tiles): no labels exist, so the label-free check is
-instance retrieval: two random crops/flips of every tile, and how often a view's nearest
-neighbour among all other tiles' second views is its own tile (chance = 1 / tiles).
+Every backbone is the same architecture (ViT-Tiny, 6 blocks, width 192, patch 8, 64 px) and stays
+frozen; only the weights differ. Random init is measured for three init seeds. Four measurements,
+all on real data from ``../shared/data``:
+
+- PneumoniaMNIST (chest X-rays, 2 classes): linear probe and kNN on CLS + mean patch token, the
+  library's repeated protocol (stratified 5-fold × repeats, 100 % and 10 % of the labels).
+- BUSI (breast ultrasound, 3 classes): the same, folds grouped by near-duplicate hash; plus the
+  segmentation proxy: a linear 1×1 probe on patch tokens scored by lesion Dice and mIoU against
+  ``busi_masks``.
+- Landsat 7 (a real 3-band scene cut into 64 px tiles; no labels): instance retrieval, two random
+  crops/flips of every tile, top-1 = how often a view's nearest neighbour among all tiles' second
+  views is its own tile (chance = 1 / tiles); three view seeds.
+
+Differences are paired against the first backbone listed (``fractal_vit_tiny``): for the probes a
+percentile bootstrap over test items and repeats (``insitu.heads.stats.paired_bootstrap``), for
+retrieval the per-seed differences.
 
     python benchmarks/bench_base.py                  # from the repository root, ../shared/data present
-    python benchmarks/bench_base.py --steps 50       # quicker adapter training
+    python benchmarks/bench_base.py --repeats 1 --pneumonia-items 400   # quicker
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from insitu.adapters import AdaptedBackbone
-from insitu.adapters.package import apply_package
 from insitu.backbones import create_backbone
-from insitu.config import load_config
+from insitu.config import load_config, validate_config
 from insitu.objectives.views import random_resized_crop_box
 from insitu.pipelines.data import ScannedData, fit_normalizer
-from insitu.pipelines.pretrain import pretrain
-from insitu.pipelines.probe import run_probe
+from insitu.pipelines.probe import Model, ProbeResult, classification_results, dense_results
 
-PNEUMONIA = "configs/medical/pneumoniamnist_glare.yaml"
-LANDSAT = "configs/remote_sensing/landsat_tiles.yaml"
-BASE = "backbone.weights=insitu:fractal_vit_tiny"
-RANDOM = "backbone.weights=null"  # the same architecture (vit_tiny, depth 6, patch 8), random init seed 0
-# GLARE (global + local + regional) for the Landsat run too, with the PneumoniaMNIST config's options
-GLARE = [
-    "objective.name=glare",
-    "objective.options={out_dim: 1024, teacher_temp: 0.07, warmup_teacher_temp: 0.04, warmup_teacher_temp_steps: 30, "
-    "views: {global_crops: 2, local_crops: 2}, local: {enabled: true, ratio: 0.3}, regional: {enabled: true, regions: 4}}",
-]
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "medical"
+PNEUMONIA = DATA / "pneumoniamnist" / "pneumoniamnist_balanced_trainval.npz"
+BUSI, BUSI_MASKS = DATA / "busi", DATA / "busi_masks"
+LANDSAT = REPO / "configs" / "remote_sensing" / "landsat_tiles.yaml"
+ARCH = {"name": "vit_tiny_patch16_224", "patch_size": 8, "img_size": 64, "kwargs": {"depth": 6}}
 
 
-def pneumonia_rows(steps: int, out: Path) -> list[tuple[str, float, float, float]]:
-    rows = []
-    start = time.perf_counter()
-    cfg = load_config(PNEUMONIA, [f"out_dir={out}", RANDOM])
-    r = run_probe(cfg)[0]
-    rows.append(("random init (frozen)", r.linear_acc, r.knn_acc, time.perf_counter() - start))
-    cfg = load_config(PNEUMONIA, [f"out_dir={out}", BASE, f"train.max_steps={steps}", "name=pneu_fractal"])
-    start = time.perf_counter()
-    result = pretrain(cfg, quiet=True)
-    frozen, adapted = run_probe(cfg, [result.adapter_dir])
-    wall = time.perf_counter() - start
-    rows.append(("fractal base (frozen)", frozen.linear_acc, frozen.knn_acc, wall))
-    rows.append((f"fractal base + GLARE adapters ({steps} steps)", adapted.linear_acc, adapted.knn_acc, wall))
-    return rows
+def backbones(bases: list[str], init_seeds: list[int], in_chans: int) -> list[tuple[str, dict[str, Any]]]:
+    """(name, backbone mapping): the shipped bases first (the first is the reference), then random init per seed."""
+    out = [(b, {**ARCH, "weights": f"insitu:{b}", "in_chans": in_chans}) for b in bases]
+    out += [(f"random init (seed {s})", {**ARCH, "weights": None, "init_seed": s, "in_chans": in_chans}) for s in init_seeds]
+    return out
+
+
+def probe_config(dataset: str, args: argparse.Namespace) -> Any:
+    if dataset == "pneumoniamnist":
+        side = {"domain": "images", "root": str(PNEUMONIA), "options": {"split": "train", "channels": 1}, "max_items": args.pneumonia_items}
+    else:
+        side = {"domain": "images", "root": str(BUSI), "options": {"channels": 1, "labels": "folders"}}
+    side["image_size"] = 64
+    probe: dict[str, Any] = {
+        "train": side,
+        "folds": 5,
+        "repeats": args.repeats,
+        "label_fractions": [1.0, 0.1],
+        "bootstrap": args.bootstrap,
+        "knn_k": 20,
+        "group_near_duplicates": dataset == "busi",
+    }
+    if dataset == "busi":
+        masks = {**side, "options": {**side["options"], "masks": str(BUSI_MASKS)}}
+        probe["dense"] = {"data": masks, "steps": args.dense_steps}
+    raw = {"name": f"bench_base_{dataset}", "seed": 0, "data": side, "backbone": {**ARCH, "in_chans": 1}, "probe": probe}
+    return validate_config(raw, f"bench_base {dataset}")
+
+
+def probe_rows(dataset: str, args: argparse.Namespace) -> list[ProbeResult]:
+    cfg = probe_config(dataset, args)
+    models = [Model(name, AdaptedBackbone(create_backbone(spec)), None, 0) for name, spec in backbones(args.bases, args.init_seeds, 1)]
+    results, _ = classification_results(cfg, models)
+    if cfg.probe.dense is not None:
+        for name, rows in dense_results(cfg, models).items():
+            results[name] += rows
+    return [r for m in models for r in results[m.name]]
 
 
 @torch.no_grad()
-def retrieval_top1(model: AdaptedBackbone | None, images: list[torch.Tensor], seed: int = 0) -> float:
-    """Top-1 instance retrieval; ``model=None`` embeds a view by its mean colour only (a control)."""
+def retrieval_top1(model: AdaptedBackbone, images: list[torch.Tensor], seed: int = 0) -> float:
+    """Top-1 instance retrieval between two random crops/flips of every image."""
     random.seed(seed)
 
     def view(img: torch.Tensor) -> torch.Tensor:
@@ -69,8 +98,6 @@ def retrieval_top1(model: AdaptedBackbone | None, images: list[torch.Tensor], se
         return x.flip(-1) if random.random() < 0.5 else x
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
-        if model is None:
-            return F.normalize(batch.mean((2, 3)), dim=1)
         cls, patches, _ = model.forward_tokens(batch)
         return F.normalize(torch.cat([cls, patches.mean(1)], 1), dim=1)
 
@@ -79,44 +106,61 @@ def retrieval_top1(model: AdaptedBackbone | None, images: list[torch.Tensor], se
     return float(((a @ b.T).argmax(1) == torch.arange(len(images))).float().mean())
 
 
-def landsat_rows(steps: int, out: Path) -> tuple[list[tuple[str, float]], int]:
-    cfg = load_config(LANDSAT, [f"out_dir={out}", RANDOM])
+def landsat_rows(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:
+    cfg = load_config(LANDSAT, [])
     data = ScannedData.scan(cfg.data)
     items = data.manifest.items
     norm = fit_normalizer(data, items)
     images = [norm(data.domain.load(i, data.manifest)["image"].float()) for i in items]
-    random_model = AdaptedBackbone(create_backbone(cfg.backbone))
-    rows = [("random init (frozen)", retrieval_top1(random_model, images))]
-    # controls: how much of the task is colour alone, and both backbones on grey views
-    grey = [i.mean(0, keepdim=True).expand_as(i) for i in images]
-    rows.append(("control: mean colour of the view only (3 numbers)", retrieval_top1(None, images)))
-    rows.append(("control: random init (frozen), grey views", retrieval_top1(random_model, grey)))
-    fractal = load_config(LANDSAT, [f"out_dir={out}", BASE, f"train.max_steps={steps}", "name=landsat_fractal", *GLARE])
-    base = create_backbone(fractal.backbone)
-    rows.append(("fractal base (frozen)", retrieval_top1(AdaptedBackbone(base), images)))
-    rows.append(("control: fractal base (frozen), grey views", retrieval_top1(AdaptedBackbone(base), grey)))
-    result = pretrain(fractal, quiet=True)
-    rows.append((f"fractal base + GLARE adapters ({steps} steps)", retrieval_top1(apply_package(result.adapter_dir, base), images)))
-    return rows, len(images)
+    out = {}
+    for name, spec in backbones(args.bases, args.init_seeds, images[0].shape[0]):
+        model = AdaptedBackbone(create_backbone(spec)).eval()
+        out[name] = [retrieval_top1(model, images, seed) for seed in args.view_seeds]
+    return out, len(images)
+
+
+def print_probe(dataset: str, rows: list[ProbeResult], reference: str) -> None:
+    print(f"\n### {dataset}: frozen features, mean ± std over folds × repeats; Δ vs {reference} [95 % CI]\n")
+    print("| backbone | probe | labels | metric | mean ± std | Δ vs reference [CI] | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        delta = "—" if r.delta is None else f"{r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        print(f"| {r.model} | {r.probe} | {r.labels:.0%} | {r.metric} | {r.mean:.3f} ± {r.std:.3f} | {delta} | {r.verdict or '—'} |")
+
+
+def print_landsat(rows: dict[str, list[float]], tiles: int, reference: str) -> None:
+    print(f"\n### Landsat 7, {tiles} tiles: instance retrieval top-1 (chance {1 / tiles:.3f}), view seeds as columns\n")
+    print("| backbone | per seed | mean ± std | Δ vs reference per seed (mean) |")
+    print("|---|---|---|---|")
+    ref = np.array(rows[reference])
+    for name, vals in rows.items():
+        v = np.array(vals)
+        d = v - ref
+        diff = "—" if name == reference else f"{', '.join(f'{x:+.3f}' for x in d)} ({d.mean():+.3f})"
+        print(f"| {name} | {', '.join(f'{x:.3f}' for x in v)} | {v.mean():.3f} ± {v.std(ddof=1):.3f} | {diff} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="adapter pretraining steps")
+    parser.add_argument("--bases", nargs="+", default=["fractal_vit_tiny", "procedural_vit_tiny"], help="shipped bases (first = reference)")
+    parser.add_argument("--init-seeds", nargs="+", type=int, default=[0, 1, 2], help="random-init seeds")
+    parser.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "busi", "landsat"], choices=["pneumoniamnist", "busi", "landsat"])
+    parser.add_argument("--pneumonia-items", type=int, default=1000, help="PneumoniaMNIST train images the probe folds")
+    parser.add_argument("--repeats", type=int, default=2, help="probe repeats (5 folds each)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--dense-steps", type=int, default=100)
+    parser.add_argument("--view-seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        pneu = pneumonia_rows(args.steps, Path(tmp))
-        land, n_tiles = landsat_rows(args.steps, Path(tmp))
-    print("PneumoniaMNIST (train 2428 / val 270, 64 px, vit_tiny depth 6 patch 8)")
-    print("| backbone | linear probe acc | kNN acc | wall s |")
-    print("|---|---|---|---|")
-    for name, lin, knn, wall in pneu:
-        print(f"| {name} | {lin:.3f} | {knn:.3f} | {wall:.0f} |")
-    print(f"\nLandsat 7 crop, {n_tiles} tiles of 64 px: instance-retrieval top-1 between two random crops/flips (chance {1 / n_tiles:.3f})")
-    print("| backbone | top-1 retrieval |")
-    print("|---|---|")
-    for name, top1 in land:
-        print(f"| {name} | {top1:.3f} |")
+    torch.manual_seed(0)
+    reference = args.bases[0]
+    for dataset in args.datasets:
+        start = time.perf_counter()
+        if dataset == "landsat":
+            rows, tiles = landsat_rows(args)
+            print_landsat(rows, tiles, reference)
+        else:
+            print_probe(dataset, probe_rows(dataset, args), reference)
+        print(f"\n({dataset}: {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

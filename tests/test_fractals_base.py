@@ -157,3 +157,53 @@ def test_shipped_base_warns_when_kwargs_would_be_ignored(caplog):
     with caplog.at_level("WARNING", logger="insitu"):
         create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 32, "kwargs": {"depth": 6}})
     assert "ignored" not in caplog.text
+
+
+def test_hsv_to_rgb_matches_colorsys():
+    import colorsys
+
+    from insitu.domains.fractals import hsv_to_rgb
+
+    hsv = torch.rand(50, 3, generator=torch.Generator().manual_seed(0))
+    ours = hsv_to_rgb(hsv[:, 0], hsv[:, 1], hsv[:, 2])
+    ref = torch.tensor([colorsys.hsv_to_rgb(*map(float, v)) for v in hsv])
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_colour_texture_labels_are_seeded_and_carry_colour_and_texture():
+    from insitu.domains.fractals import NUM_TEXTURES, TEXTURE_SCALES, labelled_colour_texture_images, textured_backgrounds
+
+    bank = SystemBank(20, seed=1)
+    out = labelled_colour_texture_images(16, bank, 32, torch.Generator().manual_seed(4), hue_bins=6)
+    again = labelled_colour_texture_images(16, bank, 32, torch.Generator().manual_seed(4), hue_bins=6)
+    assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
+    images, systems, hues, texture = out
+    assert images.shape == (16, 3, 32, 32) and systems.shape == (16, 20) and hues.shape == (16, 6)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    # every image has 1-3 instances, each with one hue class: at least one hue, never more than its instances
+    assert (hues.sum(1) >= 1).all() and (hues.sum(1) <= 3).all()
+    assert texture.dtype == torch.long and int(texture.min()) >= 0 and int(texture.max()) < NUM_TEXTURES
+    # texture classes carry frequency: a finer scale bin has larger pixel-to-pixel changes (gratings, family 0)
+    bg, cls = textured_backgrounds(400, 64, torch.Generator().manual_seed(0))
+    grad = (bg[..., 1:] - bg[..., :-1]).abs().mean((1, 2, 3)) / bg.std((1, 2, 3)).clamp_min(1e-6)
+    by_scale = [float(grad[cls == s].mean()) for s in range(TEXTURE_SCALES)]  # family 0 = classes 0..3
+    assert by_scale == sorted(by_scale), by_scale
+
+
+def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path):
+    args = ["--quiet", "base", "pretrain", "--set", f"out_dir={tmp_path}", "--set", "objective=mip", "--set", "name=ct"]
+    for o in ("steps=2", "batch_size=4", "num_workers=0", "num_systems=8", "grey_prob=0.5", "hue_bins=4", "backbone.img_size=32"):
+        args += ["--set", o]
+    args += ["--set", "backbone.weights=insitu:fractal_vit_tiny"]
+    assert main(args) == 0
+    weights = tmp_path / "ct" / "ct.safetensors"
+    card = json.loads(weights.with_suffix(".json").read_text())
+    shipped = packaged_card("fractal_vit_tiny")
+    assert card["init"] == "insitu:fractal_vit_tiny" and "continued from insitu:fractal_vit_tiny" in card["training"]
+    assert card["images_seen"] == 8 and card["images_seen_total"] == shipped["images_seen"] + 8
+    assert "hue classes" in card["data"] and 0.0 <= card["final_texture_acc"] <= 1.0
+    state = load_file(str(weights))
+    assert not any("head" in k for k in state)  # the system, hue and texture classifiers stay behind
+    # the continued weights differ from the shipped ones: training touched them
+    start = create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 32})
+    assert not torch.equal(state["blocks.0.attn.qkv.weight"].float(), start.vit.blocks[0].attn.qkv.weight.detach().half().float())

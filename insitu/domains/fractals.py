@@ -46,11 +46,21 @@ def _rot(angle: torch.Tensor) -> torch.Tensor:
 
 
 def render(
-    a: torch.Tensor, b: torch.Tensor, probs: torch.Tensor, size: int, generator: torch.Generator, chains: int = 256, steps: int = 64
+    a: torch.Tensor,
+    b: torch.Tensor,
+    probs: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    chains: int = 256,
+    steps: int = 64,
+    colours: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chaos-game render of each system: (colour [n, 3, size, size] in [0, 1], coverage [n, size, size])."""
+    """Chaos-game render of each system: (colour [n, 3, size, size] in [0, 1], coverage [n, size, size]).
+
+    ``colours`` [n, maps, 3] fixes each map's colour; by default every map gets a random one."""
     n, m = probs.shape
-    colours = torch.rand(n, m, 3, generator=generator) * 0.8 + 0.2
+    if colours is None:
+        colours = torch.rand(n, m, 3, generator=generator) * 0.8 + 0.2
     x = torch.rand(n, chains, 2, generator=generator) * 2 - 1
     pts, cols = [], []
     for t in range(steps):
@@ -124,12 +134,14 @@ def _compose(
     max_instances: int,
     systems: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     k: torch.Tensor | None = None,
+    background: torch.Tensor | None = None,
+    colours: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    images = _background(n, size, g)
+    images = _background(n, size, g) if background is None else background
     k = torch.randint(1, max_instances + 1, (n,), generator=g) if k is None else k
     for inst in range(max_instances):
         a, b, probs = systems()
-        colour, cover = render(a, b, probs, size, g)
+        colour, cover = render(a, b, probs, size, g, colours=None if colours is None else colours(inst))
         # place the instance in a random sub-box (the first one fills most of the image)
         scale = 0.9 if inst == 0 else 0.35 + 0.35 * float(torch.rand(1, generator=g))
         sub = max(8, int(size * scale))
@@ -142,15 +154,97 @@ def _compose(
     return images
 
 
+# ------------------------------------------------------------------ colour and texture labels
+# The first base (``mip`` above) learned shape only: every map got a random colour on a smooth
+# background, so colour and texture carried no signal and the base came out blind to both. The
+# richer variant below adds two labels the ViT must also predict: the hue class of every instance
+# and the texture class of the background (a family x scale grid), so colour and texture matter.
+
+TEXTURE_FAMILIES = ("grating", "blobs", "checker", "dots")
+TEXTURE_SCALES = 4  # frequency bins per family: about 2, 4, 8 and 16 cycles per image
+NUM_TEXTURES = len(TEXTURE_FAMILIES) * TEXTURE_SCALES
+
+
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HSV in [0, 1] (any equal shapes) to RGB with a trailing dimension of 3."""
+    k = (torch.stack([torch.full_like(h, 5.0), torch.full_like(h, 3.0), torch.full_like(h, 1.0)], -1) + h[..., None] * 6) % 6
+    return v[..., None] - (v * s)[..., None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def textured_backgrounds(n: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` backgrounds [n, 3, size, size] in [0, 1] and their texture class [n] (family * scales + scale).
+
+    A grating, smooth blobs, a checkerboard or a dot lattice, at one of four frequency bins (jittered
+    by up to 25 %), random orientation and phase, blending two random colours."""
+    cls = torch.randint(0, NUM_TEXTURES, (n,), generator=g)
+    family, scale = cls // TEXTURE_SCALES, cls % TEXTURE_SCALES
+    freq = (2.0 ** (scale.float() + 1)) * (0.8 + 0.45 * torch.rand(n, generator=g))  # cycles per image
+    theta = torch.rand(n, generator=g) * math.pi
+    phase = torch.rand(n, 2, generator=g) * 2 * math.pi
+    lin = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    u = xx[None] * theta.cos()[:, None, None] + yy[None] * theta.sin()[:, None, None]
+    w = -xx[None] * theta.sin()[:, None, None] + yy[None] * theta.cos()[:, None, None]
+    f = 2 * math.pi * freq[:, None, None]
+    su, sw = torch.sin(f * u + phase[:, :1, None]), torch.sin(f * w + phase[:, 1:, None])
+    grating = 0.5 + 0.5 * su
+    checker = (su * sw > 0).float()
+    dots = ((su > 0.5) & (sw > 0.5)).float()
+    blobs = torch.empty(n, size, size)
+    for s_bin in range(TEXTURE_SCALES):  # smooth noise: a random grid of ~freq cells, upsampled
+        grid = 2 ** (s_bin + 1) + 1
+        noise = torch.rand(n, 1, grid, grid, generator=g)
+        up = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=True)[:, 0]
+        lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+        blobs = torch.where((scale == s_bin)[:, None, None], (up - lo) / (hi - lo).clamp_min(1e-6), blobs)
+    t = torch.stack([grating, blobs, checker, dots], 1)[torch.arange(n), family]  # [n, size, size]
+    c1, c2 = torch.rand(2, n, 3, 1, 1, generator=g) * 0.8
+    return c1 + (c2 - c1) * t[:, None], cls
+
+
+def labelled_colour_texture_images(
+    n: int, bank: SystemBank, size: int, g: torch.Generator, hue_bins: int = 8, max_instances: int = 3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images with 1..max_instances bank fractals on a textured background, and three labels:
+    systems present (multi-hot [n, len(bank)]), hue classes present (multi-hot [n, hue_bins]; every
+    instance has one hue, its maps vary around it) and the background texture class ([n], long)."""
+    background, texture = textured_backgrounds(n, size, g)
+    systems = torch.zeros(n, len(bank))
+    hues = torch.zeros(n, hue_bins)
+    k = torch.randint(1, max_instances + 1, (n,), generator=g)
+    drawn: list[torch.Tensor] = []
+    maps = bank.probs.shape[1]
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(bank), (n,), generator=g)
+        present = k > len(drawn)
+        drawn.append(idx)
+        systems[present, idx[present]] = 1.0
+        return bank.a[idx], bank.b[idx], bank.probs[idx]
+
+    def colours(inst: int) -> torch.Tensor:
+        h_cls = torch.randint(0, hue_bins, (n,), generator=g)
+        hues[k > inst, h_cls[k > inst]] = 1.0
+        hue = (h_cls.float() + 0.15 + 0.7 * torch.rand(n, generator=g)) / hue_bins  # stay inside the bin
+        hue = (hue[:, None] + 0.02 * torch.randn(n, maps, generator=g)) % 1.0
+        sat = 0.55 + 0.45 * torch.rand(n, maps, generator=g)
+        val = 0.6 + 0.4 * torch.rand(n, maps, generator=g)
+        return hsv_to_rgb(hue, sat, val)
+
+    images = _compose(n, size, g, max_instances, draw, k, background=background, colours=colours)
+    return images, systems, hues, texture
+
+
 class FractalStream(IterableDataset):
     """An endless stream of fractal images (3×size×size in [0, 1]); each worker has its own seed.
 
-    With a ``bank``, items are ``(image, multi-hot labels)`` for multi-instance prediction.
+    With a ``bank``, items are ``(image, multi-hot labels)`` for multi-instance prediction; with a
+    bank and ``hue_bins > 0``, ``(image, systems, hues, texture)`` (see ``labelled_colour_texture_images``).
     """
 
-    def __init__(self, size: int = 64, seed: int = 0, chunk: int = 64, bank: SystemBank | None = None) -> None:
+    def __init__(self, size: int = 64, seed: int = 0, chunk: int = 64, bank: SystemBank | None = None, hue_bins: int = 0) -> None:
         super().__init__()
-        self.size, self.seed, self.chunk, self.bank = size, seed, chunk, bank
+        self.size, self.seed, self.chunk, self.bank, self.hue_bins = size, seed, chunk, bank, hue_bins
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -159,6 +253,8 @@ class FractalStream(IterableDataset):
         while True:
             if self.bank is None:
                 yield from fractal_images(self.chunk, self.size, g)
+            elif self.hue_bins:
+                yield from zip(*labelled_colour_texture_images(self.chunk, self.bank, self.size, g, self.hue_bins), strict=True)
             else:
                 images, labels = labelled_fractal_images(self.chunk, self.bank, self.size, g)
                 yield from zip(images, labels, strict=True)

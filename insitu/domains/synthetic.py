@@ -173,3 +173,74 @@ def write_scanner_folders(out_dir: Path, seed: int, n_per_class: int, size: int,
                 img = make_scan_image(rng, label, size, scanners[s])
                 Image.fromarray((img * 65535).round().astype(np.uint16)).save(folder / f"scanner{s}_{shape}_{i:04d}.png")
     return scanners
+
+
+# ------------------------------------------------------------------ stained tissue tiles
+# Brightfield histology: light passes two stains, haematoxylin (nuclei, fibres: the tissue texture)
+# and eosin (stroma), and Beer-Lambert turns their optical densities into RGB,
+# I = I0 * exp(-(c_H * v_H + c_E * v_E)). Sites differ in their stain batches and protocols, so
+# their stain vectors v and concentrations c differ: the classic domain shift of digital pathology.
+# Reference stain vectors from Ruifrok & Johnston (2001), "Quantification of histochemical staining
+# by color deconvolution".
+H_STAIN = (0.65, 0.70, 0.29)
+E_STAIN = (0.07, 0.99, 0.11)
+
+
+def stain_settings(rng: np.random.Generator, n_sites: int) -> list[dict[str, object]]:
+    """``n_sites`` staining protocols: perturbed H and E vectors, concentrations, illumination, blur, noise."""
+
+    def vector(ref: tuple[float, float, float]) -> list[float]:
+        v = np.abs(np.asarray(ref) + rng.normal(0, 0.25, 3))
+        return (v / np.linalg.norm(v)).tolist()
+
+    return [
+        {
+            "h": vector(H_STAIN),
+            "e": vector(E_STAIN),
+            "h_conc": float(rng.uniform(0.5, 1.5)),
+            "e_conc": float(rng.uniform(0.2, 0.8)),
+            "light": float(rng.uniform(0.8, 1.0)),
+            "blur": float(rng.uniform(0.0, 0.6)),
+            "noise": float(rng.uniform(0.01, 0.03)),
+        }
+        for _ in range(n_sites)
+    ]
+
+
+def make_stained_image(rng: np.random.Generator, label: int, size: int, site: dict[str, object]) -> np.ndarray:
+    """One RGB tile in [0, 1] (H×W×3): tissue class ``label`` as haematoxylin density on eosin stroma,
+    rendered with ``site``'s stains (concentrations and light jittered per image)."""
+    hema = 0.15 + 0.85 * tissue_texture(rng, label, size)
+    stroma = 0.4 + 0.6 * _smooth_noise(rng, size, int(rng.integers(2, 5)))
+    jitter = rng.uniform(0.9, 1.1, 3)
+    od = (
+        float(site["h_conc"]) * jitter[0] * hema[..., None] * np.asarray(site["h"])
+        + float(site["e_conc"]) * jitter[1] * stroma[..., None] * np.asarray(site["e"])
+    )
+    img = min(1.0, float(site["light"]) * jitter[2]) * np.exp(-od)
+    if float(site["blur"]) > 0.05:
+        from scipy.ndimage import gaussian_filter
+
+        img = gaussian_filter(img, (float(site["blur"]), float(site["blur"]), 0))
+    return np.clip(img + rng.normal(0, float(site["noise"]), img.shape), 0, 1)
+
+
+def write_stained_folders(out_dir: Path, seed: int, n_per_class: int, size: int, n_sites: int = 4) -> list[dict[str, object]]:
+    """Stained tissue tiles as 8-bit RGB PNG class folders ``train/<class>/`` and ``test/<class>/``.
+
+    Every tile comes from one of ``n_sites`` seeded staining protocols, independent of the class
+    (the file name carries the site, as a multi-site export would); returns the protocols.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sites = stain_settings(rng, n_sites)
+    for split in ("train", "test"):
+        for label, name in enumerate(TISSUE_CLASSES):
+            folder = out_dir / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                s = int(rng.integers(n_sites))
+                img = make_stained_image(rng, label, size, sites[s])
+                Image.fromarray((img * 255).round().astype(np.uint8)).save(folder / f"site{s}_{name}_{i:04d}.png")
+    return sites

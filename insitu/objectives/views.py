@@ -1,8 +1,9 @@
 """View recipes: augmented crops of one normalised C×H×W image, for any number of channels.
 
 Augmentations are chosen to be valid on physical intensities (HU, reflectance, grey levels):
-crops, flips, blur and a mild brightness/contrast change in normalised units. No RGB colour
-jitter, no solarisation.
+crops, flips, blur and a mild brightness/contrast change in normalised units, and optionally an
+independent gain and offset per channel (``channel_jitter``: stain or white-balance differences
+between sites, calibration differences between a sensor's bands). No hue rotation, no solarisation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class MultiCropOptions(BaseModel):
     flip: bool = True
     blur_prob: float = Field(0.2, ge=0, le=1)
     intensity: float = Field(0.2, ge=0, allow_inf_nan=False)
+    channel_jitter: float = Field(0.0, ge=0, allow_inf_nan=False, description="per-channel gain 1 ± j and offset ± j, normalised units")
 
     @field_validator("global_crops", "local_crops", mode="before")
     @classmethod
@@ -70,6 +72,11 @@ class MultiCrop:
             a = 1.0 + random.uniform(-self.opts.intensity, self.opts.intensity)
             b = random.uniform(-self.opts.intensity, self.opts.intensity)
             x = x * a + b
+        if self.opts.channel_jitter > 0:
+            j = self.opts.channel_jitter
+            gain = torch.tensor([1.0 + random.uniform(-j, j) for _ in range(x.shape[0])], dtype=x.dtype).view(-1, 1, 1)
+            shift = torch.tensor([random.uniform(-j, j) for _ in range(x.shape[0])], dtype=x.dtype).view(-1, 1, 1)
+            x = x * gain + shift
         return x
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from insitu.backbones import create_backbone
 from insitu.config import BackboneConfig, Strict, apply_override
-from insitu.domains.fractals import FractalStream, SystemBank
+from insitu.domains.fractals import NUM_TEXTURES, FractalStream, SystemBank
 from insitu.errors import ConfigError
 from insitu.objectives.views import MultiCrop, MultiCropOptions
 
@@ -67,6 +67,9 @@ class BasePretrainConfig(Strict):
     )
     num_systems: int = Field(100, ge=2, description="mip: size of the IFS system bank (the classes)")
     grey_prob: float = Field(0.0, ge=0.0, le=1.0, description="mip: share of images turned grey (helps 1-band users)")
+    hue_bins: int = Field(
+        0, ge=0, le=64, description="mip: > 0 also predicts each instance's hue class (of this many) and the background's texture class"
+    )
     num_workers: int = 1
     export_every: int = Field(100, gt=0)
     accelerator: str = "auto"
@@ -111,8 +114,8 @@ class _Labelled(IterableDataset):
         self.stream = stream
 
     def __iter__(self):  # noqa: ANN204
-        for img, labels in self.stream:
-            yield _normalise(img), labels
+        for img, *labels in self.stream:
+            yield _normalise(img), *labels
 
 
 class _Optimizer:
@@ -149,20 +152,36 @@ class MIPModule(_Optimizer, L.LightningModule):
         self.student = create_backbone(cfg.backbone)
         self.student.vit.requires_grad_(True)
         self.head = torch.nn.Linear(2 * self.student.embed_dim, cfg.num_systems)
+        if cfg.backbone.weights:
+            self.training_text = self.training_text.replace("from scratch", f"continued from {cfg.backbone.weights}")
+        if cfg.hue_bins:
+            self.training_text = self.training_text.replace("(which IFS systems", "(which IFS systems, which hue classes and which background texture")
+            self.hue_head = torch.nn.Linear(2 * self.student.embed_dim, cfg.hue_bins)
+            self.texture_head = torch.nn.Linear(2 * self.student.embed_dim, NUM_TEXTURES)
 
     @property
     def exported(self) -> torch.nn.Module:
         return self.student.vit
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, labels = batch
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, labels, *extra = batch
         flip = torch.rand(x.shape[0], device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         grey = torch.rand(x.shape[0], device=x.device) < self.cfg.grey_prob
         x = torch.where(grey[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
         cls, patches, _ = self.student.forward_tokens(x)
-        logits = self.head(torch.cat([cls, patches.mean(1)], 1))
+        pooled = torch.cat([cls, patches.mean(1)], 1)
+        logits = self.head(pooled)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if extra:  # hue classes (not for grey images: their hue is gone) and texture class
+            hues, texture = extra
+            hue_loss = torch.nn.functional.binary_cross_entropy_with_logits(self.hue_head(pooled), hues, reduction="none").mean(1)
+            hue_loss = (hue_loss * (~grey).float()).sum() / (~grey).float().sum().clamp_min(1.0)
+            texture_logits = self.texture_head(pooled)
+            texture_loss = torch.nn.functional.cross_entropy(texture_logits, texture)
+            loss = loss + hue_loss + texture_loss
+            self.log("train/hue_loss", hue_loss, batch_size=x.shape[0])
+            self.log("train/texture_acc", (texture_logits.argmax(1) == texture).float().mean(), prog_bar=True, batch_size=x.shape[0])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.global_step}; lower lr")
         with torch.no_grad():  # exact-set accuracy over the images' top-k systems (k = instances present)
@@ -240,7 +259,7 @@ def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
     if cfg.objective == "mip":
         module = MIPModule(cfg)
         bank = SystemBank(cfg.num_systems, seed=cfg.seed)
-        data: IterableDataset = _Labelled(FractalStream(cfg.backbone.img_size, cfg.seed, bank=bank))
+        data: IterableDataset = _Labelled(FractalStream(cfg.backbone.img_size, cfg.seed, bank=bank, hue_bins=cfg.hue_bins))
         loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     else:
         module = BasePretrainModule(cfg)
@@ -283,10 +302,13 @@ def export_base(module: MIPModule | BasePretrainModule, cfg: BasePretrainConfig,
         "name": cfg.name,
         "architecture": cfg.backbone.model_dump(mode="json", exclude={"weights", "pretrained"}),
         "training": module.training_text,
-        "data": "procedurally generated IFS fractal images (insitu.domains.fractals), no stored data",
+        "data": "procedurally generated IFS fractal images (insitu.domains.fractals), no stored data"
+        + (f"; instances coloured by {cfg.hue_bins} hue classes on {NUM_TEXTURES} background texture classes" if cfg.hue_bins else ""),
+        "init": cfg.backbone.weights,
         "steps": trainer.global_step,
         "batch_size": cfg.batch_size,
         "images_seen": trainer.global_step * cfg.batch_size,
+        "images_seen_total": trainer.global_step * cfg.batch_size + _init_images(cfg.backbone.weights),
         "views": cfg.views.model_dump(mode="json"),
         "normalizer": {"mean": FRACTAL_MEAN, "std": FRACTAL_STD},
         "seed": cfg.seed,
@@ -294,10 +316,25 @@ def export_base(module: MIPModule | BasePretrainModule, cfg: BasePretrainConfig,
         "device": device,
         "dtype": "float16",
         "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "final_set_acc": float(trainer.callback_metrics["train/set_acc"]) if "train/set_acc" in trainer.callback_metrics else None,
+        "final_set_acc": _metric(trainer, "train/set_acc"),
+        "final_texture_acc": _metric(trainer, "train/texture_acc"),
         "command": " ".join(shlex.quote(a) for a in ["insitu", *sys.argv[1:]]),
         "config": json.loads(cfg.model_dump_json()),
         "insitu_version": __import__("insitu").__version__,
     }
     (run_dir / f"{cfg.name}.json").write_text(json.dumps(card, indent=2))
     return weights
+
+
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    return float(trainer.callback_metrics[name]) if name in trainer.callback_metrics else None
+
+
+def _init_images(weights: str | None) -> int:
+    """Images an embedded base the run started from had already seen (0 for random init or a file)."""
+    from insitu.backbones import PACKAGED, packaged_card
+
+    if weights and weights.startswith(PACKAGED):
+        card = packaged_card(weights[len(PACKAGED) :])
+        return int(card.get("images_seen_total", card.get("images_seen", 0)))
+    return 0

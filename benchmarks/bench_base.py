@@ -1,7 +1,8 @@
-"""What an embedded base buys: frozen features of random init, ``fractal_vit_tiny`` and ``procedural_vit_tiny``.
+"""What an embedded base buys: frozen features of random init, the shipped ``fractal_vit_tiny`` and candidate bases.
 
 Every backbone is the same architecture (ViT-Tiny, 6 blocks, width 192, patch 8, 64 px) and stays
-frozen; only the weights differ. Random init is measured for three init seeds. Four measurements,
+frozen; only the weights differ. Random init is measured for three init seeds; a candidate base
+is a ``.safetensors`` file written by ``insitu base pretrain`` (same architecture). Four measurements,
 all on real data from ``../shared/data``:
 
 - PneumoniaMNIST (chest X-rays, 2 classes): linear probe and kNN on CLS + mean patch token, the
@@ -18,6 +19,7 @@ percentile bootstrap over test items and repeats (``insitu.heads.stats.paired_bo
 retrieval the per-seed differences.
 
     python benchmarks/bench_base.py                  # from the repository root, ../shared/data present
+    python benchmarks/bench_base.py --bases fractal_vit_tiny insitu-runs/base/procedural_vit_tiny/procedural_vit_tiny.safetensors
     python benchmarks/bench_base.py --repeats 1 --pneumonia-items 400   # quicker
 """
 
@@ -50,7 +52,13 @@ ARCH = {"name": "vit_tiny_patch16_224", "patch_size": 8, "img_size": 64, "kwargs
 
 def backbones(bases: list[str], init_seeds: list[int], in_chans: int) -> list[tuple[str, dict[str, Any]]]:
     """(name, backbone mapping): the shipped bases first (the first is the reference), then random init per seed."""
-    out = [(b, {**ARCH, "weights": f"insitu:{b}", "in_chans": in_chans}) for b in bases]
+    out = [
+        (
+            Path(b).stem if b.endswith(".safetensors") else b,
+            {**ARCH, "weights": b if b.endswith(".safetensors") else f"insitu:{b}", "in_chans": in_chans},
+        )
+        for b in bases
+    ]
     out += [(f"random init (seed {s})", {**ARCH, "weights": None, "init_seed": s, "in_chans": in_chans}) for s in init_seeds]
     return out
 
@@ -142,9 +150,16 @@ def print_landsat(rows: dict[str, list[float]], tiles: int, reference: str) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bases", nargs="+", default=["fractal_vit_tiny", "procedural_vit_tiny"], help="shipped bases (first = reference)")
+    parser.add_argument(
+        "--bases",
+        nargs="+",
+        default=["fractal_vit_tiny"],
+        help="shipped base names or .safetensors files of the same ViT (first = reference)",
+    )
     parser.add_argument("--init-seeds", nargs="+", type=int, default=[0, 1, 2], help="random-init seeds")
-    parser.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "busi", "landsat"], choices=["pneumoniamnist", "busi", "landsat"])
+    parser.add_argument(
+        "--datasets", nargs="+", default=["pneumoniamnist", "busi", "landsat"], choices=["pneumoniamnist", "busi", "landsat"]
+    )
     parser.add_argument("--pneumonia-items", type=int, default=1000, help="PneumoniaMNIST train images the probe folds")
     parser.add_argument("--repeats", type=int, default=2, help="probe repeats (5 folds each)")
     parser.add_argument("--bootstrap", type=int, default=1000)

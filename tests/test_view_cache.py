@@ -162,30 +162,6 @@ def test_verdict_text_says_what_the_probe_resolved(low, high, verdict, words):
     assert words in text and f"[{low:+.3f}, {high:+.3f}]" in text and "16 images" in text
 
 
-def test_stained_demo_writes_rgb_tiles_with_the_site_in_the_name(tmp_path):
-    from insitu.domains.synthetic import write_stained_folders
-
-    sites = write_stained_folders(tmp_path, seed=3, n_per_class=6, size=32)
-    assert len(sites) == 4 and all(abs(np.linalg.norm(s["h"]) - 1) < 1e-6 for s in sites)
-    files = sorted((tmp_path / "train").rglob("*.png"))
-    assert len(files) == 6 * len(TISSUE_CLASSES) and len(list((tmp_path / "test").rglob("*.png"))) == len(files)
-    with Image.open(files[0]) as im:
-        assert im.mode == "RGB" and im.size == (32, 32)
-    # the site is in the file name and does not follow the class: some site appears in two classes
-    site_classes = {}
-    for f in files:
-        site_classes.setdefault(f.name.split("_")[0], set()).add(f.parent.name)
-    assert all(name.startswith("site") for name in site_classes) and max(len(c) for c in site_classes.values()) > 1
-    # sites differ in colour: the mean RGB of two sites' tiles is not the same
-    means = {s: np.mean([np.asarray(Image.open(f), dtype=float).mean((0, 1)) for f in files if f.name.startswith(s)], 0) for s in site_classes}
-    values = list(means.values())
-    assert any(np.abs(values[0] - v).max() > 5 for v in values[1:])
-    again = tmp_path / "again"
-    write_stained_folders(again, seed=3, n_per_class=6, size=32)
-    same = again / files[0].relative_to(tmp_path)
-    assert np.array_equal(np.asarray(Image.open(files[0])), np.asarray(Image.open(same)))
-
-
 def test_channel_jitter_changes_channels_independently():
     import random
 

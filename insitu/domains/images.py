@@ -23,7 +23,7 @@ from insitu.domains.base import (
     stable_id,
 )
 from insitu.domains.masks import read_binary_mask
-from insitu.domains.synthetic import TISSUE_CLASSES, write_stained_folders
+from insitu.domains.synthetic import TISSUE_CLASSES, write_scanner_folders
 from insitu.errors import DataError, EmptyDatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -146,18 +146,19 @@ class ImageFolderDomain(Domain):
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
-        """Stained tissue tiles from four simulated sites (4 texture classes) as RGB PNG class folders."""
-        write_stained_folders(out_dir, seed, n_per_class, size)
-        train = {"domain": "images", "root": str(out_dir / "train"), "image_size": size}
-        test = {"domain": "images", "root": str(out_dir / "test"), "image_size": size}
+        """Grey tissue scans from four simulated scanners (4 texture classes) as 16-bit PNG class folders."""
+        write_scanner_folders(out_dir, seed, n_per_class, size)
+        options = {"channels": 1}
+        train = {"domain": "images", "root": str(out_dir / "train"), "image_size": size, "options": options}
+        test = {"domain": "images", "root": str(out_dir / "test"), "image_size": size, "options": options}
         return DemoData(
             data=train,
             probe_train=train,
             probe_test=test,
-            in_chans=3,
+            in_chans=1,
             description=(
-                f"stained tissue tiles of {len(TISSUE_CLASSES)} texture classes ({', '.join(TISSUE_CLASSES)}) from 4 simulated "
-                f"sites (haematoxylin and eosin vectors, concentrations, light, blur, noise), {size} px RGB PNG"
+                f"grey tissue scans of {len(TISSUE_CLASSES)} texture classes ({', '.join(TISSUE_CLASSES)}) from 4 simulated "
+                f"scanners (gain, offset, gamma, bias field, blur, noise), {size} px 16-bit PNG"
             ),
         )
 

@@ -155,7 +155,9 @@ class MIPModule(_Optimizer, L.LightningModule):
         if cfg.backbone.weights:
             self.training_text = self.training_text.replace("from scratch", f"continued from {cfg.backbone.weights}")
         if cfg.hue_bins:
-            self.training_text = self.training_text.replace("(which IFS systems", "(which IFS systems, which hue classes and which background texture")
+            self.training_text = self.training_text.replace(
+                "(which IFS systems", "(which IFS systems, which hue classes and which background texture"
+            )
             self.hue_head = torch.nn.Linear(2 * self.student.embed_dim, cfg.hue_bins)
             self.texture_head = torch.nn.Linear(2 * self.student.embed_dim, NUM_TEXTURES)
 

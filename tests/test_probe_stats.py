@@ -215,17 +215,18 @@ def test_run_probe_folds_keep_groups_apart_and_pool_test_folds_both_sets(tmp_pat
 
 
 def test_knn_k_is_capped_at_the_smallest_labelled_class():
-    from insitu.heads.probe import knn_predict
-    from insitu.pipelines.probe import effective_k
+    from insitu.heads.probe import effective_k, knn_predict
 
     four_each = np.repeat(np.arange(4), 4)
     assert effective_k(10, four_each) == 4 and effective_k(3, four_each) == 3
     assert effective_k(20, np.array([0] * 50 + [1] * 30)) == 20
     assert effective_k(5, np.array([0, 0, 2, 2])) == 2  # absent class ids do not count as empty classes
-    # why: 2 labels of class 0 sit right at the test point, 6 of class 1 further away. With k = 8 the
-    # far majority outvotes the near pair unless the similarity weights are very peaked; capped at 2 it cannot.
+    # why: 2 labels of class 0 sit right at the test point, 6 of class 1 further away. An 8-neighbour vote
+    # with flat weights goes to the far majority (computed by hand below); capped at k = 2 the near pair wins.
     x_train = np.array([[1.0, 0.02], [1.0, -0.02]] + [[1.0, 0.9 + 0.01 * i] for i in range(6)])
     y_train = np.array([0, 0, 1, 1, 1, 1, 1, 1])
     x_test = np.array([[1.0, 0.0]])
-    assert knn_predict(x_train, y_train, x_test, k=8, temperature=10.0)[0] == 1
-    assert knn_predict(x_train, y_train, x_test, k=effective_k(8, y_train), temperature=10.0)[0] == 0
+    unit = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    weights = np.exp(unit @ x_test[0] / 10.0)
+    assert weights[y_train == 1].sum() > weights[y_train == 0].sum()  # the uncapped vote would say class 1
+    assert knn_predict(x_train, y_train, x_test, k=8, temperature=10.0)[0] == 0

@@ -23,13 +23,23 @@ def linear_probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
     return float((linear_probe_predict(x_train, y_train, x_test, c) == y_test).mean())
 
 
+def effective_k(knn_k: int, train_labels: np.ndarray) -> int:
+    """``knn_k`` capped at the smallest class's count among the labelled training items.
+
+    With 4 labels per class and k = 10, at least 6 of every test item's neighbours belong to other
+    classes whatever the features are; the cap keeps a few-label kNN a nearest-neighbour vote."""
+    counts = np.unique(train_labels, return_counts=True)[1]
+    return max(1, min(knn_k, int(counts.min()) if len(counts) else knn_k))
+
+
 def knn_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 20, temperature: float = 0.07) -> np.ndarray:
-    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its label."""
+    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its label;
+    k is capped at the smallest class's count in ``y_train`` (``effective_k``)."""
     train = F.normalize(torch.from_numpy(x_train).float(), dim=1)
     test = F.normalize(torch.from_numpy(x_test).float(), dim=1)
     labels = torch.from_numpy(y_train).long()
     n_classes = int(labels.max().item()) + 1
-    k = min(k, len(train))
+    k = min(effective_k(k, y_train), len(train))
     sims, idx = (test @ train.T).topk(k, dim=1)
     votes = torch.zeros(len(test), n_classes)
     votes.scatter_add_(1, labels[idx], (sims / temperature).exp())

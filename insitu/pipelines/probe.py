@@ -240,15 +240,6 @@ def build_models(cfg: RunConfig, adapter_paths: list[Path] | None) -> list[Model
 # ---------------------------------------------------------------- evaluation
 
 
-def effective_k(knn_k: int, train_labels: np.ndarray) -> int:
-    """``knn_k`` capped at the smallest class's count among the labelled training items.
-
-    With 4 labels per class and k = 10, at least 6 of every test item's neighbours belong to other
-    classes whatever the features are; the cap keeps a few-label kNN a nearest-neighbour vote."""
-    counts = np.unique(train_labels, return_counts=True)[1]
-    return max(1, min(knn_k, int(counts.min()) if len(counts) else knn_k))
-
-
 def score_classification(x: np.ndarray, labels: np.ndarray, plan: list[Split], knn_k: int) -> dict[tuple[str, float], dict[str, Any]]:
     """Per (probe, share): per-evaluation accuracies and per-repeat, per-item (correct, seen) counts (R × N × 2)."""
     out: dict[tuple[str, float], dict[str, Any]] = {}
@@ -256,7 +247,7 @@ def score_classification(x: np.ndarray, labels: np.ndarray, plan: list[Split], k
     for s in plan:
         preds = {
             "linear": linear_probe_predict(x[s.train], labels[s.train], x[s.test]),
-            "knn": knn_predict(x[s.train], labels[s.train], x[s.test], effective_k(knn_k, labels[s.train])),
+            "knn": knn_predict(x[s.train], labels[s.train], x[s.test], knn_k),
         }
         for probe, pred in preds.items():
             entry = out.setdefault((probe, s.fraction), {"scores": [], "counts": np.zeros((repeats, len(labels), 2)), "n_train": []})

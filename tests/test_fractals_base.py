@@ -108,6 +108,9 @@ def test_shipped_base_config_validates():
 
     cfg = load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", [])
     assert cfg.name == "fractal_vit_tiny" and cfg.steps > 0
+    for path in sorted((REPO / "configs" / "base").glob("*.yaml")):  # the GPU recipe and the colour-texture attempt too
+        other = load_base_config(path, [])
+        assert other.name == path.stem or other.name == path.stem.removesuffix("_gpu"), path
     with pytest.raises(ConfigError):
         load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["stepz=3"])
 

@@ -114,17 +114,26 @@ def labelled_fractal_images(
     g = generator or torch.Generator().manual_seed(0)
     labels = torch.zeros(n, len(bank))
     k = torch.randint(1, max_instances + 1, (n,), generator=g)
-    ids: list[torch.Tensor] = []
+    images = _compose(n, size, g, max_instances, _bank_draws(bank, g, k, labels), k)
+    return images, labels
+
+
+def _bank_draws(
+    bank: SystemBank, g: torch.Generator, k: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A ``systems`` callable for ``_compose``: each call draws one bank system per image and marks it
+    in ``labels`` for the images that show that many instances (``k``)."""
+    drawn = 0
 
     def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(bank), (n,), generator=g)
-        present = k > len(ids)
-        ids.append(idx)
+        nonlocal drawn
+        idx = torch.randint(0, len(bank), (len(k),), generator=g)
+        present = k > drawn
+        drawn += 1
         labels[present, idx[present]] = 1.0
         return bank.a[idx], bank.b[idx], bank.probs[idx]
 
-    images = _compose(n, size, g, max_instances, draw, k)
-    return images, labels
+    return draw
 
 
 def _compose(
@@ -212,15 +221,7 @@ def labelled_colour_texture_images(
     systems = torch.zeros(n, len(bank))
     hues = torch.zeros(n, hue_bins)
     k = torch.randint(1, max_instances + 1, (n,), generator=g)
-    drawn: list[torch.Tensor] = []
     maps = bank.probs.shape[1]
-
-    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(bank), (n,), generator=g)
-        present = k > len(drawn)
-        drawn.append(idx)
-        systems[present, idx[present]] = 1.0
-        return bank.a[idx], bank.b[idx], bank.probs[idx]
 
     def colours(inst: int) -> torch.Tensor:
         h_cls = torch.randint(0, hue_bins, (n,), generator=g)
@@ -231,7 +232,7 @@ def labelled_colour_texture_images(
         val = 0.6 + 0.4 * torch.rand(n, maps, generator=g)
         return hsv_to_rgb(hue, sat, val)
 
-    images = _compose(n, size, g, max_instances, draw, k, background=background, colours=colours)
+    images = _compose(n, size, g, max_instances, _bank_draws(bank, g, k, systems), k, background=background, colours=colours)
     return images, systems, hues, texture
 
 

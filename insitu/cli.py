@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _setup_logging(args.quiet, light=getattr(args, "func", None) in (_cmd_adapter_inspect, _cmd_adapter_verify))
+    _setup_logging(args.quiet, light=getattr(args, "func", None) in _LIGHT_COMMANDS)
     try:
         return int(args.func(args) or 0)
     except InsituError as exc:
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     av = asub.add_parser("verify", help="check a package's integrity and, with --base, its compatibility with a backbone")
     av.add_argument("path", type=Path, help="package folder or .zip")
     av.add_argument("--base", type=Path, help="YAML with a backbone section (a run config) or a bare backbone mapping")
+    _trust_flags(av)
     av.set_defaults(func=_cmd_adapter_verify)
     ae = asub.add_parser("export", help="pack a package as .zip / unpack it, or --merged: fold LoRA into a standalone backbone")
     ae.add_argument("path", type=Path, help="package folder or .zip")
@@ -147,8 +148,44 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a domain option")
     aa.add_argument("--out", type=Path, required=True, help="features .safetensors (item ids go next to it as .json)")
     aa.add_argument("--overwrite", action="store_true", help="replace existing --out files")
+    _trust_flags(aa)
     aa.set_defaults(func=_cmd_adapter_apply)
+    _sharing_parsers(asub)
     return p
+
+
+def _trust_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-keys", type=Path, help="folder of trusted signers' .pub files: a signature present must verify")
+    parser.add_argument("--require-signature", action="store_true", help="refuse unsigned packages (needs --trusted-keys)")
+
+
+def _sharing_parsers(asub: argparse._SubParsersAction) -> None:
+    """`adapter keygen|sign|publish|list|pull`: signed packages and registries (insitu.sharing)."""
+    ak = asub.add_parser("keygen", help="make an Ed25519 key pair: NAME.key (private, 0600) and NAME.pub (give this out)")
+    ak.add_argument("--out", type=Path, required=True, help="folder for the key files (keep it outside any package)")
+    ak.add_argument("--name", required=True, help="key name (letters, digits, . _ -)")
+    ak.set_defaults(func=_cmd_adapter_keygen)
+    asg = asub.add_parser("sign", help="sign a package (adds signature.json: tensors and insitu.json bound to your key)")
+    asg.add_argument("path", type=Path, help="package folder or .zip")
+    asg.add_argument("--key", type=Path, required=True, help="private key file from `insitu adapter keygen`")
+    asg.add_argument("--signer", help="name to sign as (default: the key file's name)")
+    asg.set_defaults(func=_cmd_adapter_sign)
+    ap = asub.add_parser("publish", help="copy a package into a registry folder and list it in its index.json")
+    ap.add_argument("path", type=Path, help="package folder or .zip")
+    ap.add_argument("registry", type=Path, help="registry folder (created when missing)")
+    ap.add_argument("--name", help="entry name (default: <objective>-<content hash prefix>)")
+    ap.set_defaults(func=_cmd_adapter_publish)
+    al = asub.add_parser("list", help="list a registry's packages")
+    al.add_argument("registry", type=Path, help="registry folder")
+    al.add_argument("--base", help="only packages for this base fingerprint (a prefix is enough)")
+    al.add_argument("--json", action="store_true", help="print the index entries as JSON")
+    al.set_defaults(func=_cmd_adapter_list)
+    apl = asub.add_parser("pull", help="copy a package out of a registry after checking every file's hash (and signature)")
+    apl.add_argument("name", help="entry name (see `insitu adapter list`)")
+    apl.add_argument("registry", type=Path, help="registry folder")
+    apl.add_argument("--out", type=Path, required=True, help="new folder for the package")
+    _trust_flags(apl)
+    apl.set_defaults(func=_cmd_adapter_pull)
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -370,9 +407,11 @@ def _base_backbone(path: Path):  # noqa: ANN202 - returns a ViTBackbone (importe
 def _cmd_adapter_verify(args: argparse.Namespace) -> int:
     from insitu.package_format import vet_package
 
+    trust = _trust(args)
     vetted = vet_package(args.path)
     hashed = "content hash ok" if vetted.meta.content_sha256 else "no content hash recorded (older package)"
     rows = [("integrity", f"ok: insitu.json valid, {len(vetted.header)} finite tensors in adapter.safetensors, {hashed}")]
+    rows.append(("signature", _signature_text(vetted, trust, args.path)))
     if args.base:
         from insitu.adapters.package import apply_package, load_package
 
@@ -384,12 +423,10 @@ def _cmd_adapter_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapter_export(args: argparse.Namespace) -> int:
-    import zipfile
-
     from safetensors.torch import save_file
 
     from insitu.adapters import LoRAAdapters, merge_lora
-    from insitu.adapters.package import CARD_FILE, META_FILE, TENSORS_FILE, apply_package, load_package, write_zip
+    from insitu.adapters.package import CARD_FILE, META_FILE, SIGNATURE_FILE, TENSORS_FILE, apply_package, load_package, write_zip
     from insitu.errors import ConfigError
     from insitu.io import check_output_file, claim_folder
 
@@ -413,18 +450,18 @@ def _cmd_adapter_export(args: argparse.Namespace) -> int:
     else:
         if folder is None:
             raise ConfigError(f"{args.path} is already a folder; pass a .zip as --out to pack it.")
-        from insitu.package_format import MAX_CARD_BYTES, vet_package
+        from insitu.package_format import vet_package
 
-        vetted = vet_package(args.path)
-        with zipfile.ZipFile(args.path) as zf:
-            card = zf.open(CARD_FILE).read(MAX_CARD_BYTES) if CARD_FILE in zf.namelist() else b""
+        vetted = vet_package(args.path)  # every member read with its size cap; insitu.json kept byte for byte (a signature binds it)
         files = {
             TENSORS_FILE: vetted.tensor_bytes,
-            META_FILE: json.dumps(vetted.meta.model_dump(mode="json"), indent=2).encode(),
-            CARD_FILE: card,
+            META_FILE: vetted.meta_bytes,
+            CARD_FILE: vetted.card or b"",
+            SIGNATURE_FILE: vetted.signature,
         }
         for name, data in files.items():
-            (args.out / name).write_bytes(data)
+            if data is not None:
+                (args.out / name).write_bytes(data)
         folder.record()
     _summary_table("exported", [("from", str(args.path)), ("to", str(args.out))])
     return 0
@@ -441,7 +478,7 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
 
     for out in (args.out, args.out.with_suffix(".json")):
         check_output_file(out, args.overwrite)
-    pkg = load_package(args.path)
+    pkg = load_package(args.path, _trust(args))
     model = apply_package(pkg, _base_backbone(args.base))
     options: dict = {}
     for opt in args.option:
@@ -461,6 +498,88 @@ def _cmd_adapter_apply(args: argparse.Namespace) -> int:
     save_file({"features": torch.from_numpy(feats).contiguous()}, str(args.out))
     args.out.with_suffix(".json").write_text(json.dumps({"item_ids": ids, "package": args.path.name}, indent=2))
     _summary_table("features written", [("items", str(len(ids))), ("dim", str(feats.shape[1])), ("file", str(args.out))])
+    return 0
+
+
+def _trust(args: argparse.Namespace):  # noqa: ANN202 - a TrustPolicy (imported lazily)
+    from insitu.sharing.signing import TrustPolicy
+
+    return TrustPolicy(args.trusted_keys, args.require_signature)
+
+
+def _signer_text(signer) -> str:  # noqa: ANN001 - an insitu.sharing.signing.Signer
+    return f"signed by {signer.name!r}, trusted key {signer.key_name} (fingerprint {signer.fingerprint[:16]}…)"
+
+
+def _signature_text(vetted, trust, path: Path) -> str:  # noqa: ANN001 - a VettedPackage and a TrustPolicy
+    from insitu.sharing.signing import digests_of, signature_claim
+
+    digests = digests_of(vetted)
+    signer = trust.check(digests, str(path))
+    if signer is not None:
+        return _signer_text(signer)
+    claim = signature_claim(digests, str(path))  # files must match a signature even when no trust folder is given
+    if claim is None:
+        return "unsigned" + (" (accepted: --require-signature not given)" if trust.keys else "")
+    return f"signed by {claim.name!r} (key {claim.fingerprint[:16]}…); signer not checked: pass --trusted-keys DIR"
+
+
+def _cmd_adapter_keygen(args: argparse.Namespace) -> int:
+    from insitu.sharing.signing import generate_keypair
+
+    private, public = generate_keypair(args.out, args.name)
+    _summary_table(
+        "key pair written",
+        [
+            ("private key", f"{private} (keep it secret; never put it in a package)"),
+            ("public key", f"{public} (give this to sites that trust you)"),
+        ],
+    )
+    return 0
+
+
+def _cmd_adapter_sign(args: argparse.Namespace) -> int:
+    from insitu.sharing.signing import sign_package
+
+    signer = sign_package(args.path, args.key, args.signer)
+    _summary_table(f"signed {args.path}", [("signer", signer.name), ("key fingerprint", signer.fingerprint)])
+    return 0
+
+
+def _cmd_adapter_publish(args: argparse.Namespace) -> int:
+    from insitu.sharing.registry import publish
+
+    entry = publish(args.path, args.registry, args.name)
+    signer = f"{entry.signer.name} ({entry.signer.fingerprint[:16]}…)" if entry.signer else "unsigned"
+    rows = [("name", entry.name), ("base", f"{entry.base_source} ({entry.base_fingerprint[:16]}…)"), ("signer", signer)]
+    _summary_table(f"published into {args.registry}", [*rows, ("size", f"{entry.size_bytes:,} bytes")])
+    return 0
+
+
+def _cmd_adapter_list(args: argparse.Namespace) -> int:
+    from insitu.sharing.registry import list_packages
+
+    entries = list_packages(args.registry, args.base)
+    if args.json:  # JSON escapes control characters itself
+        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2, ensure_ascii=True))
+        return 0
+    table = Table(title=safe_text(f"registry {args.registry}: {len(entries)} package(s)"), title_justify="left")
+    for col in ("name", "base", "domain", "objective", "data", "signer", "size", "published"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        cells = (e.name, e.base_fingerprint[:12], e.domain or "?", e.objective, e.data, e.signer.name if e.signer else "unsigned")
+        table.add_row(*(safe_text(c) for c in cells), f"{e.size_bytes:,}", safe_text(e.published))
+    console.print(table)
+    return 0
+
+
+def _cmd_adapter_pull(args: argparse.Namespace) -> int:
+    from insitu.sharing.registry import pull
+
+    entry, signer = pull(args.name, args.registry, args.out, args.trusted_keys, args.require_signature)
+    rows = [("package", entry.name), ("to", str(args.out)), ("hashes", "every file matches the index and the package's content hash")]
+    rows.append(("signature", _signer_text(signer) if signer else "not checked (unsigned, or no --trusted-keys given)"))
+    _summary_table("pulled", rows)
     return 0
 
 
@@ -501,6 +620,17 @@ def _setup_logging(quiet: bool, light: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*weight_norm.*is deprecated.*")
 
+
+# commands that never need the ML stack (no torch import: light and fast)
+_LIGHT_COMMANDS = (
+    _cmd_adapter_inspect,
+    _cmd_adapter_verify,
+    _cmd_adapter_keygen,
+    _cmd_adapter_sign,
+    _cmd_adapter_publish,
+    _cmd_adapter_list,
+    _cmd_adapter_pull,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

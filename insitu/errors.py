@@ -23,6 +23,14 @@ class AdapterFormatError(InsituError):
     """An adapter package is malformed: unsafe file type, bad safetensors, invalid insitu.json."""
 
 
+class SignatureError(AdapterFormatError):
+    """A package's signature is missing where one is required, made by an untrusted key, or does not match its files."""
+
+
+class RegistryError(InsituError):
+    """A package registry is malformed, lacks a name, already holds a name, or holds a damaged entry."""
+
+
 class AdapterMismatchError(InsituError):
     """An adapter package was made for a different base backbone."""
 

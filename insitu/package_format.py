@@ -27,9 +27,11 @@ from insitu.errors import AdapterFormatError, AdapterMismatchError
 FORMAT = "insitu-adapter"
 FORMAT_VERSION = 1
 TENSORS_FILE, META_FILE, CARD_FILE = "adapter.safetensors", "insitu.json", "README.md"
+SIGNATURE_FILE = "signature.json"  # optional: an Ed25519 signature (insitu.sharing.signing)
 UNSAFE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_META_BYTES = 1 << 20  # insitu.json: a resolved config and a summary fit in far less
 MAX_CARD_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 1 << 16  # a signature.json is a few hundred bytes
 MAX_TENSOR_BYTES = 1 << 31  # adapters are megabytes; 2 GiB bounds a hostile file
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TOKENS = 4096  # (image_size / patch)^2 at inference: 1024 px at patch 16
@@ -142,6 +144,9 @@ class VettedPackage:
     adapter: AdapterInfo
     header: dict[str, TensorInfo]
     tensor_bytes: bytes
+    meta_bytes: bytes = b""
+    signature: bytes | None = None  # the raw signature.json, when the package has one
+    card: bytes | None = None  # the raw README.md, when the package has one
 
 
 def vet_package(path: str | Path) -> VettedPackage:
@@ -152,7 +157,11 @@ def vet_package(path: str | Path) -> VettedPackage:
             f"{path} is a pickle-based file; insitu never unpickles. Convert it to an adapter package "
             "(adapter.safetensors + insitu.json) with safetensors.torch.save_file on a trusted machine."
         )
-    files = read_files(path)
+    return vet_files(read_files(path), path)
+
+
+def vet_files(files: dict[str, bytes], path: Path) -> VettedPackage:
+    """Check a package's files already read (capped) into memory; ``path`` only names it in errors."""
     meta = parse_meta(files[META_FILE], path)
     adapter = check_fields(meta, path)
     raw = files[TENSORS_FILE]
@@ -164,7 +173,7 @@ def vet_package(path: str | Path) -> VettedPackage:
         )
     check_tensor_names(header, meta, path)
     check_values(raw, header, path)
-    return VettedPackage(path, meta, adapter, header, raw)
+    return VettedPackage(path, meta, adapter, header, raw, files[META_FILE], files.get(SIGNATURE_FILE), files.get(CARD_FILE))
 
 
 def check_values(raw: bytes, header: dict[str, TensorInfo], path: Path) -> None:
@@ -183,7 +192,11 @@ def check_values(raw: bytes, header: dict[str, TensorInfo], path: Path) -> None:
             )
 
 
+OPTIONAL_CAPS = {SIGNATURE_FILE: MAX_SIGNATURE_BYTES, CARD_FILE: MAX_CARD_BYTES}
+
+
 def read_files(path: Path) -> dict[str, bytes]:
+    """The package's files, each read with a size cap: the two required ones, and the optional ones present."""
     caps = {META_FILE: MAX_META_BYTES, TENSORS_FILE: MAX_TENSOR_BYTES}
     if path.is_dir():
         for bad in path.iterdir():
@@ -192,6 +205,7 @@ def read_files(path: Path) -> dict[str, bytes]:
         missing = [n for n in caps if not (path / n).is_file()]
         if missing:
             raise AdapterFormatError(f"{path} is not an adapter package: missing {missing}.")
+        caps |= {n: cap for n, cap in OPTIONAL_CAPS.items() if (path / n).is_file()}
         for name, cap in caps.items():
             if (path / name).stat().st_size > cap:
                 raise AdapterFormatError(f"{path}/{name} is larger than insitu allows ({cap:,} bytes); it is not an adapter package.")
@@ -210,6 +224,7 @@ def _read_zip(path: Path, caps: dict[str, int]) -> dict[str, bytes]:
         missing = [n for n in caps if n not in names]
         if missing:
             raise AdapterFormatError(f"{path} is not an adapter package: the zip lacks {missing}.")
+        caps = caps | {n: cap for n, cap in OPTIONAL_CAPS.items() if n in names}
         out = {}
         for name, cap in caps.items():
             if zf.getinfo(name).file_size > cap:

@@ -21,7 +21,7 @@ from safetensors.torch import save
 
 from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_config
 from insitu.backbones.vit import ViTBackbone
-from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError
+from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError, SignatureError
 from insitu.io import atomic_write_bytes
 from insitu.package_format import (  # noqa: F401 - the format's names, re-exported
     CARD_FILE,
@@ -30,6 +30,7 @@ from insitu.package_format import (  # noqa: F401 - the format's names, re-expor
     MAX_ABS_WEIGHT,
     MAX_HEADER_BYTES,
     META_FILE,
+    SIGNATURE_FILE,
     TENSORS_FILE,
     UNSAFE_SUFFIXES,
     BaseInfo,
@@ -37,6 +38,7 @@ from insitu.package_format import (  # noqa: F401 - the format's names, re-expor
     vet_package,
 )
 from insitu.privacy import redact_config
+from insitu.sharing.signing import PackageDigests, Signer, TrustPolicy, digests_of
 
 
 @dataclass
@@ -46,6 +48,8 @@ class AdapterPackage:
     meta: PackageMeta
     tensors: dict[str, torch.Tensor]
     path: Path
+    digests: PackageDigests | None = None  # what a signature is checked against
+    signer: Signer | None = None  # set when a trust policy verified the package
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k[len("adapter.") :]: v for k, v in self.tensors.items() if k.startswith("adapter.")}
@@ -113,23 +117,30 @@ def save_package(
     return out_dir
 
 
-def load_package(path: str | Path) -> AdapterPackage:
+def load_package(path: str | Path, trust: TrustPolicy | None = None) -> AdapterPackage:
     """Read and validate a package folder or ``.zip``; raises `AdapterFormatError` on anything off.
 
     Everything :func:`insitu.package_format.vet_package` checks (sizes, schema, bounds, header,
-    content hash, finite values) happens before a tensor is made.
+    content hash, finite values) happens before a tensor is made; so does the signature check
+    when ``trust`` is given (`SignatureError`).
     """
     vetted = vet_package(path)
+    digests = digests_of(vetted)
+    signer = trust.check(digests, str(path)) if trust is not None else None
     try:
         tensors = load_safetensors_bytes(vetted.tensor_bytes)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"{path}/{TENSORS_FILE} is not a valid safetensors file: {exc}") from None
-    return AdapterPackage(vetted.meta, tensors, Path(path))
+    return AdapterPackage(vetted.meta, tensors, Path(path), digests, signer)
 
 
-def apply_package(package: AdapterPackage | str | Path, backbone: ViTBackbone) -> AdaptedBackbone:
-    """Attach a package's adapters to ``backbone``; refuses a package made for another base."""
-    pkg = package if isinstance(package, AdapterPackage) else load_package(package)
+def apply_package(package: AdapterPackage | str | Path, backbone: ViTBackbone, trust: TrustPolicy | None = None) -> AdaptedBackbone:
+    """Attach a package's adapters to ``backbone``; refuses a package made for another base, or one ``trust`` refuses."""
+    pkg = package if isinstance(package, AdapterPackage) else load_package(package, trust)
+    if trust is not None and isinstance(package, AdapterPackage):
+        if pkg.digests is None:  # made in memory: no file bytes a signature could be checked against
+            raise SignatureError(f"{pkg.path}: this package was not read by load_package; pass its path so its signature can be checked.")
+        pkg.signer = trust.check(pkg.digests, str(pkg.path))
     check_compatible(pkg.meta, backbone)
     adapters = adapters_from_config(pkg.meta.adapter)
     state = pkg.adapter_state()
@@ -164,10 +175,11 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone) -> None:
 
 
 def write_zip(package_dir: Path, zip_path: Path) -> Path:
-    """Pack a package folder into one ``.zip`` (stored, so tensors stay byte-identical)."""
+    """Pack a package folder into one ``.zip`` (stored, so tensors stay byte-identical), with its signature if signed."""
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in (TENSORS_FILE, META_FILE, CARD_FILE):
-            zf.write(Path(package_dir) / name, arcname=name)
+        for name in (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE):
+            if name in (TENSORS_FILE, META_FILE) or (Path(package_dir) / name).is_file():  # the last two are optional
+                zf.write(Path(package_dir) / name, arcname=name)
     return zip_path
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from insitu.errors import ConfigError
 
@@ -233,6 +233,39 @@ class DownstreamConfig(Strict):
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
 
 
+class FederatedConfig(Strict):
+    """Federated continual pretraining across sites (``insitu federate``; insitu.federated).
+
+    Each round, every site trains the shared adapters and objective heads for ``local_steps`` on
+    its own data and sends back only those tensors; the server averages them weighted by each
+    site's item count (``fedavg``), or sites add FedProx's proximal term ``proximal_mu / 2 *
+    ||w - w_global||^2`` to their loss (``fedprox``, for sites whose data differ). The run's lr,
+    warm-up and EMA schedules span ``rounds * local_steps`` steps (``train.max_steps`` is ignored).
+    ``sites`` lists each site's data for ``insitu federate simulate``; a real site uses the
+    top-level ``data`` of its own copy of the config, and the server never reads data.
+    """
+
+    rounds: int = Field(5, gt=0, le=100_000, strict=True)
+    local_steps: int = Field(10, gt=0, le=MAX_STEPS, strict=True)
+    aggregation: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0)
+    min_sites: int = Field(1, gt=0, strict=True)  # a round waits for this many sites and fails below it
+    address: str = "127.0.0.1:8080"  # the server's host:port (server listens on it, sites connect to it)
+    round_timeout_s: float | None = Field(None, gt=0)  # a site slower than this is dropped from the round
+    site_threads: int = Field(1, gt=0, le=256, strict=True)  # torch threads per simulated site
+    sites: list[DataConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _prox(self) -> FederatedConfig:
+        if self.aggregation == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("aggregation fedprox needs proximal_mu > 0 (0.001-0.1 is the usual range)")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.local_steps
+
+
 class RunConfig(Strict):
     """A whole run: data, backbone, adapters, objective, training, probe."""
 
@@ -248,6 +281,7 @@ class RunConfig(Strict):
     health: HealthConfig = Field(default_factory=HealthConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     downstream: DownstreamConfig | None = None
+    federated: FederatedConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -264,7 +298,7 @@ class RunConfig(Strict):
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
     """Load a YAML file (or a dict), apply `key.sub=value` overrides, validate everything once."""
     where = str(source) if not isinstance(source, dict) else "<dict>"
-    raw = _read_yaml(Path(source)) if not isinstance(source, dict) else dict(source)
+    raw = read_yaml(Path(source)) if not isinstance(source, dict) else dict(source)
     for override in overrides or []:
         apply_override(raw, override)
     return validate_config(raw, where, check_paths=check_paths)
@@ -309,7 +343,7 @@ def dump_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Pass an existing YAML file with -c.")
     try:

@@ -70,6 +70,8 @@ class PretrainModule(L.LightningModule):
         self._last_ema_step = -1
         self.last_health: dict[str, torch.Tensor] = {}
         self.wall_offset = 0.0  # wall seconds of earlier segments of a resumed run
+        # steps taken before this fit (federated rounds): the lr, EMA and objective schedules run on the total
+        self.step_offset = 0
         self._fit_start = time.perf_counter()
 
     def on_train_start(self) -> None:
@@ -99,7 +101,7 @@ class PretrainModule(L.LightningModule):
         if not batch["item_id"]:
             return None
         self.seen_batches += 1
-        self.objective.step = self.global_step
+        self.objective.step = self.global_step + self.step_offset
         # objectives may update buffers in forward (DINO's centre); undo that on a bad batch
         buffers = {k: v.clone() for k, v in self.objective.named_buffers()}
         out = self.objective(batch, self.student_model(), self.teacher_model())
@@ -157,7 +159,7 @@ class PretrainModule(L.LightningModule):
         m0 = self.cfg.train.ema_momentum
         if m0 is None:
             m0 = base_ema_momentum(self.cfg.train.max_steps, self.cfg.train.ema_half_life)
-        t = min(1.0, self.global_step / max(1, self.cfg.train.max_steps))
+        t = min(1.0, (self.global_step + self.step_offset) / max(1, self.cfg.train.max_steps))
         return 1 - (1 - m0) * (math.cos(math.pi * t) + 1) / 2
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -168,9 +170,10 @@ class PretrainModule(L.LightningModule):
             [{"params": decay, "weight_decay": self.cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.train.lr,
         )
-        warmup, total = self.cfg.train.warmup_steps, self.cfg.train.max_steps
+        warmup, total, offset = self.cfg.train.warmup_steps, self.cfg.train.max_steps, self.step_offset
 
         def lr_lambda(step: int) -> float:
+            step += offset
             if step < warmup:
                 return (step + 1) / warmup
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))

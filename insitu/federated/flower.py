@@ -1,0 +1,264 @@
+"""insitu's federation on Flower: one strategy for the server, one client for each site.
+
+The same two objects run a local simulation (Flower's simulation engine, one virtual site per
+data section, ``insitu federate simulate``) and a real deployment over the network (``insitu
+federate server`` on one machine, ``insitu federate site`` at each site; Flower's gRPC transport).
+
+What crosses the network, each round and each way: the shared tensors (student adapters and the
+objective's trainable heads, float32, in a fixed order) and a few scalars (round, step offset,
+proximal weight, the base fingerprint; back: item count, last loss, fingerprint). Never an image,
+a manifest, an item id or a path. The server checks every reply (:mod:`insitu.federated.aggregate`)
+and drops a site from the round, logging only the server's label for it and the reason, when it
+failed or disconnected, declined, used another base, or sent wrong shapes or non-finite values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from insitu.config import RunConfig
+from insitu.federated.aggregate import SiteUpdate, aggregate
+from insitu.federated.site import SiteTrainer, federated_config, get_arrays, shared_names
+from insitu.pipelines.pretrain import PretrainModule
+
+log = logging.getLogger("insitu")
+logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; do not repeat them through insitu's handler
+
+FINGERPRINT, ITEMS, LOSS, REFUSED = "fingerprint", "items", "loss", "refused"
+
+
+@dataclass
+class RoundRecord:
+    """What the server saw in one round (no site names, paths or item ids: sites are its own labels)."""
+
+    round: int
+    accepted: list[str]
+    dropped: dict[str, str]
+    items: int
+    mean_loss: float | None
+    bytes_per_site: int  # the shared tensors one site sends (and receives) per round
+    wall_s: float
+
+
+@dataclass
+class FederationState:
+    """The server's view of the federation: the global tensors and the round records."""
+
+    names: list[str]
+    arrays: list[np.ndarray]
+    fingerprint: str
+    full_model_bytes: int  # what sending base + adapters + heads would cost, for comparison
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(a.shape) for a in self.arrays]
+
+    @property
+    def shared_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays))
+
+    def summary(self) -> dict[str, Any]:
+        return {"rounds": [asdict(r) for r in self.rounds], "shared_bytes": self.shared_bytes, "full_model_bytes": self.full_model_bytes}
+
+
+def initial_state(cfg: RunConfig) -> tuple[FederationState, PretrainModule]:
+    """The global starting point, built on the server from the config alone (seeded adapters and heads)."""
+    torch.manual_seed(cfg.seed)
+    module = PretrainModule(federated_config(cfg))
+    names = shared_names(module)
+    full = sum(v.numel() * 4 for k, v in module.state_dict().items() if k.startswith(("backbone.", "student.")) or k in names)
+    return FederationState(names, get_arrays(module, names), module.fingerprint, int(full)), module
+
+
+def _flwr() -> Any:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        from insitu.errors import ConfigError
+
+        raise ConfigError("federated training needs Flower: pip install 'insitu[federated]' (flwr with its simulation engine).") from None
+    import flwr.common as common
+
+    return common
+
+
+def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
+    """A Flower strategy that sends the global tensors to every site and averages the checked replies."""
+    from flwr.server.strategy import Strategy
+
+    common = _flwr()
+    fed = cfg.federated
+
+    class InsituStrategy(Strategy):
+        def __init__(self) -> None:
+            super().__init__()
+            self._started = 0.0
+
+        def initialize_parameters(self, client_manager: Any) -> Any:
+            return common.ndarrays_to_parameters(state.arrays)
+
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
+            self._started = time.perf_counter()
+            wanted = max(fed.min_sites, client_manager.num_available())
+            clients = client_manager.sample(num_clients=wanted, min_num_clients=fed.min_sites)
+            config = {
+                "round": server_round,
+                "step_offset": (server_round - 1) * fed.local_steps,
+                "local_steps": fed.local_steps,
+                "proximal_mu": fed.proximal_mu if fed.aggregation == "fedprox" else 0.0,
+                FINGERPRINT: state.fingerprint,
+            }
+            return [(c, common.FitIns(parameters, dict(config))) for c in clients]
+
+        def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
+            updates = [_update(i, res) for i, (_, res) in enumerate(results)]
+            new, accepted, dropped = aggregate(updates, state.shapes, state.fingerprint)
+            for j, failure in enumerate(failures):  # the exception text may name a site's files: keep only its type
+                kind = type(failure[1] if isinstance(failure, tuple) else failure).__name__
+                dropped[f"failed-{j + 1}"] = f"the site failed, timed out or disconnected ({kind})"
+            for site, reason in dropped.items():
+                log.warning("round %d: site %s dropped: %s", server_round, site, reason)
+            if new is not None:
+                state.arrays = new
+            else:
+                log.warning("round %d: no site update passed the checks; the global state is unchanged", server_round)
+            losses = [u.loss for u in accepted if u.loss is not None]
+            record = RoundRecord(
+                server_round,
+                [u.site for u in accepted],
+                dropped,
+                sum(u.items for u in accepted),
+                float(np.mean(losses)) if losses else None,
+                state.shared_bytes,
+                round(time.perf_counter() - self._started, 3),
+            )
+            state.rounds.append(record)
+            log.info("round %d: %d sites averaged (%d items), %d dropped, %.1f s", server_round, len(accepted), record.items, len(dropped), record.wall_s)
+            return common.ndarrays_to_parameters(state.arrays), {"sites": len(accepted), "dropped": len(dropped)}
+
+        def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
+            return []  # sites evaluate with `insitu probe`/`evaluate` on the final package, on their own labels
+
+        def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
+            return None, {}
+
+        def evaluate(self, server_round: int, parameters: Any) -> tuple[float, dict[str, Any]] | None:
+            return None
+
+    return InsituStrategy()
+
+
+def _update(index: int, res: Any) -> SiteUpdate:
+    common = _flwr()
+    metrics = res.metrics or {}
+    loss = metrics.get(LOSS)
+    return SiteUpdate(
+        site=f"site-{index + 1}",
+        arrays=common.parameters_to_ndarrays(res.parameters),
+        items=int(res.num_examples),
+        fingerprint=str(metrics.get(FINGERPRINT, "")),
+        loss=float(loss) if isinstance(loss, int | float) and np.isfinite(loss) else None,
+        refused=str(metrics[REFUSED]) if REFUSED in metrics else None,
+    )
+
+
+def make_client(trainer: SiteTrainer, store: dict[str, torch.Tensor] | None = None) -> Any:
+    """A Flower client for one site: checks the base, trains one round locally, replies with tensors only.
+
+    ``store`` keeps the site's teacher between rounds when Flower rebuilds the client each round.
+    """
+    from flwr.client import NumPyClient
+
+    class InsituSite(NumPyClient):
+        def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+            return get_arrays(trainer.module, trainer.names)
+
+        def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+            if config.get(FINGERPRINT) != trainer.fingerprint:
+                log.error("the server's base fingerprint differs from this site's base: not training this round")
+                return parameters, 0, {FINGERPRINT: trainer.fingerprint, REFUSED: "its base differs from the server's"}
+            if store:
+                trainer.load_local_state(store)
+            arrays, loss = trainer.train_round(parameters, int(config["step_offset"]), int(config["local_steps"]), float(config["proximal_mu"]))
+            if store is not None:
+                store.clear()
+                store.update(trainer.local_state())
+            metrics: dict[str, Any] = {FINGERPRINT: trainer.fingerprint}
+            if loss is not None:
+                metrics[LOSS] = loss
+            return arrays, trainer.items, metrics
+
+    return InsituSite()
+
+
+# ---- simulation -------------------------------------------------------------------------------
+
+_SITES: dict[int, SiteTrainer] = {}  # per process: a simulated site's data and module, built once
+_TEACHERS: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def site_configs(cfg: RunConfig, sites: int | None) -> list[tuple[RunConfig, tuple[int, int] | None]]:
+    """One (config, shard) per simulated site: the listed ``federated.sites``, or ``sites`` shards of ``data``."""
+    listed = cfg.federated.sites
+    if listed:
+        if sites is not None and sites != len(listed):
+            raise ValueError(f"--sites {sites} but the config lists {len(listed)} sites under federated.sites")
+        return [(cfg.model_copy(update={"data": d, "seed": cfg.seed + 1000 * (i + 1)}), None) for i, d in enumerate(listed)]
+    n = sites or 2
+    return [(cfg.model_copy(update={"seed": cfg.seed + 1000 * (i + 1)}), (i, n)) for i in range(n)]
+
+
+def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
+    """Run the federation on Flower's simulation engine, one virtual site per entry of `site_configs`."""
+    _flwr()
+    from flwr.clientapp import ClientApp
+    from flwr.server import ServerAppComponents, ServerConfig
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    plan = site_configs(cfg, sites)
+    state, _ = initial_state(cfg)
+    strategy = make_strategy(cfg, state)
+    fed = cfg.federated
+    threads = fed.site_threads
+
+    def client_fn(context: Any) -> Any:
+        index = int(context.node_config["partition-id"])
+        torch.set_num_threads(threads)
+        if index not in _SITES:
+            _SITES[index] = SiteTrainer(*plan[index])
+        # Flower may run a site in any worker; its teacher lives in the site's context between rounds
+        return make_client(_SITES[index], _context_store(context)).to_client()
+
+    def server_fn(context: Any) -> Any:
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s))
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    backend = {"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": {"include_dashboard": False, "log_to_driver": False}}
+    run_simulation(ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn), num_supernodes=len(plan), backend_config=backend)
+    if len(state.rounds) < fed.rounds:
+        raise RuntimeError(f"the simulation stopped after {len(state.rounds)} of {fed.rounds} rounds (see the log above)")
+    return state
+
+
+def _context_store(context: Any) -> dict[str, torch.Tensor]:
+    """A dict view of the site's persistent Flower context state (its teacher between rounds)."""
+    from flwr.common import ArrayRecord
+
+    class Store(dict):
+        def update(self, other: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+            super().update(other)
+            context.state["insitu.local"] = ArrayRecord({k: v.contiguous() for k, v in self.items()})
+
+    store = Store()
+    if "insitu.local" in context.state:
+        dict.update(store, context.state["insitu.local"].to_torch_state_dict())
+    return store

@@ -1,0 +1,140 @@
+"""``insitu federate``: run a federation and write what the server may keep.
+
+The server's run folder (``out_dir/name``) gets the global adapter package after the last round
+(``adapter/``, no normaliser: each site fits its own), ``rounds.csv`` / ``rounds.json`` (sites
+averaged and dropped with the reason, items, mean loss, bytes per site, wall time per round) and
+``summary.json``. Nothing a site holds (paths, item ids, names) is written: the stored config has
+``data`` and ``federated.sites`` removed and every remaining path redacted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from insitu.adapters.package import save_package
+from insitu.config import RunConfig
+from insitu.errors import ConfigError
+from insitu.federated.flower import FederationState, initial_state, make_client, make_strategy, simulate
+from insitu.federated.site import SiteTrainer, federated_config, set_arrays
+from insitu.io import atomic_write_text, claim_folder
+
+log = logging.getLogger("insitu")
+
+
+@dataclass
+class FederationResult:
+    run_dir: Path
+    adapter_dir: Path
+    state: FederationState
+    summary: dict[str, Any]
+
+
+def load_federation_config(path: Path, overrides: list[str], role: str) -> RunConfig:
+    """A run config with a ``federated`` section. The server reads no data, so its copy may omit ``data``."""
+    from insitu.config import apply_override, read_yaml, validate_config
+
+    raw = read_yaml(Path(path))
+    for override in overrides:
+        apply_override(raw, override)
+    sites = (raw.get("federated") or {}).get("sites") or []
+    if "data" not in raw and role != "site":
+        raw["data"] = sites[0] if sites else {"root": "."}
+    cfg = validate_config(raw, str(path), check_paths=role != "server")
+    if cfg.federated is None:
+        raise ConfigError(f"{path} has no federated section; add one (rounds, local_steps, ...; see docs/federated.md).")
+    return cfg
+
+
+def run_simulation(cfg: RunConfig, sites: int | None = None, overwrite: bool = False) -> FederationResult:
+    """``insitu federate simulate``: all sites on this machine, on Flower's simulation engine."""
+    folder = claim_folder(cfg.run_dir, "federate", overwrite, lock=True)
+    try:
+        state = simulate(cfg, sites)
+        return write_outputs(cfg, state, mode="simulation")
+    finally:
+        folder.record()
+        folder.unlock()
+
+
+def run_server(cfg: RunConfig, overwrite: bool = False) -> FederationResult:
+    """``insitu federate server``: listen on ``federated.address`` and run the rounds (Flower gRPC)."""
+    from flwr.server import ServerConfig, start_server
+
+    folder = claim_folder(cfg.run_dir, "federate", overwrite, lock=True)
+    try:
+        fed = cfg.federated
+        state, _ = initial_state(cfg)
+        start_server(
+            server_address=fed.address,
+            config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s),
+            strategy=make_strategy(cfg, state),
+        )
+        return write_outputs(cfg, state, mode="server")
+    finally:
+        folder.record()
+        folder.unlock()
+
+
+def run_site(cfg: RunConfig) -> int:
+    """``insitu federate site``: train this site's data in every round the server runs; returns the item count."""
+    from flwr.client import start_client
+
+    trainer = SiteTrainer(cfg)
+    log.info("site ready: %d items (%d quarantined); connecting to %s", trainer.items, trainer.quarantined, cfg.federated.address)
+    start_client(server_address=cfg.federated.address, client=make_client(trainer).to_client(), insecure=True)
+    return trainer.items
+
+
+def write_outputs(cfg: RunConfig, state: FederationState, mode: str) -> FederationResult:
+    run_dir = cfg.run_dir
+    _, module = initial_state(cfg)
+    set_arrays(module, state.names, state.arrays)
+    fed = cfg.federated
+    summary = {
+        "mode": mode,
+        "rounds": len(state.rounds),
+        "local_steps": fed.local_steps,
+        "aggregation": fed.aggregation,
+        "proximal_mu": fed.proximal_mu,
+        "steps_per_site": len(state.rounds) * fed.local_steps,
+        "items_last_round": state.rounds[-1].items if state.rounds else 0,
+        "shared_bytes_per_site_per_round": state.shared_bytes,
+        "full_model_bytes": state.full_model_bytes,
+        "wall_s_per_round": [r.wall_s for r in state.rounds],
+        "seed": cfg.seed,
+    }
+    stored = cfg.model_dump(mode="json", exclude={"data": True, "federated": {"sites"}, "probe": True})
+    adapter_dir = save_package(
+        run_dir / "adapter",
+        module.backbone,
+        module.student,
+        head_state=module.objective.head_state(),
+        input_info={"image_size": cfg.data.image_size, "channels": module.backbone.in_chans},
+        normalizer=None,
+        objective={"name": cfg.objective.name, "options": cfg.objective.options},
+        training={"federated": summary, "steps": summary["steps_per_site"], "seed": cfg.seed},
+        config=stored,
+    )
+    atomic_write_text(run_dir / "rounds.json", json.dumps(state.summary(), indent=2))
+    atomic_write_text(run_dir / "rounds.csv", _rounds_csv(state))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return FederationResult(run_dir, adapter_dir, state, summary)
+
+
+def _rounds_csv(state: FederationState) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["round", "sites_averaged", "sites_dropped", "drop_reasons", "items", "mean_loss", "bytes_per_site", "wall_s"])
+    for r in state.rounds:
+        reasons = "; ".join(f"{k}: {v}" for k, v in r.dropped.items())
+        writer.writerow([r.round, len(r.accepted), len(r.dropped), reasons, r.items, r.mean_loss, r.bytes_per_site, r.wall_s])
+    return text.getvalue()
+
+
+__all__ = ["FederationResult", "federated_config", "run_server", "run_simulation", "run_site", "write_outputs"]

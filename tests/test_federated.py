@@ -1,0 +1,190 @@
+"""Federated continual pretraining: aggregation arithmetic, drop rules, site rounds, a Flower simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from insitu.config import load_config
+from insitu.federated.aggregate import SiteUpdate, aggregate, check_update, weighted_average
+from tests.conftest import tiny_config, write_shapes
+
+FP = "a" * 64
+SHAPES = [(2, 3), (4,)]
+
+
+def _update(site: str, value: float, items: int, **kw: object) -> SiteUpdate:
+    arrays = [np.full(s, value, dtype=np.float32) for s in SHAPES]
+    return SiteUpdate(site=site, arrays=arrays, items=items, fingerprint=kw.pop("fingerprint", FP), **kw)  # type: ignore[arg-type]
+
+
+def test_weighted_average_matches_hand_computation() -> None:
+    a = SiteUpdate("s1", [np.array([[1.0, 2.0]], np.float32), np.array([0.0], np.float32)], items=10, fingerprint=FP)
+    b = SiteUpdate("s2", [np.array([[3.0, -2.0]], np.float32), np.array([4.0], np.float32)], items=30, fingerprint=FP)
+    out = weighted_average([a, b])
+    # (10 * 1 + 30 * 3) / 40 = 2.5; (10 * 2 + 30 * -2) / 40 = -1; (0 + 30 * 4) / 40 = 3
+    np.testing.assert_allclose(out[0], [[2.5, -1.0]])
+    np.testing.assert_allclose(out[1], [3.0])
+    assert all(o.dtype == np.float32 for o in out)
+
+
+@pytest.mark.parametrize(
+    ("update", "words"),
+    [
+        (_update("x", float("nan"), 5), "NaN or Inf"),
+        (_update("x", float("inf"), 5), "NaN or Inf"),
+        (_update("x", 1.0, 5, fingerprint="b" * 64), "another base"),
+        (_update("x", 1.0, 0), "claims 0"),
+        (_update("x", 1.0, 5, refused="its base differs"), "declined"),
+        (SiteUpdate("x", [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)], 5, FP), "wrong shape"),
+        (SiteUpdate("x", [np.zeros((2, 3), np.float32)], 5, FP), "sent 1 tensors"),
+        (SiteUpdate("x", [np.zeros((2, 3), np.int64), np.zeros(4, np.int64)], 5, FP), "non-floating"),
+    ],
+)
+def test_bad_updates_are_dropped_with_a_reason(update: SiteUpdate, words: str) -> None:
+    reason = check_update(update, SHAPES, FP)
+    assert reason is not None and words in reason
+    avg, accepted, dropped = aggregate([_update("good1", 1.0, 10), update, _update("good2", 4.0, 30)], SHAPES, FP)
+    assert [u.site for u in accepted] == ["good1", "good2"] and set(dropped) == {"x"}
+    np.testing.assert_allclose(avg[1], np.full(4, (10 * 1.0 + 30 * 4.0) / 40))
+
+
+def test_all_dropped_gives_no_average() -> None:
+    avg, accepted, dropped = aggregate([_update("x", float("nan"), 3)], SHAPES, FP)
+    assert avg is None and not accepted and "x" in dropped
+
+
+def _fed_config(tmp_path: Path, roots: list[Path], **federated: object) -> object:
+    raw = tiny_config(roots[0], tmp_path / "runs", objective={"name": "simclr", "options": {"out_dim": 32, "hidden_dim": 32}})
+    raw["federated"] = {"rounds": 2, "local_steps": 2, "sites": [{"root": str(r), "image_size": 32} for r in roots], **federated}
+    return load_config(raw)
+
+
+def _sites(tmp_path: Path, n: int) -> list[Path]:
+    # folder names that would identify a patient if they leaked
+    return [write_shapes(tmp_path / f"patient_DOE_{i}_site", n_per_class=3, seed=i) for i in range(n)]
+
+
+def test_site_round_trains_only_shared_tensors_and_fedprox_pulls_towards_global(tmp_path: Path) -> None:
+    from insitu.federated.flower import initial_state, make_client
+    from insitu.federated.site import SiteTrainer
+
+    cfg = _fed_config(tmp_path, _sites(tmp_path, 1))
+    state, _ = initial_state(cfg)
+    assert state.names and all(n.startswith(("student.", "objective.")) for n in state.names)
+    assert state.full_model_bytes > 5 * state.shared_bytes
+
+    def moved(mu: float) -> float:
+        trainer = SiteTrainer(cfg.model_copy(update={"data": cfg.federated.sites[0]}))
+        assert trainer.names == state.names
+        assert not any(k.startswith("backbone.") or k in state.names for k in trainer.local_state())
+        arrays, loss = trainer.train_round([a.copy() for a in state.arrays], step_offset=0, steps=3, proximal_mu=mu)
+        assert loss is not None and np.isfinite(loss)
+        return float(sum(np.sum((a - g) ** 2) for a, g in zip(arrays, state.arrays, strict=True)))
+
+    free, held = moved(0.0), moved(1e4)
+    assert free > 0 and held < 0.5 * free  # the proximal term keeps the site near the global state
+
+    # a client refuses to train for a server on another base, and replies with tensors and two scalars only
+    trainer = SiteTrainer(cfg.model_copy(update={"data": cfg.federated.sites[0]}))
+    client = make_client(trainer)
+    config = {"round": 1, "step_offset": 0, "local_steps": 1, "proximal_mu": 0.0, "fingerprint": "f" * 64}
+    arrays, items, metrics = client.fit(state.arrays, config)
+    assert items == 0 and "refused" in metrics
+    arrays, items, metrics = client.fit(state.arrays, {**config, "fingerprint": state.fingerprint})
+    assert items == trainer.items == 12 and set(metrics) <= {"fingerprint", "loss"}
+    assert [a.shape for a in arrays] == state.shapes
+
+
+def test_strategy_drops_bad_sites_and_the_round_completes(tmp_path: Path) -> None:
+    import flwr.common as common
+
+    from insitu.federated.flower import initial_state, make_strategy
+
+    cfg = _fed_config(tmp_path, _sites(tmp_path, 1))
+    state, _ = initial_state(cfg)
+    strategy = make_strategy(cfg, state)
+
+    def res(arrays: list[np.ndarray], items: int, fingerprint: str) -> object:
+        status = common.Status(code=common.Code.OK, message="")
+        return common.FitRes(status, common.ndarrays_to_parameters(arrays), items, {"fingerprint": fingerprint, "loss": 1.0})
+
+    good = [a + 1.0 for a in state.arrays]
+    nan = [a.copy() for a in state.arrays]
+    nan[0][...] = np.nan
+    wrong = [np.zeros((3, 3), np.float32)] + state.arrays[1:]
+    results = [(None, res(good, 8, state.fingerprint)), (None, res(nan, 8, state.fingerprint)), (None, res(wrong, 8, state.fingerprint))]
+    results.append((None, res(good, 8, "0" * 64)))
+    params, _ = strategy.aggregate_fit(1, results, [RuntimeError("/data/patient_DOE/secret.dcm unreadable")])
+    record = state.rounds[-1]
+    assert record.accepted == ["site-1"] and len(record.dropped) == 4
+    reasons = " ".join(record.dropped.values())
+    assert "NaN" in reasons and "wrong shape" in reasons and "another base" in reasons and "RuntimeError" in reasons
+    assert "patient_DOE" not in json.dumps(state.summary())
+    np.testing.assert_allclose(common.parameters_to_ndarrays(params)[0], good[0])
+
+
+@pytest.mark.slow
+def test_three_site_simulation_on_flower(tmp_path: Path) -> None:
+    """Flower's simulation engine, 3 sites, one of which fails every round: the rounds complete without it."""
+    from insitu.federated.run import run_simulation
+
+    roots = _sites(tmp_path, 2)
+    empty = tmp_path / "patient_DOE_9_site"  # a site whose data folder has no images: it fails each round
+    empty.mkdir()
+    cfg = _fed_config(tmp_path, [*roots, empty])
+    result = run_simulation(cfg)
+    rounds = result.state.rounds
+    assert len(rounds) == 2 and all(len(r.accepted) == 2 and len(r.dropped) == 1 for r in rounds)
+    assert all(r.items == 24 for r in rounds)
+    # the package loads and differs from the initial state; the server's files name no site, path or item
+    from insitu.adapters.package import load_package
+    from insitu.federated.flower import initial_state
+
+    pkg = load_package(result.adapter_dir)
+    assert pkg.meta.base.fingerprint == result.state.fingerprint and pkg.meta.normalizer is None
+    init, _ = initial_state(cfg)
+    assert any(not np.allclose(a, b) for a, b in zip(result.state.arrays, init.arrays, strict=True))
+    written = " ".join(p.read_text(errors="ignore") for p in result.run_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".csv", ".md"))
+    ids = [p.stem for r in roots for p in r.rglob("*.png")]
+    assert "patient_DOE" not in written and str(tmp_path) not in written
+    assert not any(i in written for i in ids)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["shared_bytes_per_site_per_round"] == result.state.shared_bytes < summary["full_model_bytes"]
+
+
+@pytest.mark.slow
+def test_server_and_two_sites_over_grpc(tmp_path: Path) -> None:
+    """A real deployment on localhost: `insitu federate server` and two `insitu federate site` processes."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    roots = _sites(tmp_path, 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    raw = tiny_config(roots[0], tmp_path / "runs", objective={"name": "simclr", "options": {"out_dim": 32, "hidden_dim": 32}})
+    raw["federated"] = {"rounds": 2, "local_steps": 1, "min_sites": 2, "address": f"127.0.0.1:{port}"}
+    server_cfg = {k: v for k, v in raw.items() if k != "data"}  # the server's copy holds no data section
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(server_cfg))
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "insitu", "--quiet", "federate"]
+    server = subprocess.Popen([*cmd, "server", "-c", str(tmp_path / "server.yaml")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sites = [
+        subprocess.Popen([*cmd, "site", "-c", str(tmp_path / "site.yaml"), "--set", f"data.root={r}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in roots
+    ]
+    out, _ = server.communicate(timeout=300)
+    for site in sites:
+        site.communicate(timeout=60)
+    assert server.returncode == 0, out[-3000:]
+    assert all(s.returncode == 0 for s in sites)
+    rounds = json.loads((tmp_path / "runs" / "tiny" / "rounds.json").read_text())["rounds"]
+    assert len(rounds) == 2 and all(len(r["accepted"]) == 2 and r["items"] == 24 for r in rounds)
+    assert "patient_DOE" not in out and "patient_DOE" not in (tmp_path / "runs" / "tiny" / "adapter" / "insitu.json").read_text()

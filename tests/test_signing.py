@@ -68,6 +68,15 @@ def test_round_trip_folder_and_zip(made, tmp_path):
     assert torch.equal(apply_package(pkg, bb, policy).forward_tokens(x)[0], apply_package(zpath, bb).forward_tokens(x)[0])
 
 
+def test_export_carries_the_signature(made, tmp_path):
+    _, _, _, _, trusted = made
+    pkg = signed_copy(made, tmp_path / "pkg")
+    assert main(["adapter", "export", str(pkg), "--out", str(tmp_path / "p.zip")]) == 0
+    assert main(["adapter", "export", str(tmp_path / "p.zip"), "--out", str(tmp_path / "unpacked")]) == 0
+    assert (tmp_path / "unpacked" / "insitu.json").read_bytes() == (pkg / "insitu.json").read_bytes()
+    assert verify_signature(tmp_path / "unpacked", trusted).name == "lab-a"
+
+
 def test_signing_a_zip_in_place(made, tmp_path):
     _, pkg, private, _, trusted = made
     zpath = write_zip(pkg, tmp_path / "plain.zip")

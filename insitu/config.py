@@ -233,6 +233,23 @@ class DownstreamConfig(Strict):
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
 
 
+class TrustConfig(Strict):
+    """Which adapter packages a run accepts (insitu.sharing.signing; docs/sharing.md).
+
+    ``keys``: a folder of trusted public keys (``*.pub``); a signed package must then carry a valid
+    signature by one of them. ``require_signature``: unsigned packages are refused too.
+    """
+
+    keys: Path | None = None
+    require_signature: bool = False
+
+    @model_validator(mode="after")
+    def _keys_needed(self) -> TrustConfig:
+        if self.require_signature and self.keys is None:
+            raise ValueError("require_signature needs keys: a folder of trusted public keys (*.pub)")
+        return self
+
+
 class FederatedConfig(Strict):
     """Federated continual pretraining across sites (``insitu federate``; insitu.federated).
 
@@ -282,6 +299,7 @@ class RunConfig(Strict):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     downstream: DownstreamConfig | None = None
     federated: FederatedConfig | None = None
+    trust: TrustConfig = Field(default_factory=TrustConfig)
 
     @field_validator("name")
     @classmethod
@@ -457,7 +475,7 @@ def option_bound_problems(options: BaseModel, prefix: str) -> list[str]:
 
 
 def _check_paths(cfg: RunConfig, where: str) -> None:
-    checks: list[tuple[str, Path | None]] = [("data.root", cfg.data.root)]
+    checks: list[tuple[str, Path | None]] = [("data.root", cfg.data.root), ("trust.keys", cfg.trust.keys)]
     checks += [("probe.train.root", cfg.probe.train.root if cfg.probe.train else None)]
     checks += [("probe.test.root", cfg.probe.test.root if cfg.probe.test else None)]
     if cfg.probe.dense is not None:

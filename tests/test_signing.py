@@ -207,3 +207,19 @@ def test_cli_sign_verify_apply(made, tmp_path, capsys, shapes_dir):
     assert not (tmp_path / "g.safetensors").exists()
     assert main(["adapter", "verify", str(copy), "--require-signature"]) == 2
     assert "--trusted-keys" in capsys.readouterr().err
+
+
+def test_run_config_trust_section_gates_probe_and_finetune(made, tmp_path):
+    """A run's `trust:` section: probe/evaluate/finetune refuse unsigned packages when signatures are required."""
+    from insitu.config import load_config
+    from insitu.pipelines.probe import build_models
+    from tests.conftest import tiny_config
+
+    _, pkg, _, _, trusted = made
+    cfg = load_config(tiny_config(tmp_path, tmp_path / "runs", trust={"keys": str(trusted), "require_signature": True}))
+    with pytest.raises(SignatureError):
+        build_models(cfg, [pkg])
+    models = build_models(cfg, [signed_copy(made, tmp_path / "signed")])
+    assert len(models) == 2
+    with pytest.raises(ConfigError, match="require_signature needs keys"):
+        load_config(tiny_config(tmp_path, tmp_path / "runs", trust={"require_signature": True}))

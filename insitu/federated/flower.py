@@ -242,7 +242,10 @@ def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s))
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    backend = {"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": {"include_dashboard": False, "log_to_driver": False}}
+    # as many workers as the CPUs hold (a site that lands in another worker is rebuilt there, its teacher from the context)
+    cpus = max(threads, min(len(plan) * threads, os.cpu_count() or 1))
+    init = {"include_dashboard": False, "log_to_driver": False, "num_cpus": cpus}
+    backend = {"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": init}
     run_simulation(ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn), num_supernodes=len(plan), backend_config=backend)
     if len(state.rounds) < fed.rounds:
         raise RuntimeError(f"the simulation stopped after {len(state.rounds)} of {fed.rounds} rounds (see the log above)")

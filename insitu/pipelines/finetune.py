@@ -32,6 +32,7 @@ from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
 from insitu.io import claim_folder
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.sharing.signing import trust_of
 
 log = logging.getLogger("insitu")
 HEAD_FILE, HEAD_META = "head.safetensors", "head.json"
@@ -166,7 +167,7 @@ def build_model(cfg: RunConfig, adapter: Path | None, k: int) -> DownstreamModel
     """Backbone (+ adapter package) + a fresh head."""
     ds = downstream_of(cfg)
     backbone = create_backbone(cfg.backbone)
-    adapted = apply_package(load_package(adapter), backbone) if adapter is not None else AdaptedBackbone(backbone, None)
+    adapted = apply_package(load_package(adapter, trust_of(cfg)), backbone) if adapter is not None else AdaptedBackbone(backbone, None)
     in_dim = backbone.embed_dim * (1 if ds.task == "segmentation" else 2)
     levels = min(ds.layers, backbone.num_blocks)
     head = create_head(ds.task, ds.head, in_dim, k, hidden_dim=ds.hidden_dim, levels=levels, decoder_dim=ds.decoder_dim)

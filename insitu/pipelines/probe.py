@@ -30,6 +30,7 @@ from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_co
 from insitu.heads.probe import dense_linear_probe, knn_predict, linear_probe_predict
 from insitu.heads.stats import accuracy_from_counts, group_folds, label_subset, mean_std, paired_bootstrap, verdict
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.sharing.signing import trust_of
 
 
 @dataclass
@@ -226,7 +227,8 @@ def pool_features(model: Model, pool: Pool, size: int, cfg: ProbeConfig, fallbac
 def build_models(cfg: RunConfig, adapter_paths: list[Path] | None) -> list[Model]:
     """The frozen backbone, then backbone + each package; all share the frozen weights and one normaliser policy."""
     backbone = create_backbone(cfg.backbone)
-    packages = [load_package(p) for p in adapter_paths or []]
+    trust = trust_of(cfg)
+    packages = [load_package(p, trust) for p in adapter_paths or []]
     base = Normalizer.from_dict(packages[0].meta.normalizer) if packages and packages[0].meta.normalizer else None
     models = [Model("frozen backbone", AdaptedBackbone(backbone, None), base, 0)]
     for path, pkg in zip(adapter_paths or [], packages, strict=True):

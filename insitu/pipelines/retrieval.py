@@ -25,6 +25,7 @@ from insitu.errors import ConfigError
 from insitu.objectives import create_objective
 from insitu.objectives.convirt import ConVIRTObjective, text_groups
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.sharing.signing import trust_of
 
 KS = (1, 5, 10)
 
@@ -126,7 +127,7 @@ def evaluate_retrieval(
     chosen sections, deterministic). ``class_prompts`` maps class names (or indices) to prompts.
     """
     L.seed_everything(cfg.seed, verbose=False)
-    pkg = load_package(adapter)
+    pkg = load_package(adapter, trust_of(cfg))
     name = pkg.meta.objective.get("name", cfg.objective.name)
     if name not in ("convirt", "clip"):
         raise ConfigError(f"{adapter} was trained with {name!r}; retrieval needs a convirt or clip adapter package.")

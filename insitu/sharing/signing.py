@@ -27,7 +27,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -37,6 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from insitu.errors import ConfigError, SignatureError
 from insitu.io import OutputExistsError, atomic_write_bytes
 from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TENSORS_FILE, VettedPackage, vet_package
+
+if TYPE_CHECKING:
+    from insitu.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +320,10 @@ def verify_signature(pkg_path: str | Path, trusted_keys_dir: str | Path) -> Sign
     """Who signed the package at ``pkg_path``, checked against the public keys in ``trusted_keys_dir``."""
     trusted = load_trusted_keys(trusted_keys_dir)
     return verify_digests(digests_of(vet_package(pkg_path)), trusted, str(pkg_path))
+
+
+def trust_of(cfg: RunConfig) -> TrustPolicy | None:
+    """The run config's ``trust`` section as a policy; None when it checks nothing."""
+    if cfg.trust.keys is None:
+        return None
+    return TrustPolicy(cfg.trust.keys, cfg.trust.require_signature)

@@ -476,6 +476,7 @@ def option_bound_problems(options: BaseModel, prefix: str) -> list[str]:
 
 def _check_paths(cfg: RunConfig, where: str) -> None:
     checks: list[tuple[str, Path | None]] = [("data.root", cfg.data.root), ("trust.keys", cfg.trust.keys)]
+    checks += [(f"federated.sites[{i}].root", s.root) for i, s in enumerate(cfg.federated.sites if cfg.federated else [])]
     checks += [("probe.train.root", cfg.probe.train.root if cfg.probe.train else None)]
     checks += [("probe.test.root", cfg.probe.test.root if cfg.probe.test else None)]
     if cfg.probe.dense is not None:

@@ -257,3 +257,23 @@ def test_objective_keeps_tensors_on_the_input_device(case: str, tmp_path_factory
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(isinstance(g, OnAccelerator) for g in grads)
     assert all(isinstance(t, OnAccelerator) for t in [*obj.parameters(), *obj.buffers()])  # nothing fell back to the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it on a GPU)")
+@pytest.mark.parametrize("case", list(ALL_CASES))
+def test_objective_step_on_cuda(case: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same step on a real GPU: forward, backward, EMA update, everything stays on CUDA."""
+    name, options = ALL_CASES[case]
+    torch.manual_seed(0)
+    random.seed(0)
+    cuda = torch.device("cuda")
+    bb = create_backbone(TINY_BACKBONE).to(cuda)
+    student, teacher = create_adapters(bb, {"bottleneck_dim": 8}).to(cuda), create_adapters(bb, {"bottleneck_dim": 8}).to(cuda)
+    obj = create_objective(name, bb.embed_dim, bb.patch_size, 32, _options(name, options, tmp_path_factory), 10).to(cuda)
+    batch = _batch(name, obj.view_transform())
+    batch = tree_map(lambda t: t.to(cuda) if isinstance(t, torch.Tensor) else t, batch)
+    out = obj(batch, AdaptedBackbone(bb, student), AdaptedBackbone(bb, teacher) if obj.needs_teacher else None)
+    out["loss"].backward()
+    obj.update_teacher(0.9)
+    assert out["loss"].device.type == "cuda" and torch.isfinite(out["loss"])
+    assert all(t.device.type == "cuda" for t in [*obj.parameters(), *obj.buffers()])

@@ -129,31 +129,37 @@ def test_strategy_drops_bad_sites_and_the_round_completes(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_three_site_simulation_on_flower(tmp_path: Path) -> None:
-    """Flower's simulation engine, 3 sites, one of which fails every round: the rounds complete without it."""
-    from insitu.federated.run import run_simulation
+    """`insitu federate simulate`, 3 sites, one of which fails every round: the rounds complete without it."""
+    import yaml
+
+    from insitu.adapters.package import load_package
+    from insitu.cli import main
+    from insitu.federated.flower import initial_state
 
     roots = _sites(tmp_path, 2)
     empty = tmp_path / "patient_DOE_9_site"  # a site whose data folder has no images: it fails each round
     empty.mkdir()
     cfg = _fed_config(tmp_path, [*roots, empty])
-    result = run_simulation(cfg)
-    rounds = result.state.rounds
-    assert len(rounds) == 2 and all(len(r.accepted) == 2 and len(r.dropped) == 1 for r in rounds)
-    assert all(r.items == 24 for r in rounds)
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["--quiet", "federate", "simulate", "-c", str(tmp_path / "fed.yaml"), "--sites", "3"]) == 0
+    run_dir = cfg.run_dir
+    rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
+    assert len(rounds) == 2 and all(len(r["accepted"]) == 2 and len(r["dropped"]) == 1 for r in rounds)
+    assert all(r["items"] == 24 for r in rounds) and all("failed" in next(iter(r["dropped"].values())) for r in rounds)
     # the package loads and differs from the initial state; the server's files name no site, path or item
-    from insitu.adapters.package import load_package
-    from insitu.federated.flower import initial_state
-
-    pkg = load_package(result.adapter_dir)
-    assert pkg.meta.base.fingerprint == result.state.fingerprint and pkg.meta.normalizer is None
+    pkg = load_package(run_dir / "adapter")
     init, _ = initial_state(cfg)
-    assert any(not np.allclose(a, b) for a, b in zip(result.state.arrays, init.arrays, strict=True))
-    written = " ".join(p.read_text(errors="ignore") for p in result.run_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".csv", ".md"))
+    assert pkg.meta.base.fingerprint == init.fingerprint and pkg.meta.normalizer is None
+    state = pkg.adapter_state()
+    assert any(not np.allclose(state[n.removeprefix("student.")].numpy(), a) for n, a in zip(init.names, init.arrays, strict=True) if n.startswith("student."))
+    written = " ".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".csv", ".md"))
     ids = [p.stem for r in roots for p in r.rglob("*.png")]
     assert "patient_DOE" not in written and str(tmp_path) not in written
     assert not any(i in written for i in ids)
-    summary = json.loads((result.run_dir / "summary.json").read_text())
-    assert summary["shared_bytes_per_site_per_round"] == result.state.shared_bytes < summary["full_model_bytes"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["shared_bytes_per_site_per_round"] < summary["full_model_bytes"]
+    # a second run into the same folder is refused (nothing is overwritten without --overwrite)
+    assert main(["--quiet", "federate", "simulate", "-c", str(tmp_path / "fed.yaml")]) == 2
 
 
 @pytest.mark.slow
@@ -188,3 +194,33 @@ def test_server_and_two_sites_over_grpc(tmp_path: Path) -> None:
     rounds = json.loads((tmp_path / "runs" / "tiny" / "rounds.json").read_text())["rounds"]
     assert len(rounds) == 2 and all(len(r["accepted"]) == 2 and r["items"] == 24 for r in rounds)
     assert "patient_DOE" not in out and "patient_DOE" not in (tmp_path / "runs" / "tiny" / "adapter" / "insitu.json").read_text()
+
+
+def test_simulated_site_is_built_once_per_worker_and_keeps_its_teacher_in_the_context(tmp_path: Path) -> None:
+    """The factory Flower pickles to its workers carries only the plan: a site is built once and reused each round."""
+    from types import SimpleNamespace
+
+    import cloudpickle
+    import torch
+    from flwr.app import RecordDict
+
+    from insitu.federated import flower
+    from insitu.federated.flower import SiteFactory, _context_store, initial_state, site_configs
+
+    cfg = _fed_config(tmp_path, _sites(tmp_path, 2))
+    factory = SiteFactory(site_configs(cfg, None), threads=torch.get_num_threads())
+    context = SimpleNamespace(node_config={"partition-id": 1}, state=RecordDict())
+    flower._SITES.clear()
+    first = cloudpickle.loads(cloudpickle.dumps(factory))(context)
+    site = flower._SITES[1]
+    assert site.items == 12 and set(flower._SITES) == {1}
+    state, _ = initial_state(cfg)
+    config = {"round": 1, "step_offset": 0, "local_steps": 1, "proximal_mu": 0.0, "fingerprint": state.fingerprint}
+    first.numpy_client.fit(state.arrays, config)
+    teacher = {k: v.clone() for k, v in site.local_state().items()}
+    assert "insitu.local" in context.state  # the teacher went into the site's Flower context
+    cloudpickle.loads(cloudpickle.dumps(factory))(context)  # the next round, a fresh copy of the factory
+    assert flower._SITES[1] is site  # not rebuilt
+    restored = _context_store(context)
+    assert set(restored) == set(teacher) and all(torch.equal(restored[k], teacher[k]) for k in teacher)
+    flower._SITES.clear()

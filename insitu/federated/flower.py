@@ -201,8 +201,28 @@ def make_client(trainer: SiteTrainer, store: dict[str, torch.Tensor] | None = No
 
 # ---- simulation -------------------------------------------------------------------------------
 
-_SITES: dict[int, SiteTrainer] = {}  # per process: a simulated site's data and module, built once
-_TEACHERS: dict[int, dict[str, torch.Tensor]] = {}
+_SITES: dict[int, SiteTrainer] = {}  # per worker process: each simulated site's data and module, built once
+
+
+class SiteFactory:
+    """Flower's ``client_fn`` for a simulation: builds a site once per worker process and reuses it.
+
+    A class defined at module level, so that pickling it to a worker carries only the plan: the
+    cache ``_SITES`` stays the worker's own module global and survives between rounds (a closure
+    would be pickled by value, cache included, and every round would rebuild every site).
+    """
+
+    def __init__(self, plan: list[tuple[RunConfig, tuple[int, int] | None]], threads: int) -> None:
+        self.plan, self.threads = plan, threads
+
+    def __call__(self, context: Any) -> Any:
+        index = int(context.node_config["partition-id"])
+        torch.set_num_threads(self.threads)
+        if index not in _SITES:
+            log.info("simulated site %d: building its data and module in this worker", index + 1)
+            _SITES[index] = SiteTrainer(*self.plan[index])
+        # Flower may run a site in another worker later; its teacher lives in the site's context between rounds
+        return make_client(_SITES[index], _context_store(context)).to_client()
 
 
 def site_configs(cfg: RunConfig, sites: int | None) -> list[tuple[RunConfig, tuple[int, int] | None]]:
@@ -230,14 +250,6 @@ def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
     fed = cfg.federated
     threads = fed.site_threads
 
-    def client_fn(context: Any) -> Any:
-        index = int(context.node_config["partition-id"])
-        torch.set_num_threads(threads)
-        if index not in _SITES:
-            _SITES[index] = SiteTrainer(*plan[index])
-        # Flower may run a site in any worker; its teacher lives in the site's context between rounds
-        return make_client(_SITES[index], _context_store(context)).to_client()
-
     def server_fn(context: Any) -> Any:
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s))
 
@@ -246,7 +258,9 @@ def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
     cpus = max(threads, min(len(plan) * threads, os.cpu_count() or 1))
     init = {"include_dashboard": False, "log_to_driver": False, "num_cpus": cpus}
     backend = {"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": init}
-    run_simulation(ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn), num_supernodes=len(plan), backend_config=backend)
+    _SITES.clear()  # an in-process worker must not reuse sites of an earlier simulation
+    client_app = ClientApp(client_fn=SiteFactory(plan, threads))
+    run_simulation(ServerApp(server_fn=server_fn), client_app, num_supernodes=len(plan), backend_config=backend)
     if len(state.rounds) < fed.rounds:
         raise RuntimeError(f"the simulation stopped after {len(state.rounds)} of {fed.rounds} rounds (see the log above)")
     return state

@@ -124,6 +124,8 @@ class SiteTrainer:
     def train_round(self, arrays: list[np.ndarray], step_offset: int, steps: int, proximal_mu: float = 0.0) -> tuple[list[np.ndarray], float | None]:
         """Load the global tensors, train ``steps`` local steps, return (the trained tensors, the last loss)."""
         set_arrays(self.module, self.names, arrays)
+        # a fresh, reproducible data order each round (the same every round would repeat the same batches)
+        L.seed_everything(self.cfg.seed * 1_000_003 + step_offset, workers=True, verbose=False)
         self.module.step_offset = step_offset
         self.module._last_ema_step = -1
         self.module.proximal_mu = proximal_mu

@@ -1,0 +1,258 @@
+"""Federated adapters vs each site alone vs all data pooled, on real data split into sites.
+
+Sites (materialised as symlinked or PNG class folders in a temporary directory; labels are never
+used for pretraining):
+
+- ``polypgen``: PolypGen's two centres as two real sites (each 250 polyp + 250 no-polyp
+  frames). Probe: polyp vs no polyp over both centres, folds grouped by sequence (negative frames
+  of one sequence never straddle folds) and near-duplicate hash; RGB, the base's stem adapted.
+- ``pneumoniamnist``: 3 sites of ``--site-items`` training X-rays each with pneumonia shares
+  0.15 / 0.50 / 0.85 (non-IID, seeded). Probe: the held-out val split (270 images), never pretrained on.
+- ``busi``: the 622 ultrasound images dealt to 3 sites, a site drawing its own class with
+  probability 0.6 and each other class with 0.2 (non-IID, seeded). Probe: all BUSI images
+  (the in-situ setting of docs/evaluation.md), folds grouped by near-duplicate hash.
+
+Conditions per seed, same recipe for all (the quickstart's SimCLR bottleneck adapters in the last
+two blocks of the shipped base, lr 0.02, batch 32, cached views; chosen before this benchmark
+existed and not tuned here): ``federated`` (R rounds x L local steps at every site, FedAvg by
+items, Flower's simulation engine), ``site k alone`` (R x L steps on site k's data: the work it
+does in the federation), ``pooled`` (S x R x L steps on all sites' data together: the same total
+steps as the federation; the upper bound). Every model is probed with the library's repeated
+protocol (stratified group 5-fold x repeats, full and 10 % labels, linear and kNN) in the same run
+as the frozen base. Across seeds: mean +/- std, and paired differences (federated - mean of sites
+alone, federated - pooled, federated - frozen) with a 95 % t interval over seeds.
+
+    python benchmarks/bench_federated.py                         # all three datasets, seeds 0 1 2
+    python benchmarks/bench_federated.py --datasets polypgen --seeds 0 --rounds 2 --local-steps 2   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import stats
+
+from insitu.config import load_config
+from insitu.federated.run import run_simulation
+from insitu.pipelines.pretrain import pretrain
+from insitu.pipelines.probe import run_probe
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+PNEUMONIA = DATA / "medical" / "pneumoniamnist" / "pneumoniamnist_balanced_trainval.npz"
+BUSI = DATA / "medical" / "busi"
+POLYPGEN = DATA / "endoscopy" / "polypgen"
+
+
+# ---------------------------------------------------------------- sites and probes
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src.resolve(), dst)
+
+
+def polypgen_sites(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], int]:
+    sites, probe = [], tmp / "probe"
+    for centre in ("A", "B"):
+        root = POLYPGEN / f"centre_{centre}"
+        site = tmp / f"site_{centre}"
+        for i, f in enumerate(sorted(root.rglob("*.jpg"))):
+            _link(f, site / f"{i:04d}.jpg")
+            cls = "positive" if "positive" in f.parts else "negative"
+            seq = f.parent.name if cls == "negative" else f"pos{i}"
+            _link(f, probe / cls / f"{centre}_{seq}_{f.name}")
+        sites.append(site)
+    side = {"domain": "images", "root": str(probe), "options": {"labels": "folders", "channels": 3, "group_pattern": r"^([AB]_(?:seq\d+_neg|pos\d+))"}}
+    return sites, _probe(side, args, near_duplicates=True), 3
+
+
+def pneumonia_sites(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], int]:
+    arrays = np.load(PNEUMONIA)
+    images, labels = arrays["train_images"], arrays["train_labels"].reshape(-1)
+    rng = np.random.default_rng(seed)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in (0, 1)}
+    sites = []
+    for k, share in enumerate((0.15, 0.50, 0.85)):
+        n1 = round(args.site_items * share)
+        picks = [(1, pools[1].pop()) for _ in range(n1)] + [(0, pools[0].pop()) for _ in range(args.site_items - n1)]
+        site = tmp / f"site_{k + 1}"
+        for c, i in picks:
+            (site / str(c)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(site / str(c) / f"{i}.png")
+        sites.append(site)
+    side = {"domain": "images", "root": str(PNEUMONIA), "options": {"split": "val", "channels": 1}}
+    return sites, _probe(side, args, near_duplicates=False), 1
+
+
+def busi_sites(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], int]:
+    rng = np.random.default_rng(seed)
+    classes = ["benign", "malignant", "normal"]
+    sites = [tmp / f"site_{k + 1}" for k in range(3)]
+    for c, name in enumerate(classes):
+        for f in sorted((BUSI / name).glob("*.png")):
+            k = rng.choice(3, p=[0.6 if j == c else 0.2 for j in range(3)])
+            _link(f, sites[k] / name / f.name)
+    side = {"domain": "images", "root": str(BUSI), "options": {"channels": 1, "labels": "folders"}}
+    return sites, _probe(side, args, near_duplicates=True), 1
+
+
+SITES = {"polypgen": polypgen_sites, "pneumoniamnist": pneumonia_sites, "busi": busi_sites}
+
+
+def _probe(side: dict[str, Any], args: argparse.Namespace, near_duplicates: bool) -> dict[str, Any]:
+    return {
+        "train": {**side, "image_size": 64},
+        "folds": 5,
+        "repeats": args.repeats,
+        "label_fractions": [1.0, 0.1],
+        "bootstrap": args.bootstrap,
+        "knn_k": 10,
+        "group_near_duplicates": near_duplicates,
+    }
+
+
+def run_config(name: str, seed: int, out: Path, data: Path, in_chans: int, steps: int, probe: dict[str, Any]) -> dict[str, Any]:
+    """The quickstart's recipe (SimCLR, bottleneck adapters in the last 2 blocks, cached views), unchanged."""
+    return {
+        "name": name,
+        "seed": seed,
+        "out_dir": str(out),
+        "data": {"domain": "images", "root": str(data), "options": {"labels": "none", "channels": in_chans}, "image_size": 64},
+        "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": in_chans},
+        "adapter": {"kind": "bottleneck", "blocks": 2, "bottleneck_dim": 64, "scale": 0.1},
+        "objective": {
+            "name": "simclr",
+            "options": {"temperature": 0.2, "views": {"global_crops": 2, "local_crops": 0, "global_scale": [0.3, 1.0], "intensity": 0.6}},
+        },
+        "train": {"max_steps": steps, "batch_size": 32, "lr": 0.02, "warmup_steps": 10, "cached_views": 4, "checkpoint_every": steps},
+        "trainer": {"accelerator": "cpu"},
+        "health": {"enabled": False},
+        "probe": probe,
+    }
+
+
+# ---------------------------------------------------------------- one seed
+
+
+def one_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    sites, probe, chans = SITES[dataset](tmp / "data", seed, args)
+    share = args.rounds * args.local_steps
+    out = tmp / "runs"
+    adapters, timing = {}, {}
+    fed_raw = run_config("federated", seed, out, sites[0], chans, share, probe)
+    fed_raw["federated"] = {"rounds": args.rounds, "local_steps": args.local_steps, "site_threads": args.site_threads}
+    fed_raw["federated"]["sites"] = [{**fed_raw["data"], "root": str(s)} for s in sites]
+    start = time.perf_counter()
+    fed = run_simulation(load_config(fed_raw))
+    timing["federated"] = time.perf_counter() - start
+    adapters["federated"] = fed.adapter_dir
+    for name, root, steps in [("pooled", tmp / "data", len(sites) * share)] + [(f"site {k + 1} alone", s, share) for k, s in enumerate(sites)]:
+        raw = run_config(name.replace(" ", "_"), seed, out, root, chans, steps, probe)
+        if name == "pooled":  # every site's folder under one root (recursive scan); the probe folder is not a site
+            raw["data"]["root"] = str(tmp / "pooled")
+            for s in sites:
+                for f in s.rglob("*"):
+                    if f.is_file():
+                        _link(f, tmp / "pooled" / s.name / f.relative_to(s))
+        start = time.perf_counter()
+        adapters[name] = pretrain(load_config(raw), quiet=True).adapter_dir
+        timing[name] = time.perf_counter() - start
+    cfg = load_config(run_config("probe", seed, out, sites[0], chans, 1, probe))
+    rows = run_probe(cfg, list(adapters.values()))
+    names = ["frozen", *adapters]
+    scores = {n: {(r.probe, r.labels): r for r in row.results} for n, row in zip(names, rows, strict=True)}
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "sites": len(sites),
+        "items": [len([p for p in s.rglob("*") if p.is_file() or p.is_symlink()]) for s in sites],
+        "scores": {n: {f"{p} {lab:.0%}": (r.mean, r.delta, r.ci_low, r.ci_high) for (p, lab), r in s.items()} for n, s in scores.items()},
+        "wall_s": timing,
+        "round_wall_s": [r.wall_s for r in fed.state.rounds],
+        "bytes_per_round": fed.state.shared_bytes,
+        "full_model_bytes": fed.state.full_model_bytes,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def t_interval(diffs: list[float]) -> str:
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return f"{d.mean():+.3f} (1 seed)"
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        runs = [r for r in results if r["dataset"] == dataset]
+        models = list(runs[0]["scores"])
+        sites = [m for m in models if m.startswith("site")]
+        print(f"\n### {dataset}: {runs[0]['sites']} sites ({', '.join(map(str, runs[0]['items']))} images), seeds {[r['seed'] for r in runs]}\n")
+        print("| probe | " + " | ".join(models) + " |")
+        print("|---|" + "---|" * len(models))
+        for key in runs[0]["scores"]["frozen"]:
+            cells = []
+            for m in models:
+                v = [r["scores"][m][key][0] for r in runs]
+                cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
+            print(f"| {key} | " + " | ".join(cells) + " |")
+        print("\nPaired differences over seeds, mean [95 % t interval]:\n")
+        print("| probe | federated − frozen | federated − mean of sites alone | federated − pooled | within-seed CIs of federated − frozen |")
+        print("|---|---|---|---|---|")
+        for key in runs[0]["scores"]["frozen"]:
+            fed = [r["scores"]["federated"][key][0] for r in runs]
+            frozen = [r["scores"]["frozen"][key][0] for r in runs]
+            alone = [np.mean([r["scores"][s][key][0] for s in sites]) for r in runs]
+            pooled = [r["scores"]["pooled"][key][0] for r in runs]
+            within = ", ".join(f"[{r['scores']['federated'][key][2]:+.3f}, {r['scores']['federated'][key][3]:+.3f}]" for r in runs)
+            print(
+                f"| {key} | {t_interval([a - b for a, b in zip(fed, frozen, strict=True)])} | "
+                f"{t_interval([a - b for a, b in zip(fed, alone, strict=True)])} | {t_interval([a - b for a, b in zip(fed, pooled, strict=True)])} | {within} |"
+            )
+        r0 = runs[0]
+        print(
+            f"\nSent per site per round: {r0['bytes_per_round']:,} bytes (adapters + SimCLR projector, float32); the whole model would be "
+            f"{r0['full_model_bytes']:,} bytes ({r0['full_model_bytes'] / r0['bytes_per_round']:.1f}x). Simulation wall per round (s), per seed: "
+            + "; ".join(", ".join(f"{w:.1f}" for w in r["round_wall_s"]) for r in runs)
+            + ". Run wall (s), seed 0: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r0["wall_s"].items())
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=["polypgen", "pneumoniamnist", "busi"], choices=list(SITES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local-steps", type=int, default=15)
+    p.add_argument("--site-items", type=int, default=240, help="PneumoniaMNIST training images per site")
+    p.add_argument("--site-threads", type=int, default=2, help="torch threads per simulated site (2 on a 2-core CPU: one worker, sites in turn)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    args = p.parse_args()
+    results = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory(prefix="bench_federated_") as tmp:
+                results.append(one_seed(dataset, seed, args, Path(tmp)))
+                print(f"[{dataset} seed {seed} done: {sum(results[-1]['wall_s'].values()):.0f} s of training]", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1, default=str))
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

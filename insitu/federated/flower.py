@@ -78,7 +78,7 @@ def initial_state(cfg: RunConfig) -> tuple[FederationState, PretrainModule]:
     return FederationState(names, get_arrays(module, names), module.fingerprint, int(full)), module
 
 
-def _flwr() -> Any:
+def require_flower() -> Any:
     try:
         import flwr  # noqa: F401
     except ImportError:
@@ -94,7 +94,7 @@ def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
     """A Flower strategy that sends the global tensors to every site and averages the checked replies."""
     from flwr.server.strategy import Strategy
 
-    common = _flwr()
+    common = require_flower()
     fed = cfg.federated
 
     class InsituStrategy(Strategy):
@@ -157,7 +157,7 @@ def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
 
 
 def _update(index: int, res: Any) -> SiteUpdate:
-    common = _flwr()
+    common = require_flower()
     metrics = res.metrics or {}
     loss = metrics.get(LOSS)
     return SiteUpdate(
@@ -238,7 +238,7 @@ def site_configs(cfg: RunConfig, sites: int | None) -> list[tuple[RunConfig, tup
 
 def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
     """Run the federation on Flower's simulation engine, one virtual site per entry of `site_configs`."""
-    _flwr()
+    require_flower()
     from flwr.clientapp import ClientApp
     from flwr.server import ServerAppComponents, ServerConfig
     from flwr.serverapp import ServerApp

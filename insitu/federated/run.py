@@ -20,7 +20,7 @@ from typing import Any
 from insitu.adapters.package import save_package
 from insitu.config import RunConfig
 from insitu.errors import ConfigError
-from insitu.federated.flower import FederationState, initial_state, make_client, make_strategy, simulate
+from insitu.federated.flower import FederationState, initial_state, make_client, make_strategy, require_flower, simulate
 from insitu.federated.site import SiteTrainer, federated_config, set_arrays
 from insitu.io import atomic_write_text, claim_folder
 
@@ -64,6 +64,7 @@ def run_simulation(cfg: RunConfig, sites: int | None = None, overwrite: bool = F
 
 def run_server(cfg: RunConfig, overwrite: bool = False) -> FederationResult:
     """``insitu federate server``: listen on ``federated.address`` and run the rounds (Flower gRPC)."""
+    require_flower()
     from flwr.server import ServerConfig, start_server
 
     folder = claim_folder(cfg.run_dir, "federate", overwrite, lock=True)
@@ -83,6 +84,7 @@ def run_server(cfg: RunConfig, overwrite: bool = False) -> FederationResult:
 
 def run_site(cfg: RunConfig) -> int:
     """``insitu federate site``: train this site's data in every round the server runs; returns the item count."""
+    require_flower()
     from flwr.client import start_client
 
     trainer = SiteTrainer(cfg)

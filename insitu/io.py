@@ -178,6 +178,13 @@ def check_output_file(path: Path, overwrite: bool = False, flag: str = "--overwr
     return path
 
 
+def read_capped(path: Path, cap: int) -> bytes | None:
+    """The file's bytes, or None when it holds more than ``cap`` (never reads more than ``cap + 1`` bytes)."""
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    return data if len(data) <= cap else None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a synced temporary file and a rename (never a half-written file)."""
     path = Path(path)

@@ -236,8 +236,8 @@ def site_configs(cfg: RunConfig, sites: int | None) -> list[tuple[RunConfig, tup
     return [(cfg.model_copy(update={"seed": cfg.seed + 1000 * (i + 1)}), (i, n)) for i in range(n)]
 
 
-def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
-    """Run the federation on Flower's simulation engine, one virtual site per entry of `site_configs`."""
+def simulate(cfg: RunConfig, state: FederationState, sites: int | None = None) -> FederationState:
+    """Run the federation from ``state`` on Flower's simulation engine, one virtual site per entry of `site_configs`."""
     require_flower()
     from flwr.clientapp import ClientApp
     from flwr.server import ServerAppComponents, ServerConfig
@@ -245,7 +245,6 @@ def simulate(cfg: RunConfig, sites: int | None = None) -> FederationState:
     from flwr.simulation import run_simulation
 
     plan = site_configs(cfg, sites)
-    state, _ = initial_state(cfg)
     strategy = make_strategy(cfg, state)
     fed = cfg.federated
     threads = fed.site_threads

@@ -21,8 +21,9 @@ from insitu.adapters.package import save_package
 from insitu.config import RunConfig
 from insitu.errors import ConfigError
 from insitu.federated.flower import FederationState, initial_state, make_client, make_strategy, require_flower, simulate
-from insitu.federated.site import SiteTrainer, federated_config, set_arrays
+from insitu.federated.site import SiteTrainer, set_arrays
 from insitu.io import atomic_write_text, claim_folder
+from insitu.pipelines.pretrain import PretrainModule
 
 log = logging.getLogger("insitu")
 
@@ -55,8 +56,9 @@ def run_simulation(cfg: RunConfig, sites: int | None = None, overwrite: bool = F
     """``insitu federate simulate``: all sites on this machine, on Flower's simulation engine."""
     folder = claim_folder(cfg.run_dir, "federate", overwrite, lock=True)
     try:
-        state = simulate(cfg, sites)
-        return write_outputs(cfg, state, mode="simulation")
+        state, module = initial_state(cfg)
+        simulate(cfg, state, sites)
+        return write_outputs(cfg, state, module, mode="simulation")
     finally:
         folder.record()
         folder.unlock()
@@ -70,13 +72,13 @@ def run_server(cfg: RunConfig, overwrite: bool = False) -> FederationResult:
     folder = claim_folder(cfg.run_dir, "federate", overwrite, lock=True)
     try:
         fed = cfg.federated
-        state, _ = initial_state(cfg)
+        state, module = initial_state(cfg)
         start_server(
             server_address=fed.address,
             config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s),
             strategy=make_strategy(cfg, state),
         )
-        return write_outputs(cfg, state, mode="server")
+        return write_outputs(cfg, state, module, mode="server")
     finally:
         folder.record()
         folder.unlock()
@@ -93,9 +95,9 @@ def run_site(cfg: RunConfig) -> int:
     return trainer.items
 
 
-def write_outputs(cfg: RunConfig, state: FederationState, mode: str) -> FederationResult:
+def write_outputs(cfg: RunConfig, state: FederationState, module: PretrainModule, mode: str) -> FederationResult:
+    """The global package (``module`` with the final tensors loaded), the round records and the summary."""
     run_dir = cfg.run_dir
-    _, module = initial_state(cfg)
     set_arrays(module, state.names, state.arrays)
     fed = cfg.federated
     summary = {
@@ -139,4 +141,4 @@ def _rounds_csv(state: FederationState) -> str:
     return text.getvalue()
 
 
-__all__ = ["FederationResult", "federated_config", "run_server", "run_simulation", "run_site", "write_outputs"]
+__all__ = ["FederationResult", "run_server", "run_simulation", "run_site", "write_outputs"]

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from insitu.errors import RegistryError
-from insitu.io import atomic_write_bytes, claim_folder
+from insitu.io import atomic_write_bytes, claim_folder, read_capped
 from insitu.package_format import (
     CARD_FILE,
     MAX_CARD_BYTES,
@@ -113,9 +113,8 @@ def read_index(registry: str | Path) -> RegistryIndex:
     path = Path(registry) / INDEX_FILE
     if not path.is_file():
         raise RegistryError(f"{registry} is not an insitu registry (no {INDEX_FILE}); pass the folder you published into.")
-    with open(path, "rb") as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
-    if len(raw) > MAX_INDEX_BYTES:
+    raw = read_capped(path, MAX_INDEX_BYTES)
+    if raw is None:
         raise RegistryError(f"{path} is larger than insitu allows ({MAX_INDEX_BYTES:,} bytes); it is not a registry index.")
     try:
         index = RegistryIndex.model_validate(json.loads(raw))
@@ -264,9 +263,8 @@ def list_packages(registry: str | Path, base: str | None = None) -> list[IndexEn
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
+    data = read_capped(path, cap)
+    if data is None:
         raise RegistryError(f"{path} is larger than insitu allows ({cap:,} bytes); the registry entry is damaged.")
     return data
 

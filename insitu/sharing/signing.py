@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from insitu.errors import ConfigError, SignatureError
-from insitu.io import OutputExistsError, atomic_write_bytes
+from insitu.io import OutputExistsError, atomic_write_bytes, read_capped
 from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TENSORS_FILE, VettedPackage, vet_package
 
 if TYPE_CHECKING:
@@ -167,9 +167,8 @@ def generate_keypair(out_dir: str | Path, name: str) -> tuple[Path, Path]:
 def _read_key_file(path: Path) -> bytes:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; pass a key file written by `insitu adapter keygen`.")
-    with open(path, "rb") as f:
-        data = f.read(MAX_KEY_BYTES + 1)
-    if len(data) > MAX_KEY_BYTES:
+    data = read_capped(path, MAX_KEY_BYTES)
+    if data is None:
         raise SignatureError(f"{path} is larger than a key file can be ({MAX_KEY_BYTES:,} bytes); pass a key from `insitu adapter keygen`.")
     return data
 

@@ -168,6 +168,7 @@ def test_server_and_two_sites_over_grpc(tmp_path: Path) -> None:
     import socket
     import subprocess
     import sys
+    import time
 
     import yaml
 
@@ -181,16 +182,30 @@ def test_server_and_two_sites_over_grpc(tmp_path: Path) -> None:
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(server_cfg))
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "insitu", "--quiet", "federate"]
-    server = subprocess.Popen([*cmd, "server", "-c", str(tmp_path / "server.yaml")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sites = [
-        subprocess.Popen([*cmd, "site", "-c", str(tmp_path / "site.yaml"), "--set", f"data.root={r}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in roots
-    ]
-    out, _ = server.communicate(timeout=300)
-    for site in sites:
-        site.communicate(timeout=60)
-    assert server.returncode == 0, out[-3000:]
-    assert all(s.returncode == 0 for s in sites)
+    logs = [tmp_path / f"{name}.log" for name in ("server", "site1", "site2")]
+
+    def start(args: list[str], log: Path) -> subprocess.Popen:  # output to files: a full pipe can never block a process
+        return subprocess.Popen([*cmd, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+    def tails() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs if p.exists())
+
+    procs = [start(["server", "-c", str(tmp_path / "server.yaml")], logs[0])]
+    try:
+        for _ in range(240):  # sites join once the server listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert procs[0].poll() is None, tails()
+            time.sleep(0.5)
+        procs += [start(["site", "-c", str(tmp_path / "site.yaml"), "--set", f"data.root={r}"], log) for r, log in zip(roots, logs[1:], strict=True)]
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0, 0], tails()
+    out = logs[0].read_text()
     rounds = json.loads((tmp_path / "runs" / "tiny" / "rounds.json").read_text())["rounds"]
     assert len(rounds) == 2 and all(len(r["accepted"]) == 2 and r["items"] == 24 for r in rounds)
     assert "patient_DOE" not in out and "patient_DOE" not in (tmp_path / "runs" / "tiny" / "adapter" / "insitu.json").read_text()

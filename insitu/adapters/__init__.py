@@ -84,19 +84,75 @@ class MultiAdapterBackbone(nn.Module):
 
 
 class AdaptedBackbone(nn.Module):
-    """A frozen backbone plus one adapter set: the model downstream heads and probes use."""
+    """A frozen backbone plus one adapter set: the model downstream heads, probes and objectives use.
+
+    It offers the whole backbone interface (tokens, attention, intermediates, metadata), so nothing
+    outside `insitu.backbones`/`insitu.adapters` needs the bare backbone behind it.
+    """
 
     def __init__(self, backbone: ViTBackbone, adapters: AdapterSet | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.adapters = adapters
 
+    def with_adapters(self, adapters: AdapterSet | None) -> AdaptedBackbone:
+        """The same frozen backbone with another adapter set (``None``: the bare backbone)."""
+        return AdaptedBackbone(self.backbone, adapters)
+
     @property
     def embed_dim(self) -> int:
         return self.backbone.embed_dim
 
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.backbone.in_chans
+
+    @property
+    def img_size(self) -> int:
+        return self.backbone.img_size
+
+    @property
+    def native_size(self) -> int:
+        return self.backbone.native_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.backbone.num_blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.backbone.num_prefix_tokens
+
+    @property
+    def source(self) -> str:
+        return self.backbone.source
+
+    @property
+    def fingerprint(self) -> str:
+        """The frozen base's fingerprint (adapters do not change it)."""
+        return self.backbone.fingerprint
+
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(cls [B, D], patch_tokens [B, N, D], grid_hw)`` after the final norm."""
         return self.backbone.forward_tokens(x, self.adapters)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:
+        """`forward_tokens` plus the last block's CLS→patch attention ``[B, heads, N]``."""
+        return self.backbone.forward_with_attention(x, self.adapters)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int] | int = 4, norm: bool = True) -> list[torch.Tensor]:
+        """Patch tokens as ``B×D×h×w`` maps after the chosen blocks (an int n: the last n blocks)."""
+        return self.backbone.forward_intermediates(x, indices, self.adapters, norm)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """A standalone timm state dict with LoRA deltas folded in (other adapter kinds cannot be merged)."""
+        if not isinstance(self.adapters, LoRAAdapters):
+            raise TypeError(f"only LoRA adapters can be merged into the weights; this model has {type(self.adapters).__name__}.")
+        return merge_lora(self.backbone.vit, self.adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)[0]

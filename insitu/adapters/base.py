@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from insitu.errors import ConfigError
 
@@ -22,7 +24,13 @@ def resolve_blocks(blocks: str | int | list[int], num_blocks: int) -> list[int]:
 
 
 class AdapterSet(nn.Module):
-    """Adapters for some blocks of a ViT. ``forward_block`` replaces ``block(x)`` for those blocks."""
+    """Adapters for some blocks of a ViT. ``forward_block`` replaces ``block(x)`` for those blocks.
+
+    An adapter never re-implements timm's ``Block``/``Attention`` forward: it attaches forward hooks
+    to the block's own submodules (`hooks`) for the duration of one ``block(x)`` call, so timm's code
+    runs unchanged (gated attention, fused SDPA, q/k norms included). The frozen module tree is never
+    modified, so student and teacher adapter sets can share one backbone.
+    """
 
     kind: str = "base"
 
@@ -37,7 +45,17 @@ class AdapterSet(nn.Module):
     def has(self, index: int) -> bool:
         return index in self.blocks
 
-    def forward_block(self, index: int, block: nn.Module, x):  # noqa: ANN001, ANN201 - subclass contract
+    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """timm's own ``block(x)`` with this set's hooks attached to block ``index``."""
+        handles = self.hooks(index, block)
+        try:
+            return block(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
+        """Attach this set's change to block ``index`` (its submodules); the handles remove it again."""
         raise NotImplementedError
 
     def config(self) -> dict:

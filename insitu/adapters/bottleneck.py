@@ -2,13 +2,15 @@
 
 For an adapted block: ``x = x + attn(ln1(x))``, then
 ``x = x + mlp(ln2(x)) + s * up(relu(down(ln_a(x))))``. ``up`` starts at zero, so an untrained
-adapter leaves the backbone's output bit-identical.
+adapter leaves the backbone's output bit-identical. Attached by hooks: the residual stream is read
+where timm's block feeds it to ``norm2``, and the adapter's output is added to the block's output.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from insitu.adapters.base import AdapterSet
 
@@ -38,11 +40,18 @@ class BottleneckAdapters(AdapterSet):
         self.dim, self.bottleneck_dim, self.scale = dim, bottleneck_dim, scale
         self.layers = nn.ModuleDict({str(i): Bottleneck(dim, bottleneck_dim) for i in blocks})
 
-    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # mirrors timm's Block.forward: x + drop_path(ls(attn(norm1(x)))), then the MLP branch
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-        mlp = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        return x + mlp + self.scale * self.layers[str(index)](x)
+    def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
+        adapter, seen = self.layers[str(index)], {}
+
+        def keep_residual(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen["x"] = args[0]  # the block's stream after attention: what norm2 (the MLP branch) reads
+
+        def add_adapter(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            if "x" not in seen:
+                raise RuntimeError("timm's Block no longer calls norm2 on its residual stream; the bottleneck adapter cannot attach.")
+            return out + self.scale * adapter(seen.pop("x"))
+
+        return [block.norm2.register_forward_pre_hook(keep_residual), block.register_forward_hook(add_adapter)]
 
     def config(self) -> dict:
         return {

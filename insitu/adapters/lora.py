@@ -4,15 +4,22 @@
 so an untrained LoRA leaves the backbone bit-identical. Our own module rather than peft: the
 frozen weights stay shared between student and teacher, each holding only its own A/B matrices,
 and `merge_lora` folds them into a standalone backbone state dict.
+
+Each delta wraps the block's own ``attn.qkv`` / ``attn.proj`` ``nn.Linear`` as a forward hook while
+that block runs (``y = linear(x) + delta(x)``), so timm's ``Attention.forward`` runs unchanged,
+whatever it grows (a ``gate``, q/k norms, fused SDPA). The tensors keep their names
+(``qkv.<block>.A`` / ``.B``, ``proj.<block>.A`` / ``.B``), so packages written before stay loadable.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from insitu.adapters.base import AdapterSet
 
@@ -43,33 +50,11 @@ class LoRAAdapters(AdapterSet):
         self.qkv = nn.ModuleDict({str(i): LoRAPair(dim, 3 * dim, rank, alpha) for i in blocks}) if "qkv" in targets else None
         self.proj = nn.ModuleDict({str(i): LoRAPair(dim, dim, rank, alpha) for i in blocks}) if "proj" in targets else None
 
-    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = x + block.drop_path1(block.ls1(self._attention(index, block.attn, block.norm1(x))))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-    def qkv_delta(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA change to block ``index``'s qkv projection (used to read attention maps)."""
-        return self.qkv[str(index)](x) if self.qkv is not None else torch.zeros(())
-
-    def _attention(self, index: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # mirrors timm's Attention.forward with LoRA added to the projections
-        b, n, _ = x.shape
-        key = str(index)
-        qkv = attn.qkv(x)
-        if self.qkv is not None:
-            qkv = qkv + self.qkv[key](x)
-        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
-        proj = attn.proj(out)
-        if self.proj is not None:
-            proj = proj + self.proj[key](out)
-        return attn.proj_drop(proj)
+    def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
+        targets = [
+            (_linear(block.attn, name), pairs[str(index)]) for name, pairs in (("qkv", self.qkv), ("proj", self.proj)) if pairs is not None
+        ]
+        return [linear.register_forward_hook(_plus(pair)) for linear, pair in targets]
 
     def config(self) -> dict:
         return {
@@ -80,6 +65,18 @@ class LoRAAdapters(AdapterSet):
             "targets": list(self.targets),
             "dim": self.dim,
         }
+
+
+def _linear(attn: nn.Module, name: str) -> nn.Linear:
+    linear = getattr(attn, name, None)
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"LoRA target '{name}' needs an nn.Linear at attn.{name}; {type(attn).__name__} has {type(linear).__name__}.")
+    return linear
+
+
+def _plus(pair: LoRAPair) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
+    """A forward hook turning ``linear(x)`` into ``linear(x) + pair(x)``."""
+    return lambda _linear, args, out: out + pair(args[0])
 
 
 def merge_lora(vit: nn.Module, adapters: LoRAAdapters) -> dict[str, torch.Tensor]:

@@ -2,13 +2,18 @@
 
 For an adapted block: ``h = attn(ln1(x)); x = x + h + s·A1(h)``, then
 ``h = mlp(ln2(x)); x = x + h + s·A2(h)``. ``up`` starts at zero, so untrained adapters are the
-identity on the sublayer output (the original Houlsby form ``h + A(h)``, with a scale).
+identity on the sublayer output (the original Houlsby form ``h + A(h)``, with a scale). Attached
+as forward hooks on the block's layer-scale modules ``ls1``/``ls2`` (identities without layer scale),
+whose outputs are exactly the sublayer outputs before the residual add.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from insitu.adapters.base import AdapterSet
 from insitu.adapters.bottleneck import Bottleneck
@@ -23,12 +28,15 @@ class SequentialAdapters(AdapterSet):
         self.attn_adapters = nn.ModuleDict({str(i): Bottleneck(dim, bottleneck_dim) for i in blocks})
         self.mlp_adapters = nn.ModuleDict({str(i): Bottleneck(dim, bottleneck_dim) for i in blocks})
 
-    def forward_block(self, index: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
         key = str(index)
-        h = block.ls1(block.attn(block.norm1(x)))
-        x = x + block.drop_path1(h + self.scale * self.attn_adapters[key](h))
-        h = block.ls2(block.mlp(block.norm2(x)))
-        return x + block.drop_path2(h + self.scale * self.mlp_adapters[key](h))
+        return [
+            block.ls1.register_forward_hook(self._after(self.attn_adapters[key])),
+            block.ls2.register_forward_hook(self._after(self.mlp_adapters[key])),
+        ]
+
+    def _after(self, adapter: Bottleneck) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+        return lambda _module, _args, h: h + self.scale * adapter(h)
 
     def config(self) -> dict:
         return {"kind": self.kind, "blocks": self.blocks, "bottleneck_dim": self.bottleneck_dim, "scale": self.scale, "dim": self.dim}

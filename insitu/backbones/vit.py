@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+from timm.layers import Attention
 from torch import nn
 
 if TYPE_CHECKING:
@@ -50,39 +53,46 @@ class ViTBackbone(nn.Module):
         super().train(False)
         return self
 
+    def set_trainable(self, trainable: bool) -> ViTBackbone:
+        """Unfreeze every weight (full fine-tuning baselines, base pre-training) or freeze it again."""
+        self.vit.requires_grad_(trainable)
+        return self
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The wrapped model's own state dict (timm keys): what a ``backbone.weights`` file holds."""
+        return self.vit.state_dict()
+
     def forward_tokens(self, x: torch.Tensor, adapters: AdapterSet | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Return ``(cls [B, D], patch_tokens [B, N, D], grid_hw)`` after the final norm."""
+        """Return ``(cls [B, D], patch_tokens [B, N, D], grid_hw)`` after the final norm.
+
+        Without a class token (``class_token=False``), ``cls`` is the mean patch token (timm's ``avg`` pool).
+        """
         tokens, grid, _ = self._run(x, adapters, ())
         tokens = self.vit.norm(tokens)
-        return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid
+        patches = tokens[:, self.num_prefix_tokens :]
+        cls = tokens[:, 0] if self.has_class_token else patches.mean(1)
+        return cls, patches, grid
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.vit, "cls_token", None) is not None
 
     def forward_with_attention(
         self, x: torch.Tensor, adapters: AdapterSet | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor]:
         """Like `forward_tokens`, plus the last block's CLS→patch attention ``[B, heads, N]``.
 
-        The attention is recomputed from the last block's input with its (frozen) q/k projections,
-        plus the adapters' q/k change where an adapter set alters attention (LoRA).
+        The probabilities come from the queries and keys timm's own ``Attention.forward`` computes in
+        the last block (read by hooks, so adapters that change q/k, like LoRA, are included). Without
+        a class token, it is the attention each patch receives, averaged over the patch queries.
         """
-        tokens, grid, kept = self._run(x, adapters, (self.num_blocks - 2,) if self.num_blocks > 1 else ())
-        last_in = kept[0] if kept else self._embed(x)
-        attn = self._cls_attention(self.num_blocks - 1, last_in, adapters)
-        tokens = self.vit.norm(tokens)
-        return tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid, attn
-
-    def _cls_attention(self, index: int, x: torch.Tensor, adapters: AdapterSet | None) -> torch.Tensor:
-        block = self.vit.blocks[index]
-        attn = block.attn
-        h = block.norm1(x)
-        qkv = attn.qkv(h)
-        delta = getattr(adapters, "qkv_delta", None)
-        if delta is not None and adapters.has(index):
-            qkv = qkv + delta(index, h)
-        b, n, _ = h.shape
-        q, k, _ = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        scores = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # CLS query over all keys
-        return scores.softmax(dim=-1)[:, :, 0, self.num_prefix_tokens :]
+        attn = self.vit.blocks[-1].attn
+        with capture_queries_keys(attn) as qk:
+            cls, patches, grid = self.forward_tokens(x, adapters)
+        p = self.num_prefix_tokens
+        q = qk["q"][:, :, :1] if self.has_class_token else qk["q"][:, :, p:]
+        probs = ((q * attn.scale) @ qk["k"].transpose(-2, -1)).softmax(dim=-1)
+        return cls, patches, grid, probs[..., p:].mean(2)
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int] | int = 4, adapters: AdapterSet | None = None, norm: bool = True
@@ -162,11 +172,38 @@ class ViTBackbone(nn.Module):
         return tokens, kept
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        tokens = vit.patch_embed(x)
-        tokens = vit._pos_embed(tokens)
-        tokens = vit.patch_drop(tokens)
-        return vit.norm_pre(tokens)
+        return embed_tokens(self.vit, x)
+
+
+def embed_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch embedding, prefix tokens and position embedding: the tokens block 0 receives.
+
+    The one private timm call in insitu: timm (1.0.x) has no public function for "embed, but do not
+    run the blocks", and ``_pos_embed`` is what its own ``forward_features`` and
+    ``forward_intermediates`` call. ``tests/test_timm_interface.py`` checks that this still matches
+    ``forward_features`` for every supported variant, so a timm change fails loudly, not silently.
+    """
+    tokens = vit.patch_embed(x)
+    tokens = vit._pos_embed(tokens)
+    tokens = vit.patch_drop(tokens)
+    return vit.norm_pre(tokens)
+
+
+@contextmanager
+def capture_queries_keys(attn: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the ``[B, heads, N, head_dim]`` queries and keys of timm's ``Attention`` while in the block."""
+    if not isinstance(attn, Attention):
+        raise TypeError(f"attention maps need timm's Attention module; this backbone's last block has {type(attn).__name__}.")
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        attn.q_norm.register_forward_hook(lambda _m, _a, out: seen.__setitem__("q", out)),
+        attn.k_norm.register_forward_hook(lambda _m, _a, out: seen.__setitem__("k", out)),
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -139,7 +139,7 @@ class GlareObjective(DinoObjective):
         """(cls, patches, grid[, attention]) per clean global view; attention only when regions need it."""
         if not self.opts.regional.enabled:
             return [teacher.forward_tokens(v) for v in views]
-        return [teacher.backbone.forward_with_attention(v, teacher.adapters) for v in views]
+        return [teacher.forward_with_attention(v) for v in views]
 
     def _student_inputs(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The global views the student sees: patch-corrupted when the local term is on."""

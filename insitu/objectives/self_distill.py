@@ -69,7 +69,7 @@ class SelfDistillObjective(Objective):
 
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         if not self._checked:  # the package must have been made on this very backbone
-            check_compatible(self.package.meta, student.backbone)
+            check_compatible(self.package.meta, student)
             self._checked = True
         self.base.step = self.step
         *views, clean = batch["views"]
@@ -83,7 +83,7 @@ class SelfDistillObjective(Objective):
     def distill_loss(self, clean: torch.Tensor, student: nn.Module) -> torch.Tensor:
         """Mean squared L2 distance between the student's CLS and the further-pretrained CLS."""
         with torch.no_grad():
-            target = student.backbone.forward_tokens(clean, self.further)[0]
+            target = student.with_adapters(self.further).forward_tokens(clean)[0]
         cls = student.forward_tokens(clean)[0]
         return (cls - target).pow(2).sum(-1).mean()
 

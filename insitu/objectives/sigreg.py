@@ -39,13 +39,14 @@ class RecordingStudent(nn.Module):
         self.student = student
         self.cls: list[torch.Tensor] = []
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.student.backbone
-
-    @property
-    def adapters(self) -> nn.Module | None:
-        return self.student.adapters
+    def __getattr__(self, name: str) -> Any:
+        # the rest of the backbone interface (metadata, with_adapters, attention) passes through unrecorded
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "student":
+                raise
+            return getattr(self.student, name)
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         out = self.student.forward_tokens(x)

@@ -48,8 +48,7 @@ class DownstreamModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Backbone features the head reads: pooled vectors, or token maps for segmentation."""
         if self.task == "segmentation":
-            n = min(self.layers, self.adapted.backbone.num_blocks)
-            return self.adapted.backbone.forward_intermediates(x, n, self.adapted.adapters)
+            return self.adapted.forward_intermediates(x, min(self.layers, self.adapted.num_blocks))
         cls, patches, _ = self.adapted.forward_tokens(x)
         return torch.cat([cls, patches.mean(1)], dim=1)
 

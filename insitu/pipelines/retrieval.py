@@ -133,7 +133,7 @@ def evaluate_retrieval(
         raise ConfigError(f"{adapter} was trained with {name!r}; retrieval needs a convirt or clip adapter package.")
     model = apply_package(pkg, create_backbone(cfg.backbone))
     options = pkg.meta.objective.get("options") or cfg.objective.options
-    objective = create_objective(name, model.backbone.embed_dim, model.backbone.patch_size, cfg.data.image_size, options, 1)
+    objective = create_objective(name, model.embed_dim, model.patch_size, cfg.data.image_size, options, 1)
     objective.load_head_state(pkg.head_state())
     data, items = held_out_pairs(cfg, sampling, pairs)
     norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else fit_normalizer(data, items)

@@ -127,7 +127,7 @@ def test_scan_is_resumable_and_arrays_cached(tmp_path, monkeypatch):
     m = d.scan(root)
     d.load(m.items[0], m)
     calls = []
-    import insitu.domains.dicom as dicom_mod
+    import insitu.domains.dicom.domain as dicom_mod
 
     monkeypatch.setattr(dicom_mod, "read_record", lambda *a: calls.append(a) or {})
     write_series(root / "b", ct_volume(7), patient_id="P9", seed=9)

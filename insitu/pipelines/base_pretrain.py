@@ -32,7 +32,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
 
-from insitu.backbones import create_backbone
+from insitu.backbones import ViTBackbone, create_backbone
 from insitu.config import BackboneConfig, Strict, apply_override
 from insitu.domains.fractals import NUM_TEXTURES, FractalStream, SystemBank
 from insitu.errors import ConfigError
@@ -149,8 +149,7 @@ class MIPModule(_Optimizer, L.LightningModule):
     def __init__(self, cfg: BasePretrainConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.student = create_backbone(cfg.backbone)
-        self.student.vit.requires_grad_(True)
+        self.student = create_backbone(cfg.backbone).set_trainable(True)
         self.head = torch.nn.Linear(2 * self.student.embed_dim, cfg.num_systems)
         if cfg.backbone.weights:
             self.training_text = self.training_text.replace("from scratch", f"continued from {cfg.backbone.weights}")
@@ -162,8 +161,8 @@ class MIPModule(_Optimizer, L.LightningModule):
             self.texture_head = torch.nn.Linear(2 * self.student.embed_dim, NUM_TEXTURES)
 
     @property
-    def exported(self) -> torch.nn.Module:
-        return self.student.vit
+    def exported(self) -> ViTBackbone:
+        return self.student
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, labels, *extra = batch
@@ -203,10 +202,8 @@ class BasePretrainModule(_Optimizer, L.LightningModule):
     def __init__(self, cfg: BasePretrainConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.student = create_backbone(cfg.backbone)
-        self.student.vit.requires_grad_(True)
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.vit.requires_grad_(False)
+        self.student = create_backbone(cfg.backbone).set_trainable(True)
+        self.teacher = copy.deepcopy(self.student).set_trainable(False)
         dim = self.student.embed_dim
         self.head = DINOProjectionHead(dim, 512, 128, cfg.out_dim)
         self.teacher_head = DINOProjectionHead(dim, 512, 128, cfg.out_dim)
@@ -228,12 +225,12 @@ class BasePretrainModule(_Optimizer, L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         t = min(1.0, self.global_step / self.cfg.steps)
         m = 1 - (1 - self.cfg.ema_momentum) * (math.cos(math.pi * t) + 1) / 2
-        update_momentum(self.student.vit, self.teacher.vit, m)
+        update_momentum(self.student, self.teacher, m)
         update_momentum(self.head, self.teacher_head, m)
 
     @property
-    def exported(self) -> torch.nn.Module:
-        return self.teacher.vit
+    def exported(self) -> ViTBackbone:
+        return self.teacher
 
 
 def load_base_config(path: Path | None, overrides: list[str]) -> BasePretrainConfig:
@@ -292,7 +289,7 @@ def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
 
 def export_base(module: MIPModule | BasePretrainModule, cfg: BasePretrainConfig, run_dir: Path, wall: float, trainer: L.Trainer) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.exported.state_dict().items()}
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.exported.timm_state_dict().items()}
     weights = run_dir / f"{cfg.name}.safetensors"
     save_file(state, str(weights))
     device = (

@@ -81,7 +81,7 @@ class PretrainModule(L.LightningModule):
         """Baseline mode: every backbone weight trains; the teacher gets its own EMA backbone copy."""
         teacher_backbone = copy.deepcopy(self.backbone)
         deactivate_requires_grad(teacher_backbone)
-        self.backbone.vit.requires_grad_(True)
+        self.backbone.set_trainable(True)
         return teacher_backbone
 
     def student_model(self) -> AdaptedBackbone:
@@ -360,7 +360,7 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
         )
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result
-            save_file({k: v.contiguous() for k, v in module.backbone.vit.state_dict().items()}, str(run_dir / "backbone.safetensors"))
+            save_file({k: v.contiguous() for k, v in module.backbone.timm_state_dict().items()}, str(run_dir / "backbone.safetensors"))
     return PretrainResult(
         run_dir, adapter_dir, trainer.global_step, final_loss, wall, len(items), len(data.manifest.quarantine), trainable, summary
     )

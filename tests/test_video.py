@@ -74,7 +74,7 @@ def test_clips_mode_stride_and_cache(videos, monkeypatch):
     got = [frame_index((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for f in clip]
     assert got == [7, 9, 11, 13]
     calls = []
-    monkeypatch.setattr(vmod, "decode_frames", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr("insitu.domains.video.domain.decode_frames", lambda *a, **k: calls.append(a) or {})
     assert torch.equal(dom.load(clips[1], m)["image"], clip)  # second epoch: from the cache
     assert calls == []
 
@@ -232,6 +232,6 @@ def test_reading_in_order_decodes_each_gop_once(videos, monkeypatch):
     assert dom.info(case1[0].path).keyframes == [0, 6, 12, 18]  # written with a keyframe every 6
     calls = []
     real = vmod.decode_frames
-    monkeypatch.setattr(vmod, "decode_frames", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr("insitu.domains.video.domain.decode_frames", lambda *a: calls.append(a[1]) or real(*a))
     got = [frame_index((dom.load(i, m)["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for i in case1]
     assert got == list(range(24)) and calls == [[0], [6], [12], [18]]

@@ -1,0 +1,66 @@
+"""Results back out: per-frame phase CSVs, H.264 MP4s, and overlay videos with masks and phase banners."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+
+from insitu.domains.base import IGNORE_INDEX
+
+
+def write_mp4(path: Path, frames: np.ndarray | list[np.ndarray], fps: float = 25, crf: int = 23) -> Path:
+    """Write uint8 H×W×3 frames as an H.264 MP4 (odd sizes are cropped by one pixel for yuv420p)."""
+    from fractions import Fraction
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [np.asarray(f) for f in frames]
+    h, w = (frames[0].shape[0] // 2) * 2, (frames[0].shape[1] // 2) * 2
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("h264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:h, :w, :3]), format="rgb24")
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+    return path
+
+
+def write_phase_csv(path: Path, times: list[float], predictions: list[int], class_names: list[str]) -> Path:
+    """Per-frame predictions as ``frame,time_s,phase_index,phase``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["frame", "time_s", "phase_index", "phase"])
+        for i, (t, p) in enumerate(zip(times, predictions, strict=True)):
+            writer.writerow([i, f"{t:.3f}", p, class_names[p] if 0 <= p < len(class_names) else ""])
+    return path
+
+
+def write_overlay(
+    path: Path,
+    frames: np.ndarray,
+    fps: float = 25,
+    masks: np.ndarray | None = None,
+    phases: list[str] | None = None,
+    colour: tuple[int, int, int] = (255, 40, 40),
+) -> Path:
+    """An MP4 for a person to watch: predicted masks tinted over the frames and/or a phase banner."""
+    out = []
+    for t, frame in enumerate(np.asarray(frames, dtype=np.uint8)):
+        img = frame.astype(np.float32)
+        if masks is not None:
+            on = (masks[t] > 0) & (masks[t] != IGNORE_INDEX)
+            img[on] = 0.55 * img[on] + 0.45 * np.asarray(colour, np.float32)
+        im = Image.fromarray(img.round().astype(np.uint8))
+        if phases is not None:
+            draw = ImageDraw.Draw(im)
+            bar = max(10, im.height // 12)
+            draw.rectangle([0, 0, im.width, bar], fill=(0, 0, 0))
+            draw.text((3, max(0, bar // 2 - 5)), phases[t], fill=(255, 255, 255))
+        out.append(np.asarray(im))
+    return write_mp4(path, out, fps)

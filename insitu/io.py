@@ -11,10 +11,13 @@ can never interleave their files.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,16 +188,95 @@ def read_capped(path: Path, cap: int) -> bytes | None:
     return data if len(data) <= cap else None
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write through; renamed onto ``path`` when the block succeeds.
+
+    For libraries that write to a path themselves (safetensors, PIL, numpy, zipfile, torch): a
+    reader sees the old file or the whole new one, never a half-written one; after an exception the
+    temporary file is removed and ``path`` is untouched. The suffix is kept (some libraries pick the
+    format from it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a synced temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2, **dumps: Any) -> Path:
+    """``data`` as JSON, written atomically; ``dumps`` go to :func:`json.dumps` (e.g. ``default=str``)."""
+    atomic_write_text(path, json.dumps(data, indent=indent, **dumps))
+    return Path(path)
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str, Any]]) -> str:
+    """CSV text: ``header`` then ``rows`` (sequences in header order, or mappings keyed by it; extra keys ignored)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([row.get(k) for k in header] if isinstance(row, Mapping) else row)
+    return text.getvalue()
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str, Any]]) -> Path:
+    """A CSV file (see :func:`csv_text`), written atomically; returns ``path``."""
+    atomic_write_text(path, csv_text(header, rows))
+    return Path(path)
+
+
+@contextmanager
+def replace_folder(path: Path, members: Iterable[str]) -> Iterator[Path]:
+    """Build a folder's new ``members`` in a temporary sibling, then swap it in for ``path``.
+
+    Nothing is visible at ``path`` until the block succeeds: an exception removes the temporary
+    folder and leaves ``path`` (an earlier version, or nothing) as it was. Entries of an existing
+    ``path`` other than ``members`` (files a person put there, an ownership record) are copied into
+    the new folder before the swap, so they survive; earlier ``members`` not written again do not.
+    The swap is two renames; a crash between them leaves the old folder in ``.<name>.old<pid>``
+    and nothing half-written at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _keep_other_entries(path, tmp, set(members) | {LOCK_FILE, LOCK_FILE + ".pid"})
+        if path.is_dir():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _keep_other_entries(src: Path, dst: Path, skip: set[str]) -> None:
+    if not src.is_dir():
+        return
+    for entry in src.iterdir():
+        if entry.name in skip or (dst / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dst / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, dst / entry.name, follow_symlinks=False)

@@ -23,11 +23,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from insitu.errors import AdapterFormatError, AdapterMismatchError
+from insitu.io import atomic_write_bytes, replace_folder
 
 FORMAT = "insitu-adapter"
 FORMAT_VERSION = 1
 TENSORS_FILE, META_FILE, CARD_FILE = "adapter.safetensors", "insitu.json", "README.md"
 SIGNATURE_FILE = "signature.json"  # optional: an Ed25519 signature (insitu.sharing.signing)
+PACKAGE_FILES = (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE)
 UNSAFE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_META_BYTES = 1 << 20  # insitu.json: a resolved config and a summary fit in far less
 MAX_CARD_BYTES = 1 << 20
@@ -361,3 +363,18 @@ def _head_namespace_ok(name: str) -> bool:
 
 def content_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
+
+
+def write_package_folder(out_dir: str | Path, files: dict[str, bytes]) -> Path:
+    """Write a package's ``files`` (name -> bytes) as the folder ``out_dir``, all at once.
+
+    The files are written into a temporary sibling folder, ``insitu.json`` last, which then replaces
+    ``out_dir`` (:func:`insitu.io.replace_folder`): an interrupted write never leaves a half package
+    that loads, and an earlier package there stays whole until the new one is complete. An earlier
+    package's signature is not carried over (it signed other bytes).
+    """
+    out_dir = Path(out_dir)
+    with replace_folder(out_dir, PACKAGE_FILES) as tmp:
+        for name in sorted(files, key=lambda n: n == META_FILE):
+            atomic_write_bytes(tmp / name, files[name])
+    return out_dir

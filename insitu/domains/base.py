@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from insitu.io import write_csv, write_json
+
 IGNORE_INDEX = 255
 Sample = dict[str, Any]
 
@@ -64,19 +66,17 @@ class Manifest:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         cols = ["item_id", "path", "group", "label", "split", "extra"]
-        with open(out_dir / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=cols)
-            writer.writeheader()
-            for item in self.items:
-                row = asdict(item)
-                row["path"] = shareable_path(item.path, self.root)
-                row["extra"] = scrub_text(json.dumps(item.extra, sort_keys=True), [self.root])
-                writer.writerow(row)
+        rows = [
+            asdict(item)
+            | {"path": shareable_path(item.path, self.root), "extra": scrub_text(json.dumps(item.extra, sort_keys=True), [self.root])}
+            for item in self.items
+        ]
+        write_csv(out_dir / "manifest.csv", cols, rows)
         _write_rows(out_dir / "quarantine.csv", self.quarantine, self.root)
         if self.skipped:
             _write_rows(out_dir / "skipped.csv", self.skipped, self.root)
         summary = {"domain": self.domain, "class_names": self.class_names, **self.counts()}
-        (out_dir / "manifest.json").write_text(json.dumps(summary, indent=2))
+        write_json(out_dir / "manifest.json", summary)
 
     @classmethod
     def read(cls, out_dir: Path, data_root: Path | None = None) -> Manifest:
@@ -114,12 +114,8 @@ class Manifest:
 def _write_rows(path: Path, rows: list[QuarantineItem], root: str) -> None:
     from insitu.privacy import scrub_text, shareable_path
 
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "reason", "message"])
-        writer.writeheader()
-        for row in rows:
-            shown = shareable_path(row.path, root)
-            writer.writerow({"path": shown, "reason": scrub_text(row.reason, [root]), "message": scrub_text(row.message, [root])})
+    shown = [[shareable_path(r.path, root), scrub_text(r.reason, [root]), scrub_text(r.message, [root])] for r in rows]
+    write_csv(path, ["path", "reason", "message"], shown)
 
 
 class DomainOptions(BaseModel):

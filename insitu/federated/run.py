@@ -9,8 +9,6 @@ averaged and dropped with the reason, items, mean loss, bytes per site, wall tim
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -20,9 +18,9 @@ from typing import Any
 from insitu.adapters.package import save_package
 from insitu.config import RunConfig
 from insitu.errors import ConfigError
-from insitu.federated.flower import FederationState, initial_state, make_client, make_strategy, require_flower, simulate
+from insitu.federated.flower import FederationState, RoundRecord, initial_state, make_client, make_strategy, require_flower, simulate
 from insitu.federated.site import SiteTrainer, set_arrays
-from insitu.io import atomic_write_text, claim_folder
+from insitu.io import atomic_write_text, claim_folder, csv_text
 from insitu.pipelines.pretrain import PretrainModule
 
 log = logging.getLogger("insitu")
@@ -132,13 +130,13 @@ def write_outputs(cfg: RunConfig, state: FederationState, module: PretrainModule
 
 
 def _rounds_csv(state: FederationState) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["round", "sites_averaged", "sites_dropped", "drop_reasons", "items", "mean_loss", "bytes_per_site", "wall_s"])
-    for r in state.rounds:
-        reasons = "; ".join(f"{k}: {v}" for k, v in r.dropped.items())
-        writer.writerow([r.round, len(r.accepted), len(r.dropped), reasons, r.items, r.mean_loss, r.bytes_per_site, r.wall_s])
-    return text.getvalue()
+    header = ["round", "sites_averaged", "sites_dropped", "drop_reasons", "items", "mean_loss", "bytes_per_site", "wall_s"]
+    return csv_text(header, [_round_row(r) for r in state.rounds])
+
+
+def _round_row(r: RoundRecord) -> list[Any]:
+    reasons = "; ".join(f"{k}: {v}" for k, v in r.dropped.items())
+    return [r.round, len(r.accepted), len(r.dropped), reasons, r.items, r.mean_loss, r.bytes_per_site, r.wall_s]
 
 
 __all__ = ["FederationResult", "run_server", "run_simulation", "run_site", "write_outputs"]

@@ -6,8 +6,6 @@ for classification, CSV/JSON results, and a self-contained ``report.html`` (+ ``
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.exports.plots import embedding_plot, few_shot_plot, metric_bars
 from insitu.exports.report import markdown_table, write_report
 from insitu.heads import few_shot_accuracy, knn_accuracy
-from insitu.io import claim_folder
+from insitu.io import claim_folder, write_csv, write_json
 from insitu.pipelines.finetune import FinetuneResult, build_model, downstream_of, encode, fit_and_score, model_name, prepare, summarize
 from insitu.privacy import shown_weights
 
@@ -83,21 +81,19 @@ def table_rows(rows: list[EvalRow]) -> tuple[list[str], list[list[str]]]:
 
 def write_results(rows: list[EvalRow], out_dir: Path) -> None:
     """``evaluate.csv`` (one line per model and metric), ``evaluate.json`` (everything), ``fewshot.csv``."""
-    with open(out_dir / "evaluate.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "metric", "mean", "std", "seeds", "trainable_params", "n_train", "n_test"])
-        for r in rows:
-            for name, (mean, std) in r.metrics.items():
-                w.writerow([r.name, name, f"{mean:.5f}", f"{std:.5f}", len(r.seeds), r.trainable_params, r.n_train, r.n_test])
-            if r.knn is not None:
-                w.writerow([r.name, "knn_accuracy", f"{r.knn:.5f}", "", 1, 0, r.n_train, r.n_test])
+    lines = []
+    for r in rows:
+        lines += [
+            [r.name, k, f"{m:.5f}", f"{sd:.5f}", len(r.seeds), r.trainable_params, r.n_train, r.n_test] for k, (m, sd) in r.metrics.items()
+        ]
+        if r.knn is not None:
+            lines.append([r.name, "knn_accuracy", f"{r.knn:.5f}", "", 1, 0, r.n_train, r.n_test])
+    write_csv(out_dir / "evaluate.csv", ["model", "metric", "mean", "std", "seeds", "trainable_params", "n_train", "n_test"], lines)
     if any(r.few_shot for r in rows):
-        with open(out_dir / "fewshot.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["model", "shots", "accuracy_mean", "accuracy_std"])
-            w.writerows([r.name, s, f"{m:.5f}", f"{sd:.5f}"] for r in rows for s, m, sd in r.few_shot)
+        few = [[r.name, s, f"{m:.5f}", f"{sd:.5f}"] for r in rows for s, m, sd in r.few_shot]
+        write_csv(out_dir / "fewshot.csv", ["model", "shots", "accuracy_mean", "accuracy_std"], few)
     payload = [{**asdict(r), "seeds": [{**asdict(s), "out_dir": None, "history": s.history[-1:]} for s in r.seeds]} for r in rows]
-    (out_dir / "evaluate.json").write_text(json.dumps(payload, indent=2, default=str))
+    write_json(out_dir / "evaluate.json", payload, default=str)
 
 
 def _prediction_grid(samples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], out: Path) -> Path | None:

@@ -8,7 +8,6 @@ DICOM-SEG referencing the source series, PNG masks and overlays, overlay MP4 + p
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from insitu.domains.geotiff_write import tent_weights
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
-from insitu.io import claim_folder
+from insitu.io import claim_folder, write_csv
 from insitu.pipelines.finetune import DownstreamModel, load_head
 
 log = logging.getLogger("insitu")
@@ -148,11 +147,7 @@ def _classify(model: DownstreamModel, norm: Normalizer, image: torch.Tensor, met
 
 
 def _write_rows(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
+    return write_csv(path, header, rows)
 
 
 def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:

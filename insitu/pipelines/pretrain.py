@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import logging
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from insitu.backbones import create_backbone
 from insitu.checkpoints import check_checkpoint
 from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
-from insitu.io import OutputExistsError, OwnedFolder, atomic_write_text, claim_folder, is_secondary_rank, read_owner
+from insitu.io import OutputExistsError, OwnedFolder, atomic_path, atomic_write_text, claim_folder, is_secondary_rank, read_owner, write_csv
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
 from insitu.pipelines.health import HealthMonitor
@@ -219,14 +217,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         ]
         if bad:
             raise NonFiniteLossError(f"refusing to write checkpoint {path}: non-finite tensors {bad[:5]}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 @dataclass
@@ -405,12 +397,7 @@ def _step(row: dict[str, str]) -> int:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=sorted({k for r in rows for k in r}))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
+    write_csv(path, sorted({k for r in rows for k in r}), rows)
 
 
 def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:

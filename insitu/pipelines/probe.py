@@ -8,8 +8,6 @@ difference to the frozen backbone gets a paired bootstrap CI and a verdict (docs
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from insitu.errors import DataError
 from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_counts
 from insitu.heads.probe import dense_linear_probe, knn_predict, linear_probe_predict
 from insitu.heads.stats import accuracy_from_counts, group_folds, label_subset, mean_std, paired_bootstrap, verdict
+from insitu.io import write_csv, write_json
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
 from insitu.sharing.signing import trust_of
 
@@ -452,13 +451,9 @@ def write_probe_outputs(rows: list[ProbeRow], out_dir: Path, cfg: RunConfig) -> 
     """``probe.csv`` (one line per model × probe × labels × metric) and ``probe.json`` (protocol + rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / "probe.csv", out_dir / "probe.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in result_rows(rows):
-            writer.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_COLUMNS})
+    write_csv(csv_path, CSV_COLUMNS, result_rows(rows))  # None is written as an empty cell
     protocol = cfg.probe.model_dump(mode="json", exclude={"train", "test"})
     fixed = cfg.probe.test is not None and not cfg.probe.pool_test
     protocol |= {"seed": cfg.seed, "split": "fixed train/test" if fixed else f"{cfg.probe.folds}-fold stratified group folds"}
-    json_path.write_text(json.dumps({"protocol": protocol, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+    write_json(json_path, {"protocol": protocol, "rows": [asdict(r) for r in rows]}, default=str)
     return csv_path, json_path

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from insitu.errors import ConfigError, SignatureError
-from insitu.io import OutputExistsError, atomic_write_bytes, read_capped
+from insitu.io import OutputExistsError, atomic_path, atomic_write_bytes, read_capped
 from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TENSORS_FILE, VettedPackage, vet_package
 
 if TYPE_CHECKING:
@@ -250,13 +250,11 @@ def sign_package(pkg_path: str | Path, key_path: str | Path, signer: str | None 
 
 def _rewrite_zip(zip_path: Path, vetted: VettedPackage, signature: bytes) -> None:
     """The same zip with ``signature.json`` added (or replaced), swapped in atomically."""
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
     members = {TENSORS_FILE: vetted.tensor_bytes, META_FILE: vetted.meta_bytes, CARD_FILE: vetted.card, SIGNATURE_FILE: signature}
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in members.items():
             if data is not None:
                 zf.writestr(name, data)
-    os.replace(tmp, zip_path)
 
 
 def parse_signature(raw: bytes, where: str) -> SignatureFile:

@@ -22,7 +22,7 @@ from safetensors.torch import save
 from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_config
 from insitu.backbones.vit import ViTBackbone
 from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError, SignatureError
-from insitu.io import atomic_write_bytes
+from insitu.io import atomic_path
 from insitu.package_format import (  # noqa: F401 - the format's names, re-exported
     CARD_FILE,
     FORMAT,
@@ -36,6 +36,7 @@ from insitu.package_format import (  # noqa: F401 - the format's names, re-expor
     BaseInfo,
     PackageMeta,
     vet_package,
+    write_package_folder,
 )
 from insitu.privacy import redact_config
 from insitu.sharing.signing import PackageDigests, Signer, TrustPolicy, digests_of
@@ -85,7 +86,6 @@ def save_package(
 ) -> Path:
     """Write a package folder; returns its path. Only tensors go into the safetensors file."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in adapters.state_dict().items()}
     tensors.update({f"head.{k}": v.detach().cpu().float().contiguous() for k, v in (head_state or {}).items()})
     damaged = [k for k, v in tensors.items() if not torch.isfinite(v).all() or (v.numel() and v.abs().max() > MAX_ABS_WEIGHT)]
@@ -110,11 +110,9 @@ def save_package(
         config=redact_config(config or {}),
         content_sha256=hashlib.sha256(raw).hexdigest(),
     )
-    # each file appears whole or not at all; insitu.json (with the hash) last
-    atomic_write_bytes(out_dir / TENSORS_FILE, raw)
-    atomic_write_bytes(out_dir / CARD_FILE, model_card(meta).encode())
-    atomic_write_bytes(out_dir / META_FILE, json.dumps(meta.model_dump(mode="json"), indent=2).encode())
-    return out_dir
+    # the whole package appears at once or not at all; an earlier one stays whole until then
+    card, meta_json = model_card(meta).encode(), json.dumps(meta.model_dump(mode="json"), indent=2).encode()
+    return write_package_folder(out_dir, {TENSORS_FILE: raw, CARD_FILE: card, META_FILE: meta_json})
 
 
 def load_package(path: str | Path, trust: TrustPolicy | None = None) -> AdapterPackage:
@@ -176,7 +174,7 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone | AdaptedBackbone)
 
 def write_zip(package_dir: Path, zip_path: Path) -> Path:
     """Pack a package folder into one ``.zip`` (stored, so tensors stay byte-identical), with its signature if signed."""
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE):
             if name in (TENSORS_FILE, META_FILE) or (Path(package_dir) / name).is_file():  # the last two are optional
                 zf.write(Path(package_dir) / name, arcname=name)

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 class ViTBackbone(nn.Module):
     """Wraps a timm ``VisionTransformer``; every parameter is frozen.
 
-    ``forward_tokens(x, adapters)`` runs the blocks itself so that an `AdapterSet` can change how
-    chosen blocks compute, while the frozen weights stay shared between student and teacher.
+    ``forward_tokens(x, adapters)`` calls each timm block in turn so that an `AdapterSet` can hook
+    into chosen blocks (timm's own block and attention code always runs), while the frozen weights
+    stay shared between student and teacher.
     Blocks below the first adapted block run under ``torch.no_grad()``: they need no gradient and
     keep no activations for backward.
     """

@@ -49,13 +49,19 @@ sys.path.insert(0, str(REPO))  # tests.data.text_fixtures builds the offline tin
 DATA = REPO.parent / "shared" / "data" / "medical"
 PNEUMONIA = DATA / "pneumoniamnist" / "pneumoniamnist_balanced_trainval.npz"
 BUSI, BUSI_MASKS = DATA / "busi", DATA / "busi_masks"
+POLYPGEN = REPO.parent / "shared" / "data" / "endoscopy" / "polypgen"
+VIDEO_DATASETS = {"polypgen_A": ("centre_A", "centre_B"), "polypgen_B": ("centre_B", "centre_A")}  # pretrain on, probe on
 
 OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "dino": {"out_dim": 1024},
     "glare": {"out_dim": 1024},
     "graph_matching": {"graph_size": 16, "knn": 5},
     "convirt": {"trainable_layers": 1, "pooling": "mean", "proj_dim": 256, "temperature": 0.1, "lam": 0.75, "mask_duplicates": True},
+    # video objectives: 4-frame views of 8-frame clips; rsp's speed 2 needs (4 - 1) * 2 + 1 = 7 <= 8 frames
+    "rsp": {"speeds": [1, 2], "views": {"frames": 4}},
+    "cvrl": {"views": {"frames": 4}},
 }
+VIDEO_OBJECTIVES = {"rsp", "cvrl"}
 REPORTS = {  # synthetic report text per class, for ConVIRT only
     "pneumoniamnist": {
         0: ["FINDINGS: Heart size is normal. The lungs are clear. IMPRESSION: No acute cardiopulmonary abnormality."],
@@ -73,7 +79,11 @@ REPORTS = {  # synthetic report text per class, for ConVIRT only
 
 
 def image_data(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The unlabelled pretraining side as an ``images`` data config."""
+    """The unlabelled pretraining side as an ``images`` data config (PolypGen: the probe centre's frames)."""
+    if dataset in VIDEO_DATASETS:  # polyp / no-polyp folders; no-polyp frames grouped by sequence (seqN_imgK)
+        probe_root = POLYPGEN / VIDEO_DATASETS[dataset][1]
+        options = {"channels": 3, "labels": "folders", "group_pattern": r"^(seq\d+)_"}
+        return {"domain": "images", "root": str(probe_root), "options": options, "max_items": args.max_items}
     if dataset == "pneumoniamnist":
         return {"domain": "images", "root": str(PNEUMONIA), "options": {"split": "train", "channels": 1}, "max_items": args.max_items}
     return {"domain": "images", "root": str(BUSI), "options": {"channels": 1, "labels": "folders"}, "max_items": args.max_items}
@@ -99,11 +109,21 @@ def probe_section(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     return probe
 
 
+def video_data(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """PolypGen's ordered no-polyp sequences of one centre as unlabelled 8-frame clips (the other centre probes)."""
+    root = POLYPGEN / VIDEO_DATASETS[dataset][0] / "negative"
+    options = {"mode": "clips", "clip_frames": 8, "stride": 1, "clip_step": 2, "decode_size": 96, "labels": "none"}
+    return {"domain": "video", "root": str(root), "options": options, "image_size": args.size, "max_items": args.max_items}
+
+
 def run_config(
     args: argparse.Namespace, dataset: str, objective: str, seed: int, out_dir: Path, text_encoder: str | None
 ) -> dict[str, Any]:
     """One run: the shipped base, bottleneck adapters, the objective's options, and the probe protocol."""
-    data = {**image_data(dataset, args), "image_size": args.size}
+    video = dataset in VIDEO_DATASETS
+    if video != (objective in VIDEO_OBJECTIVES):
+        raise SystemExit(f"{objective} does not run on {dataset}: video objectives (rsp, cvrl) go with polypgen_A/B only.")
+    data = video_data(dataset, args) if video else {**image_data(dataset, args), "image_size": args.size}
     options = dict(OBJECTIVE_OPTIONS[objective])
     if objective == "convirt":
         names = ["normal", "pneumonia"] if dataset == "pneumoniamnist" else ["benign", "malignant", "normal"]
@@ -116,7 +136,7 @@ def run_config(
         "seed": seed,
         "out_dir": str(out_dir),
         "data": data,
-        "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": args.size, "in_chans": 1},
+        "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": args.size, "in_chans": 3 if video else 1},
         "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 32, "scale": 0.1},
         "objective": {"name": objective, "options": options},
         "train": {
@@ -266,6 +286,8 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     runs = []
     for dataset in args.datasets:
         for objective in args.objectives:
+            if (dataset in VIDEO_DATASETS) != (objective in VIDEO_OBJECTIVES):
+                continue  # image objectives on image sets, video objectives on PolypGen's sequences
             for seed in args.seeds:
                 raw = run_config(args, dataset, objective, seed, tmp / "runs", text_encoder)
                 trained = in_child(pretrain_job, raw)
@@ -284,7 +306,7 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "busi"], choices=["pneumoniamnist", "busi"])
+    p.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "busi"], choices=["pneumoniamnist", "busi", *VIDEO_DATASETS])
     p.add_argument("--objectives", nargs="+", default=["dino", "glare", "graph_matching", "convirt"], choices=list(OBJECTIVE_OPTIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds; seed s also seeds the probe folds")
     p.add_argument("--steps", type=int, default=300)

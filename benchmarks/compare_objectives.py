@@ -3,7 +3,7 @@
 Rows: (1) frozen backbone, no adapters; (2) GLARE global only; (3) global + local;
 (4) global + local + regional; (5) full fine-tuning of the backbone with the global objective.
 Datasets: PneumoniaMNIST (its train split pretrains, probes fit on a spread subset of train and
-score on val) and BUSI (seeded stratified near-duplicate-aware split, `insitu.domains.busi_split`;
+score on val) and BUSI (seeded stratified near-duplicate-aware split, `insitu.domains.near_duplicates`;
 only the train side pretrains). Plus a segmentation proxy: a linear 1×1-conv probe on patch
 tokens for foreground/background of the quickstart shapes generator, before/after GLARE.
 
@@ -107,10 +107,10 @@ def pneumonia_sides(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def busi_sides(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """BUSI split; the pretraining root is a folder of links to the train side only (sources untouched)."""
     from insitu.domains import create_domain
-    from insitu.domains.busi_split import busi_split
+    from insitu.domains.near_duplicates import split_class_folders
     from insitu.pipelines.data import ScannedData
 
-    manifest, train, test = busi_split(BUSI, test_fraction=0.3, seed=0)
+    manifest, train, test = split_class_folders(BUSI, test_fraction=0.3, seed=0)
     link_root = tmp / "busi_train_links"
     for item in train:
         src = Path(item.path)

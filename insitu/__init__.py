@@ -1,7 +1,7 @@
 """insitu: adapt vision foundation models to your own imaging domain, on your own machines.
 
 The Python API (see the README): `load_config`, `pretrain`, `probe`, `load_adapter`,
-`load_package`, `embed_folder`, `create_backbone`.
+`load_adapters`, `load_package`, `embed_folder`, `split_class_folders`, `create_backbone`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = {"load_config", "pretrain", "probe", "load_adapter", "load_package", "embed_folder", "create_backbone"}
+_API = {
+    "load_config",
+    "pretrain",
+    "probe",
+    "load_adapter",
+    "load_adapters",
+    "load_package",
+    "embed_folder",
+    "split_class_folders",
+    "create_backbone",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from insitu.adapters import AdaptedBackbone
+from insitu.adapters import AdaptedBackbone, MultiAdapterBackbone
 from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import ViTBackbone, create_backbone
 from insitu.config import BackboneConfig, RunConfig, load_config
+from insitu.domains.near_duplicates import split_class_folders
 from insitu.domains.normalize import Normalizer
+from insitu.errors import ConfigError
 from insitu.pipelines.data import SampleDataset, ScannedData, fit_normalizer
 from insitu.pipelines.pretrain import PretrainResult
 from insitu.pipelines.pretrain import pretrain as _pretrain
@@ -44,6 +46,25 @@ def load_adapter(path: str | Path, backbone: ViTBackbone | BackboneConfig | dict
     return apply_package(path, bb)
 
 
+def load_adapters(
+    paths: dict[str, str | Path] | list[str | Path], backbone: ViTBackbone | BackboneConfig | dict[str, Any]
+) -> MultiAdapterBackbone:
+    """Several adapter packages on one frozen backbone, switched by name with ``.use(name)``.
+
+    ``paths`` maps names to packages (a list is named by each package's folder/file stem). Every
+    package is checked against the backbone's fingerprint, as in :func:`load_adapter`; the first
+    one is active. One backbone in memory serves every site or sensor.
+    """
+    bb = backbone if isinstance(backbone, ViTBackbone) else create_backbone(backbone)
+    named = paths if isinstance(paths, dict) else {Path(p).stem: p for p in paths}
+    if len(named) != len(paths):
+        raise ConfigError(f"two adapter packages share a name: {[str(p) for p in paths]}; pass a dict of distinct names.")
+    multi = MultiAdapterBackbone(bb)
+    for name, path in named.items():
+        multi.add(name, apply_package(path, bb).adapters)
+    return multi
+
+
 def embed_folder(
     root: str | Path,
     model: AdaptedBackbone | ViTBackbone,
@@ -69,4 +90,14 @@ def embed_folder(
     return feats, [i.item_id for i in items]
 
 
-__all__ = ["embed_folder", "load_adapter", "load_config", "load_package", "pretrain", "probe"]
+__all__ = [
+    "MultiAdapterBackbone",
+    "embed_folder",
+    "load_adapter",
+    "load_adapters",
+    "load_config",
+    "load_package",
+    "pretrain",
+    "probe",
+    "split_class_folders",
+]

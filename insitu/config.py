@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from insitu.errors import ConfigError
+from insitu.weights import PACKAGED, shipped_card
 
 MAX_STEPS = 10**8  # a step count past this is a typo (1e30), not a plan
 MAX_ACCUMULATE = 4096
@@ -482,10 +483,8 @@ def _check_paths(cfg: RunConfig, where: str) -> None:
     if cfg.probe.dense is not None:
         checks += [("probe.dense.data.root", cfg.probe.dense.data.root)]
         checks += [("probe.dense.test.root", cfg.probe.dense.test.root if cfg.probe.dense.test else None)]
-    if cfg.backbone.weights and cfg.backbone.weights.startswith("insitu:"):
-        from insitu.backbones import packaged_card
-
-        packaged_card(cfg.backbone.weights.removeprefix("insitu:"))  # raises ConfigError naming what exists
+    if cfg.backbone.weights and cfg.backbone.weights.startswith(PACKAGED):
+        shipped_card(cfg.backbone.weights.removeprefix(PACKAGED))  # raises ConfigError naming what exists
     elif cfg.backbone.weights:
         checks.append(("backbone.weights", Path(cfg.backbone.weights)))
     for key, path in checks:

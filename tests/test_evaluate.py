@@ -9,8 +9,8 @@ import pytest
 
 from insitu.cli import main
 from insitu.config import load_config
+from insitu.domains.synthetic import write_shape_pairs
 from insitu.pipelines.evaluate import evaluate, table_rows
-from insitu.pipelines.finetune import write_shape_pairs
 from insitu.pipelines.pretrain import pretrain
 from tests.conftest import tiny_config, write_shapes
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from insitu.config import DownstreamConfig, load_config
+from insitu.domains.synthetic import write_shape_pairs
 from insitu.errors import ConfigError, DataError
-from insitu.pipelines.finetune import class_weights, finetune, load_head, prepare, task_loss, write_shape_pairs
+from insitu.pipelines.finetune import class_weights, finetune, load_head, prepare, task_loss
 from insitu.pipelines.pretrain import pretrain
 from tests.conftest import REPO, TINY_BACKBONE, shared, tiny_config, write_shapes
 

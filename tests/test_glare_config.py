@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from insitu.config import load_config
-from insitu.domains.busi_split import busi_split, stratified_split, thumbnail_hash
+from insitu.domains.near_duplicates import split_class_folders as busi_split
+from insitu.domains.near_duplicates import stratified_split, thumbnail_hash
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
 from tests.conftest import REPO, TINY_PNEUMONIA, TINY_RUN, shared

@@ -11,9 +11,9 @@ from PIL import Image
 
 from insitu.config import load_config
 from insitu.exports.html import markdown_to_html, write_html_report
-from insitu.exports.report_html import write_pretrain_report
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
+from insitu.pipelines.report import write_pretrain_report
 from tests.conftest import tiny_config, write_shapes
 
 

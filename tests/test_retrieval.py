@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -78,3 +79,43 @@ def test_shipped_convirt_config_trains_and_evaluates_tiny(tmp_path: Path) -> Non
     assert out.image_to_text[10] >= out.image_to_text[1] and 0.0 <= out.zero_shot_acc <= 1.0
     with pytest.raises(ConfigError, match="missing for classes"):
         evaluate_retrieval(cfg, result.adapter_dir, {"normal": ["Clear."]}, pairs=val)
+
+
+def test_retrieve_command_writes_recall_and_zero_shot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from insitu.cli import main
+    from insitu.pipelines.pretrain import pretrain
+
+    npz = shared("medical", "pneumoniamnist", "pneumoniamnist_balanced_trainval.npz")
+    bert = build_tiny_bert(tmp_path / "bert")
+    path = REPO / "configs" / "medical" / "pneumoniamnist_convirt.yaml"
+    overrides = [
+        f"data.root={npz}",
+        "data.max_items=24",
+        "data.image_size=32",
+        f"backbone={ {**TINY_BACKBONE, 'in_chans': 1} }",
+        "adapter.bottleneck_dim=8",
+        f"objective.options.text_encoder={bert}",
+        "objective.options.proj_dim=16",
+        "train.max_steps=1",
+        "train.batch_size=8",
+        "trainer.accelerator=cpu",
+        f"out_dir={tmp_path / 'runs'}",
+    ]
+    cfg = load_config(path, overrides=overrides)
+    adapter = pretrain(cfg, quiet=True).adapter_dir
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("normal: The lungs are clear.\npneumonia: [Findings consistent with pneumonia., Pneumonia.]\n")
+    sets = [a for o in overrides for a in ("--set", o)]
+    command = ["--quiet", "retrieve", "-c", str(path), "--adapter", str(adapter), "--prompts", str(prompts), *sets]
+    assert main(command) == 0
+    out = cfg.run_dir / "retrieval"
+    lines = (out / "retrieval.csv").read_text().splitlines()
+    assert lines[0] == "k,image_to_text,text_to_image,chance" and [r.split(",")[0] for r in lines[1:]] == ["1", "5", "10"]
+    saved = json.loads((out / "retrieval.json").read_text())
+    assert 0.0 <= saved["zero_shot_acc"] <= 1.0 and saved["n_pairs"] > 0
+    assert "image→text R@k" in capsys.readouterr().out
+    assert main(command) == 2  # earlier results are not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    prompts.write_text("- not a mapping\n")
+    assert main([*command, "--overwrite"]) == 2
+    assert "holds no mapping" in capsys.readouterr().err

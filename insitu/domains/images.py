@@ -72,7 +72,7 @@ class ImageFolderDomain(Domain):
             image = _to_chw(np.asarray(arr), self.options.channels)
         else:
             with Image.open(item.path) as im:
-                image = _pil_to_chw(im, self.options.channels)
+                image = pil_to_chw(im, self.options.channels)
         sample: Sample = {"image": image, "meta": {"domain": self.name, "item_id": item.item_id, "group": item.group}}
         if item.label is not None:
             sample["label"] = item.label
@@ -208,7 +208,7 @@ def _check_image(path: Path) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _pil_to_chw(im: Image.Image, channels: int) -> torch.Tensor:
+def pil_to_chw(im: Image.Image, channels: int) -> torch.Tensor:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float32)
         scale = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)

@@ -17,7 +17,7 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0, 1]: a coarse random grid upsampled bilinearly."""
     grid = rng.random((cells + 1, cells + 1))
     xs = np.linspace(0, cells, size)
@@ -27,7 +27,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return rows[:, i] * (1 - t)[None, :] + rows[:, i + 1] * t[None, :]
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+def shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     dx, dy = xx - cx, yy - cy
     c, s = np.cos(angle), np.sin(angle)
@@ -49,8 +49,8 @@ def make_shape_image(rng: np.random.Generator, label: int, size: int = 64, chann
     """One uint8 image (H×W×C) and its uint8 mask (0 background, label+1 inside the shape)."""
     r = rng.uniform(0.18, 0.32) * size
     cx, cy = rng.uniform(r, size - r, 2)
-    mask = _shape_mask(SHAPES[label], size, cx, cy, r, rng.uniform(0, 2 * np.pi))
-    background = _smooth_noise(rng, size, int(rng.integers(2, 6)))
+    mask = shape_mask(SHAPES[label], size, cx, cy, r, rng.uniform(0, 2 * np.pi))
+    background = smooth_noise(rng, size, int(rng.integers(2, 6)))
     freq, theta = rng.uniform(0.15, 0.6), rng.uniform(0, np.pi)
     yy, xx = np.mgrid[0:size, 0:size]
     stripes = 0.5 + 0.5 * np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy))
@@ -91,6 +91,23 @@ def write_shape_folders(
                     (folder / f"{shape}_{i:04d}.txt").write_text(sidecar(shape, rng))
 
 
+def write_shape_pairs(root: Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """Generated segmentation data in the Kvasir layout (``images/`` + ``masks/`` PNGs, mask 255 = shape).
+
+    For trying segmentation heads without data of your own; read it with ``domain: video``.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks"):
+        (Path(root) / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, mask = make_shape_image(rng, i % len(SHAPES), size)
+        Image.fromarray(img).save(Path(root) / "images" / f"shape_{i:04d}.png")
+        Image.fromarray(((mask > 0) * 255).astype(np.uint8)).save(Path(root) / "masks" / f"shape_{i:04d}.png")
+    return Path(root)
+
+
 # ---------------------------------------------------------------- the scanner-shift demo
 
 TISSUE_CLASSES = ("speckled", "striated", "nodular", "reticular")
@@ -122,7 +139,7 @@ def tissue_texture(rng: np.random.Generator, label: int, size: int) -> np.ndarra
     v = -np.sin(theta) * xx + np.cos(theta) * yy
     name = TISSUE_CLASSES[label]
     if name == "speckled":  # isotropic fine grain
-        t = _smooth_noise(rng, size, int(rng.integers(size // 5, size // 3)))
+        t = smooth_noise(rng, size, int(rng.integers(size // 5, size // 3)))
     elif name == "striated":  # parallel fibres, gently wavy
         period = rng.uniform(4, 8)
         t = 0.5 + 0.5 * np.sin(2 * np.pi * (u + 2 * np.sin(v / rng.uniform(6, 12))) / period)
@@ -140,10 +157,10 @@ def tissue_texture(rng: np.random.Generator, label: int, size: int) -> np.ndarra
 def make_scan_image(rng: np.random.Generator, label: int, size: int, scanner: dict[str, float]) -> np.ndarray:
     """One grey scan in [0, 1] (H×W): tissue of class ``label`` on a smooth background, seen through
     ``scanner``'s gain, offset, gamma, bias field, blur and noise (each jittered per image)."""
-    background = 0.3 + 0.3 * _smooth_noise(rng, size, int(rng.integers(2, 5)))
+    background = 0.3 + 0.3 * smooth_noise(rng, size, int(rng.integers(2, 5)))
     img = np.clip(background + rng.uniform(0.15, 0.35) * tissue_texture(rng, label, size), 0, 1)
     jitter = rng.uniform(0.9, 1.1, 4)
-    bias = 1 + scanner["bias"] * jitter[0] * (_smooth_noise(rng, size, 2) - 0.5) * 2
+    bias = 1 + scanner["bias"] * jitter[0] * (smooth_noise(rng, size, 2) - 0.5) * 2
     img = np.clip(img * bias, 0, 1) ** (scanner["gamma"] * jitter[1])
     img = scanner["offset"] * jitter[2] + scanner["gain"] * jitter[3] * img
     if scanner["blur"] > 0.05:
@@ -173,3 +190,7 @@ def write_scanner_folders(out_dir: Path, seed: int, n_per_class: int, size: int,
                 img = make_scan_image(rng, label, size, scanners[s])
                 Image.fromarray((img * 65535).round().astype(np.uint16)).save(folder / f"scanner{s}_{shape}_{i:04d}.png")
     return scanners
+
+
+# the old private names, still imported by insitu/domains/video/demo.py until it switches to the public ones
+_shape_mask, _smooth_noise = shape_mask, smooth_noise

@@ -2,12 +2,13 @@
 
 Config, data summary (items used, quarantined with reasons), loss and collapse curves, probe table
 before/after, a t-SNE of frozen vs adapted features coloured by label, adapter size and parameters.
+The probe parts are computed by :mod:`insitu.pipelines.report` and passed in: exports never import
+the pipelines.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,9 @@ import yaml
 
 from insitu.config import RunConfig
 from insitu.exports.html import write_html_report
-from insitu.exports.plots import embedding_plot, health_plot
+from insitu.exports.plots import health_plot
 from insitu.exports.report import markdown_table, plot_loss_curve, write_report
 from insitu.privacy import DATA_ROOT, redact_config, shown_weights
-
-log = logging.getLogger("insitu")
 
 
 def quarantine_summary(run_dir: Path) -> str:
@@ -33,42 +32,6 @@ def quarantine_summary(run_dir: Path) -> str:
     if not reasons:
         return "Nothing was quarantined."
     return markdown_table(["reason", "files"], sorted(reasons.items(), key=lambda kv: -kv[1]))
-
-
-def probe_table(rows: list[Any]) -> str:
-    """The repeated-probe table (mean ± std, adapted − frozen with its CI and verdict) plus parameter counts."""
-    from insitu.pipelines.probe import PROBE_NOTE
-    from insitu.pipelines.probe import probe_table as cells
-
-    params = markdown_table(["features", "trainable params"], [[r.name, f"{r.trainable_params:,}"] for r in rows])
-    return markdown_table(*cells(rows)) + "\n\n" + PROBE_NOTE + "\n\n" + params
-
-
-def probe_embeddings(cfg: RunConfig, adapter_dir: Path, out: Path, max_items: int = 300) -> Path | None:
-    """t-SNE of frozen and adapted features on the probe test split; None when it cannot be drawn."""
-    from insitu.adapters import AdaptedBackbone
-    from insitu.adapters.package import apply_package, load_package
-    from insitu.backbones import create_backbone
-    from insitu.domains.normalize import Normalizer
-    from insitu.pipelines.data import SampleDataset
-    from insitu.pipelines.probe import extract_features, probe_splits
-
-    try:
-        _, _, test, items = probe_splits(cfg)
-        pkg = load_package(adapter_dir)
-        norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else None
-        backbone = create_backbone(cfg.backbone)
-        step = max(1, len(items) // max_items)
-        dataset = SampleDataset(
-            test, items[::step][:max_items], norm, image_size=(cfg.probe.test or cfg.probe.train or cfg.data).image_size
-        )
-        feats, labels = {}, None
-        for name, model in (("frozen backbone", AdaptedBackbone(backbone, None)), ("+ adapters", apply_package(pkg, backbone))):
-            feats[name], labels = extract_features(model, dataset, cfg.probe.batch_size, cfg.probe.features)
-        return embedding_plot(feats, labels, out, cfg.seed, test.manifest.class_names)
-    except Exception as exc:  # noqa: BLE001 - a missing figure must not fail a finished training run
-        log.warning("report: no embedding plot (%s: %s)", type(exc).__name__, exc)
-        return None
 
 
 def _fmt(value: Any) -> str:
@@ -96,9 +59,24 @@ def health_section(health: dict[str, Any]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | None = None) -> Path:
-    """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path."""
+def write_pretrain_report(cfg: RunConfig, result: Any, probe_section: str | None = None, embedding_png: Path | None = None) -> Path:
+    """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path.
+
+    ``probe_section`` (the probe table as Markdown) and ``embedding_png`` (a t-SNE figure) are made
+    by the caller (:func:`insitu.pipelines.report.write_pretrain_report`), which knows the probe.
+    """
     run_dir = Path(result.run_dir)
+    sections, figures = _training_sections(cfg, result, run_dir)
+    if probe_section:
+        sections.append(("Probe before/after (frozen features)", probe_section))
+        if embedding_png is not None:
+            figures.append(("t-SNE of probe test features, coloured by label", embedding_png))
+    sections.append(("Config", "```\n" + yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False) + "```"))
+    write_report(run_dir, f"insitu pretrain: {cfg.name}", sections, figures[0][1])
+    return write_html_report(run_dir / "report.html", f"insitu pretrain: {cfg.name}", sections, [f for f in figures if f[1] is not None])
+
+
+def _training_sections(cfg: RunConfig, result: Any, run_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, Path | None]]]:
     s = result.summary
     adapter_bytes = (Path(result.adapter_dir) / "adapter.safetensors").stat().st_size if result.adapter_dir else 0
     loss_png = plot_loss_curve(run_dir, run_dir / "loss.png")
@@ -127,12 +105,4 @@ def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | N
             sections.insert(1, ("WARNING: collapse guard fired", "\n".join(f"- **{a}**" for a in health["alerts"]) + stopped))
         sections.append(("Training health", health_section(health)))
         figures.append(("training health metrics", health_plot(run_dir, run_dir / "health.png", cfg.health.max_entropy_ratio)))
-    if probe_rows:
-        sections.append(("Probe before/after (frozen features)", probe_table(probe_rows)))
-        if result.adapter_dir:
-            figures.append(
-                ("t-SNE of probe test features, coloured by label", probe_embeddings(cfg, result.adapter_dir, run_dir / "embedding.png"))
-            )
-    sections.append(("Config", "```\n" + yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False) + "```"))
-    write_report(run_dir, f"insitu pretrain: {cfg.name}", sections, loss_png)
-    return write_html_report(run_dir / "report.html", f"insitu pretrain: {cfg.name}", sections, [f for f in figures if f[1] is not None])
+    return sections, figures

@@ -362,22 +362,3 @@ def summarize(results: list[FinetuneResult]) -> dict[str, tuple[float, float]]:
     """Mean and std over seeds of every metric."""
     keys = results[0].metrics.keys()
     return {k: (float(np.nanmean([r.metrics[k] for r in results])), float(np.nanstd([r.metrics[k] for r in results]))) for k in keys}
-
-
-def write_shape_pairs(root: Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
-    """Generated segmentation data in the Kvasir layout (``images/`` + ``masks/`` PNGs, mask 255 = shape).
-
-    For trying segmentation heads without data of your own; read it with ``domain: video``.
-    """
-    from PIL import Image
-
-    from insitu.domains.synthetic import SHAPES, make_shape_image
-
-    rng = np.random.default_rng(seed)
-    for sub in ("images", "masks"):
-        (Path(root) / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        img, mask = make_shape_image(rng, i % len(SHAPES), size)
-        Image.fromarray(img).save(Path(root) / "images" / f"shape_{i:04d}.png")
-        Image.fromarray(((mask > 0) * 255).astype(np.uint8)).save(Path(root) / "masks" / f"shape_{i:04d}.png")
-    return Path(root)

@@ -109,14 +109,14 @@ def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs:
 def _images_of(inputs: Path, opts: dict) -> list[tuple[str, torch.Tensor]]:
     from PIL import Image
 
-    from insitu.domains.images import IMAGE_SUFFIXES, _pil_to_chw
+    from insitu.domains.images import IMAGE_SUFFIXES, pil_to_chw
 
     files = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     channels = int(opts.get("channels", 3))
     out = []
     for path in files:
         with Image.open(path) as im:
-            out.append((path.stem, _pil_to_chw(im, channels)))
+            out.append((path.stem, pil_to_chw(im, channels)))
     return out
 
 

@@ -143,7 +143,7 @@ def _grouped(items: list[ManifestItem], probe: ProbeConfig) -> list[ManifestItem
     """Items regrouped by a perceptual hash when ``probe.group_near_duplicates`` (BUSI-style sets)."""
     if not probe.group_near_duplicates:
         return items
-    from insitu.domains.busi_split import thumbnail_hash
+    from insitu.domains.near_duplicates import thumbnail_hash
 
     return [replace(i, group=thumbnail_hash(i.path)) if Path(i.path).suffix.lower() != ".npz" else i for i in items]
 

@@ -8,7 +8,7 @@ class whose prompts' mean text embedding is nearest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +22,7 @@ from insitu.config import DataConfig, RunConfig
 from insitu.domains import split_by_group
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
+from insitu.io import write_csv, write_json
 from insitu.objectives import create_objective
 from insitu.objectives.convirt import ConVIRTObjective, text_groups
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
@@ -158,3 +159,37 @@ def zero_shot_from_prompts(
     class_emb = torch.stack([objective.embed_texts(keyed.get(n, keyed.get(str(i), []))).mean(0) for i, n in enumerate(names)])
     keep = labels >= 0
     return zero_shot_accuracy(v[keep], class_emb, labels[keep])
+
+
+def load_prompts(path: Path) -> dict[str, list[str]]:
+    """Class prompts from a YAML/JSON file: each class name (or index) maps to a prompt or a list of prompts."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--prompts {path} cannot be read as YAML/JSON ({exc}); pass a mapping of class name to prompts.") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"--prompts {path} holds no mapping; write one line per class, e.g. `normal: [The lungs are clear.]`.")
+    prompts = {str(k): [v] if isinstance(v, str) else v for k, v in raw.items()}
+    bad = [k for k, v in prompts.items() if not isinstance(v, list) or not v or not all(isinstance(p, str) for p in v)]
+    if bad:
+        raise ConfigError(f"--prompts {path}: classes {bad} need a prompt or a non-empty list of prompts.")
+    return prompts
+
+
+def result_rows(result: RetrievalResult) -> list[list[str]]:
+    """One row per k: image→text and text→image Recall@k and the chance level."""
+    return [[str(k), f"{result.image_to_text[k]:.3f}", f"{result.text_to_image[k]:.3f}", f"{result.chance[k]:.3f}"] for k in result.chance]
+
+
+def result_table(result: RetrievalResult) -> tuple[list[str], list[list[str]]]:
+    """(headers, cells) for a terminal or report table."""
+    return ["k", "image→text R@k", "text→image R@k", "chance"], result_rows(result)
+
+
+def write_retrieval(result: RetrievalResult, out_dir: Path) -> list[Path]:
+    """``retrieval.csv`` (one line per k) and ``retrieval.json`` (everything) in ``out_dir``."""
+    header = ["k", "image_to_text", "text_to_image", "chance"]
+    rows = [[k, result.image_to_text[k], result.text_to_image[k], result.chance[k]] for k in result.chance]
+    return [write_csv(Path(out_dir) / "retrieval.csv", header, rows), write_json(Path(out_dir) / "retrieval.json", asdict(result))]

@@ -1,10 +1,12 @@
-"""A seeded, stratified, near-duplicate-aware train/test split of a class-folder image set (BUSI).
+"""Near-duplicate-aware grouping and a seeded, stratified train/test split of a class-folder image set.
 
-BUSI (breast ultrasound, class subfolders benign/malignant/normal) ships no split and no patient
-ids, and near-duplicate images remain in it. Items are grouped by a perceptual hash (a 16×16
-grey thumbnail thresholded at its mean), so near-identical images land on the same side; the
+Sets such as BUSI (breast ultrasound, class subfolders benign/malignant/normal) ship no split and no
+patient ids, and near-duplicate images remain in them. Items are grouped by a perceptual hash (a
+16×16 grey thumbnail thresholded at its mean), so near-identical images land on the same side; the
 split is then drawn per class with `split_by_group`, so each class keeps its share on both sides.
-The same seed always gives the same split: it is the split our measurements use.
+The same seed always gives the same split: on BUSI it is the split our measurements use. The probe
+uses the same hash for ``probe.group_near_duplicates``; :func:`insitu.api.split_class_folders`
+offers the split to scripts.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ def stratified_split(items: list[ManifestItem], test_fraction: float = 0.3, seed
     return train, [i for i in test if i.group not in train_groups]
 
 
-def busi_split(root: str | Path, test_fraction: float = 0.3, seed: int = 0) -> tuple[Manifest, list[ManifestItem], list[ManifestItem]]:
-    """Scan BUSI's class folders as 1-channel images and split them; returns (manifest, train, test)."""
-    manifest = create_domain("images", {"channels": 1, "labels": "folders"}).scan(Path(root))
+def split_class_folders(
+    root: str | Path, test_fraction: float = 0.3, seed: int = 0, channels: int = 1
+) -> tuple[Manifest, list[ManifestItem], list[ManifestItem]]:
+    """Scan class folders of images (``channels`` per image) and split them; returns (manifest, train, test)."""
+    manifest = create_domain("images", {"channels": channels, "labels": "folders"}).scan(Path(root))
     train, test = stratified_split(manifest.items, test_fraction, seed)
     return manifest, train, test

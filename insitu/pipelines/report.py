@@ -1,0 +1,60 @@
+"""The pretraining run report with its probe parts: the probe table and a t-SNE of frozen vs adapted features.
+
+:mod:`insitu.exports.report_html` lays the report out; this module computes what needs the
+pipelines (probe rows as a table, features for the embedding plot) and passes it in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from insitu.adapters import AdaptedBackbone
+from insitu.adapters.package import apply_package, load_package
+from insitu.backbones import create_backbone
+from insitu.config import RunConfig
+from insitu.domains.normalize import Normalizer
+from insitu.exports import report_html
+from insitu.exports.plots import embedding_plot
+from insitu.exports.report import markdown_table
+from insitu.pipelines.data import SampleDataset
+from insitu.pipelines.probe import PROBE_NOTE, extract_features, probe_splits
+from insitu.pipelines.probe import probe_table as probe_cells
+
+log = logging.getLogger("insitu")
+
+
+def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | None = None) -> Path:
+    """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path."""
+    section = probe_table(probe_rows) if probe_rows else None
+    embedding = None
+    if probe_rows and result.adapter_dir:
+        embedding = probe_embeddings(cfg, result.adapter_dir, Path(result.run_dir) / "embedding.png")
+    return report_html.write_pretrain_report(cfg, result, section, embedding)
+
+
+def probe_table(rows: list[Any]) -> str:
+    """The repeated-probe table (mean ± std, adapted − frozen with its CI and verdict) plus parameter counts."""
+    params = markdown_table(["features", "trainable params"], [[r.name, f"{r.trainable_params:,}"] for r in rows])
+    return markdown_table(*probe_cells(rows)) + "\n\n" + PROBE_NOTE + "\n\n" + params
+
+
+def probe_embeddings(cfg: RunConfig, adapter_dir: Path, out: Path, max_items: int = 300) -> Path | None:
+    """t-SNE of frozen and adapted features on the probe test split; None when it cannot be drawn."""
+    try:
+        _, _, test, items = probe_splits(cfg)
+        pkg = load_package(adapter_dir)
+        norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else None
+        backbone = create_backbone(cfg.backbone)
+        step = max(1, len(items) // max_items)
+        dataset = SampleDataset(
+            test, items[::step][:max_items], norm, image_size=(cfg.probe.test or cfg.probe.train or cfg.data).image_size
+        )
+        feats, labels = {}, None
+        for name, model in (("frozen backbone", AdaptedBackbone(backbone, None)), ("+ adapters", apply_package(pkg, backbone))):
+            feats[name], labels = extract_features(model, dataset, cfg.probe.batch_size, cfg.probe.features)
+        return embedding_plot(feats, labels, out, cfg.seed, test.manifest.class_names)
+    except Exception as exc:  # noqa: BLE001 - a missing figure must not fail a finished training run
+        log.warning("report: no embedding plot (%s: %s)", type(exc).__name__, exc)
+        return None

@@ -21,7 +21,6 @@ before g_v; the projections and the tuned text layers go into the adapter packag
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, Literal
 
 import torch
@@ -29,8 +28,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from insitu.objectives import augment
+from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
-from insitu.objectives.views import gaussian_blur, random_resized_crop_box
 from insitu.text import TextEncoder, load_text_encoder
 
 
@@ -97,35 +97,24 @@ def projection(in_dim: int, hidden_dim: int | None, out_dim: int) -> nn.Sequenti
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
-class PairViews:
+class ConVIRTImageView(ViewRecipe):
     """One augmented view of the image of a pair (the text side is sampled by the domain)."""
 
-    def __init__(self, size: int, opts: PairViewOptions) -> None:
+    def __init__(self, size: int, opts: PairViewOptions, generator: torch.Generator | None = None) -> None:
+        super().__init__(generator)
         self.size, self.opts = size, opts
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        o = self.opts
-        top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], o.scale)
-        x = F.interpolate(
-            image[None, :, top : top + h, left : left + w], size=(self.size, self.size), mode="bilinear", antialias=h > self.size
-        )[0]
-        if o.flip and random.random() < 0.5:
-            x = x.flip(-1)
+        o, g = self.opts, self.generator
+        x, _ = augment.random_resized_crop(image, self.size, o.scale, g)
+        if o.flip:
+            x, _ = augment.random_flip(x, g)
         if o.rotate_deg > 0:
-            x = _rotate(x, random.uniform(-o.rotate_deg, o.rotate_deg))
+            x = augment.random_rotate(x, o.rotate_deg, g)
         if o.intensity > 0:
-            x = x * (1 + random.uniform(-o.intensity, o.intensity)) + random.uniform(-o.intensity, o.intensity)
-        if random.random() < o.blur_prob:
-            x = gaussian_blur(x, random.uniform(*o.blur_sigma))
+            x = augment.gain_offset(x, o.intensity, g)
+        x, _ = augment.random_blur(x, o.blur_prob, o.blur_sigma, g)
         return [x]
-
-
-def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate a C×H×W image about its centre, border pixels replicated (no zero fill)."""
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
-    grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
-    return F.grid_sample(x[None], grid, padding_mode="border", align_corners=False)[0]
 
 
 class ConVIRTObjective(Objective):
@@ -142,8 +131,8 @@ class ConVIRTObjective(Objective):
         self.image_proj = projection(embed_dim, o.hidden_dim, o.proj_dim)
         self.text_proj = projection(self.text.hidden_size, o.hidden_dim, o.proj_dim)
 
-    def view_transform(self) -> PairViews:
-        return PairViews(self.image_size, self.opts.views)
+    def view_transform(self) -> ConVIRTImageView:
+        return ConVIRTImageView(self.image_size, self.opts.views)
 
     def logit_scale(self) -> float | torch.Tensor:
         return 1.0 / self.opts.temperature

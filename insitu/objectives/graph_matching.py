@@ -30,7 +30,6 @@ siamese network, as in LVM-Med): no teacher is used. docs/graph_matching.md says
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -41,10 +40,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from insitu.objectives import augment
+from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
 from insitu.objectives.dino import feature_std
 from insitu.objectives.qap import solve_lap, solve_qap
-from insitu.objectives.views import gaussian_blur, random_resized_crop_box
+from insitu.objectives.views import BLUR_SIGMA
 
 COST_EPS = 1e-6  # floor on the per-graph std of the vertex costs
 EDGE_EPS = 1e-6  # floor on the mean degree when normalising edge affinities
@@ -86,34 +87,34 @@ class GraphMatchingOptions(ObjectiveOptions):
 
 def crop_view(image: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
     """The C×H×W crop ``box`` = (top, left, h, w) resized to size×size, mirrored left-right if ``flip``."""
-    top, left, h, w = box
-    x = F.interpolate(image[None, :, top : top + h, left : left + w], size=(size, size), mode="bilinear", align_corners=False)[0]
-    return x.flip(-1) if flip else x
+    return augment.flip(augment.resized_crop(image, box, size, antialias=False), flip)
 
 
-class PairViews:
+class BoxedCropPair(ViewRecipe):
     """Two random crops of one image, and each crop's box in original-image coordinates (``view_meta``)."""
 
-    def __init__(self, size: int, opts: PairViewOptions) -> None:
+    def __init__(self, size: int, opts: PairViewOptions, generator: torch.Generator | None = None) -> None:
+        super().__init__(generator)
         self.size, self.opts = size, opts
 
     def __call__(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        views, meta = [], []
+        views, meta, g = [], [], self.generator
         for _ in range(2):
-            box = random_resized_crop_box(image.shape[-2], image.shape[-1], self.opts.scale)
-            flip = self.opts.flip and random.random() < 0.5
+            box = augment.crop_box(image.shape[-2], image.shape[-1], self.opts.scale, g)
+            flip = self.opts.flip and augment.coin(0.5, g)
             views.append(self._photometric(crop_view(image, box, self.size, flip)))
             meta.append([*box, image.shape[-2], image.shape[-1], int(flip)])
         return views, torch.tensor(meta, dtype=torch.float32)
 
     def _photometric(self, x: torch.Tensor) -> torch.Tensor:
         # intensity changes only: they leave the patch geometry (and so the correspondence) intact
-        if random.random() < self.opts.blur_prob:
-            x = gaussian_blur(x, sigma=random.uniform(0.1, 1.5))
-        amount = self.opts.intensity
-        if amount > 0:
-            x = x * (1.0 + random.uniform(-amount, amount)) + random.uniform(-amount, amount)
+        x, _ = augment.random_blur(x, self.opts.blur_prob, BLUR_SIGMA, self.generator)
+        if self.opts.intensity > 0:
+            x = augment.gain_offset(x, self.opts.intensity, self.generator)
         return x
+
+
+PairViews = BoxedCropPair  # the name tests import
 
 
 # ---------------------------------------------------------------- geometry: patch correspondence
@@ -417,8 +418,8 @@ class GraphMatchingObjective(Objective):
         self.clock = SolverClock()
         self.grad_meter = GradNormMeter()
 
-    def view_transform(self) -> PairViews:
-        return PairViews(self.image_size, self.opts.views)
+    def view_transform(self) -> BoxedCropPair:
+        return BoxedCropPair(self.image_size, self.opts.views)
 
     def solver(self, c: np.ndarray, k: np.ndarray | None) -> np.ndarray:
         if k is None:

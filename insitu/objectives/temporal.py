@@ -24,7 +24,6 @@ crop/flip/intensity draw per clip applied to all of its frames.
 
 from __future__ import annotations
 
-import random
 from typing import Any, Literal
 
 import torch
@@ -32,8 +31,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from insitu.objectives import augment
+from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
-from insitu.objectives.views import random_resized_crop_box
 
 
 class ClipViewOptions(BaseModel):
@@ -97,18 +97,13 @@ def encode_clips(student: nn.Module, clips: torch.Tensor, pool: nn.Module) -> to
     return pool(cls.view(b, t, -1))
 
 
-def augment_clip(clip: torch.Tensor, size: int, opts: ClipViewOptions) -> torch.Tensor:
+def augment_clip(clip: torch.Tensor, size: int, opts: ClipViewOptions, generator: torch.Generator | None = None) -> torch.Tensor:
     """One crop box, flip and intensity draw applied to every frame of a T×C×H×W clip."""
-    top, left, h, w = random_resized_crop_box(clip.shape[-2], clip.shape[-1], opts.scale)
-    x = F.interpolate(
-        clip[:, :, top : top + h, left : left + w], size=(size, size), mode="bilinear", align_corners=False, antialias=h > size
-    )
-    if opts.flip and random.random() < 0.5:
-        x = x.flip(-1)
+    x, _ = augment.random_resized_crop(clip, size, opts.scale, generator)
+    if opts.flip:
+        x, _ = augment.random_flip(x, generator)
     if opts.intensity > 0:
-        a = 1.0 + random.uniform(-opts.intensity, opts.intensity)
-        b = random.uniform(-opts.intensity, opts.intensity)
-        x = x * a + b
+        x = augment.gain_offset(x, opts.intensity, generator)
     return x
 
 
@@ -119,10 +114,11 @@ def _require_window(clip: torch.Tensor, need: int, what: str) -> None:
         raise ValueError(f"{what} needs windows of at least {need} frames, got {clip.shape[0]}; raise data.options.clip_frames.")
 
 
-class RSPViews:
+class RSPViews(ViewRecipe):
     """Clips a, b at one speed and c at another from one window; returns the views and their speeds."""
 
-    def __init__(self, size: int, opts: RSPOptions) -> None:
+    def __init__(self, size: int, opts: RSPOptions, generator: torch.Generator | None = None) -> None:
+        super().__init__(generator)
         self.size, self.opts = size, opts
 
     def window_needed(self) -> int:
@@ -130,39 +126,35 @@ class RSPViews:
 
     def __call__(self, clip: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         _require_window(clip, self.window_needed(), "the rsp objective")
-        s_ab = random.choice(self.opts.speeds)
-        s_c = random.choice([s for s in self.opts.speeds if s != s_ab])
-        views = [augment_clip(self._cut(clip, s), self.size, self.opts.views) for s in (s_ab, s_ab, s_c)]
-        return views, torch.tensor([s_ab, s_ab, s_c])
-
-    def _cut(self, clip: torch.Tensor, speed: int) -> torch.Tensor:
-        span = (self.opts.views.frames - 1) * speed + 1
-        start = random.randint(0, clip.shape[0] - span)
-        return clip[start : start + span : speed]
+        g, frames = self.generator, self.opts.views.frames
+        s_ab = augment.choice(self.opts.speeds, g)
+        s_c = augment.choice([s for s in self.opts.speeds if s != s_ab], g)
+        cuts = [augment.temporal_window(clip, frames, s, g) for s in (s_ab, s_ab, s_c)]
+        return [augment_clip(c, self.size, self.opts.views, g) for c in cuts], torch.tensor([s_ab, s_ab, s_c])
 
 
-class CVRLViews:
+class CVRLViews(ViewRecipe):
     """Two clips of one window whose start gap follows a linearly decreasing distribution."""
 
-    def __init__(self, size: int, opts: CVRLOptions) -> None:
+    def __init__(self, size: int, opts: CVRLOptions, generator: torch.Generator | None = None) -> None:
+        super().__init__(generator)
         self.size, self.opts = size, opts
 
     def __call__(self, clip: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        t = self.opts.views.frames
+        t, g = self.opts.views.frames, self.generator
         _require_window(clip, t, "the cvrl objective")
         max_gap = clip.shape[0] - t if self.opts.max_gap is None else min(self.opts.max_gap, clip.shape[0] - t)
-        gap = sample_gap(max_gap)
-        first = random.randint(0, clip.shape[0] - t - gap)
-        starts = [first, first + gap]
-        random.shuffle(starts)
-        views = [augment_clip(clip[s : s + t], self.size, self.opts.views) for s in starts]
+        gap = sample_gap(max_gap, g)
+        first = augment.window_start(clip.shape[0], t + gap, g)
+        pair = (first, first + gap)
+        starts = [pair[i] for i in augment.permutation(2, g)]  # which clip comes first is random too
+        views = [augment_clip(clip[s : s + t], self.size, self.opts.views, g) for s in starts]
         return views, torch.tensor([gap, gap])
 
 
-def sample_gap(max_gap: int) -> int:
+def sample_gap(max_gap: int, generator: torch.Generator | None = None) -> int:
     """A gap in 0..max_gap with probability proportional to ``max_gap + 1 - gap``."""
-    gaps = list(range(max_gap + 1))
-    return random.choices(gaps, weights=[max_gap + 1 - g for g in gaps])[0]
+    return augment.linear_gap(max_gap, generator)
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:

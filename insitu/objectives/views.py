@@ -4,18 +4,22 @@ Augmentations are chosen to be valid on physical intensities (HU, reflectance, g
 crops, flips, blur and a mild brightness/contrast change in normalised units, and optionally an
 independent gain and offset per channel (``channel_jitter``: stain or white-balance differences
 between sites, calibration differences between a sensor's bands). No hue rotation, no solarisation.
+The ops are written once in `insitu.objectives.augment`; a recipe here draws from its own generator.
 """
 
 from __future__ import annotations
-
-import math
-import random
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from insitu.objectives import augment as aug
+from insitu.objectives.augment import ViewRecipe, gaussian_blur
+
+__all__ = ["MAX_CROPS", "MultiCrop", "MultiCropOptions", "gaussian_blur", "random_resized_crop_box", "resize_square"]
+
 MAX_CROPS = 32  # every crop is one more forward pass per image; more is a typo, not a recipe
+BLUR_SIGMA = (0.1, 1.5)  # σ range of the random blur, in pixels of the resized view
 
 
 class MultiCropOptions(BaseModel):
@@ -45,10 +49,11 @@ class MultiCropOptions(BaseModel):
         return value
 
 
-class MultiCrop:
+class MultiCrop(ViewRecipe):
     """``n_global`` crops at ``size`` and ``n_local`` crops at ``size * local_size_ratio``."""
 
-    def __init__(self, size: int, patch_size: int, opts: MultiCropOptions) -> None:
+    def __init__(self, size: int, patch_size: int, opts: MultiCropOptions, generator: torch.Generator | None = None) -> None:
+        super().__init__(generator)
         self.size, self.opts = size, opts
         local = max(patch_size, int(round(size * opts.local_size_ratio / patch_size)) * patch_size)
         self.local_size = local
@@ -60,54 +65,27 @@ class MultiCrop:
         return views
 
     def _view(self, image: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
-        top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale)
-        x = F.interpolate(
-            image[None, :, top : top + h, left : left + w], size=(size, size), mode="bilinear", align_corners=False, antialias=h > size
-        )[0]
-        if self.opts.flip and random.random() < 0.5:
-            x = x.flip(-1)
-        if random.random() < self.opts.blur_prob:
-            x = gaussian_blur(x, sigma=random.uniform(0.1, 1.5))
-        if self.opts.intensity > 0:
-            a = 1.0 + random.uniform(-self.opts.intensity, self.opts.intensity)
-            b = random.uniform(-self.opts.intensity, self.opts.intensity)
-            x = x * a + b
-        if self.opts.channel_jitter > 0:
-            j = self.opts.channel_jitter
-            gain = torch.tensor([1.0 + random.uniform(-j, j) for _ in range(x.shape[0])], dtype=x.dtype).view(-1, 1, 1)
-            shift = torch.tensor([random.uniform(-j, j) for _ in range(x.shape[0])], dtype=x.dtype).view(-1, 1, 1)
-            x = x * gain + shift
+        o, g = self.opts, self.generator
+        x, _ = aug.random_resized_crop(image, size, scale, g)
+        if o.flip:
+            x, _ = aug.random_flip(x, g)
+        x, _ = aug.random_blur(x, o.blur_prob, BLUR_SIGMA, g)
+        if o.intensity > 0:
+            x = aug.gain_offset(x, o.intensity, g)
+        if o.channel_jitter > 0:
+            x = aug.channel_jitter(x, o.channel_jitter, g)
         return x
 
 
 def random_resized_crop_box(
-    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop covering ``scale`` of the area with aspect in ``ratio``."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * random.uniform(*scale)
-        aspect = math.exp(random.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return random.randint(0, height - h), random.randint(0, width - w), h, w
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a C×H×W tensor, channel by channel (the kernel follows x's device and dtype)."""
-    radius = max(1, int(3 * sigma))
-    # on x's device: GLARE blurs whole batches on the training device, not only CPU data-loader views
-    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[0]
-    y = F.pad(x[None], (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return y[0]
+    """(top, left, h, w) of a random crop covering ``scale`` of the area with aspect in ``ratio`` (`augment.crop_box`)."""
+    return aug.crop_box(height, width, scale, generator, ratio)
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -30,12 +30,13 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 from pydantic import Field
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from insitu.backbones import ViTBackbone, create_backbone
 from insitu.config import BackboneConfig, Strict, apply_override
 from insitu.domains.fractals import NUM_TEXTURES, FractalStream, SystemBank
 from insitu.errors import ConfigError
+from insitu.objectives.augment import worker_seed
 from insitu.objectives.views import MultiCrop, MultiCropOptions
 
 FRACTAL_MEAN, FRACTAL_STD = [0.40, 0.40, 0.40], [0.25, 0.25, 0.25]
@@ -84,11 +85,15 @@ def _normalise(img: torch.Tensor) -> torch.Tensor:
 
 
 class _Views(IterableDataset):
+    """Multi-crop views of the fractal stream; each DataLoader worker restarts the crop's generator from its own seed."""
+
     def __init__(self, stream: FractalStream, crop: MultiCrop) -> None:
         super().__init__()
         self.stream, self.crop = stream, crop
 
     def __iter__(self):  # noqa: ANN204
+        if get_worker_info() is not None:  # in the main process the crop keeps its run-seeded generator
+            self.crop.reseed(worker_seed())
         for img in self.stream:
             yield self.crop(_normalise(img))
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
 from insitu.config import DataConfig
 from insitu.domains import Domain, Manifest, ManifestItem, create_domain
 from insitu.domains.normalize import Normalizer
+from insitu.objectives.augment import reseed_views, worker_seed
 from insitu.objectives.views import resize_square
 
 log = logging.getLogger("insitu")
@@ -120,6 +123,21 @@ def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     return out
 
 
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: one augmentation generator per DataLoader worker, from the run seed and the worker id.
+
+    The dataset's view recipe restarts at `worker_seed` (``get_worker_info().seed``: the loader's base
+    seed, drawn from the run's seeded torch RNG, plus the worker id). The worker's global torch, numpy
+    and ``random`` state is seeded as Lightning's own worker_init_fn does after
+    ``seed_everything(workers=True)`` (setting a worker_init_fn stops Lightning from adding its own).
+    """
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        pl_worker_init_function(worker_id)
+    info = get_worker_info()
+    if info is not None:
+        reseed_views(info.dataset, worker_seed())
+
+
 def fit_normalizer(data: ScannedData, items: list[ManifestItem], max_items: int = 256) -> Normalizer:
     """Per-channel robust statistics from (a spread sample of) the training items."""
     step = max(1, len(items) // max_items)
@@ -151,6 +169,7 @@ class PretrainDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
         )
 
     def sampler(self) -> WeightedRandomSampler | None:

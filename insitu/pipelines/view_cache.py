@@ -31,8 +31,12 @@ MAX_CACHE_BYTES = 4 * 1024**3
 class CachedViewDataset(Dataset):
     """Items whose ``views`` are frozen-prefix tokens drawn from K cached views per position."""
 
-    def __init__(self, source: SampleDataset, tokens: list[torch.Tensor], kept: list[int]) -> None:
+    def __init__(
+        self, source: SampleDataset, tokens: list[torch.Tensor], kept: list[int], generator: torch.Generator | None = None
+    ) -> None:
         self.data, self.tokens = source.data, tokens  # tokens: per position, [N, K, T, D]
+        # which cached view a step sees: its own generator, run-seeded like the view recipes (and reseeded per worker)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(torch.initial_seed())
         self.items = [source.items[i] for i in kept]
         self.labels = [source.items[i].label for i in kept]
 
@@ -41,7 +45,7 @@ class CachedViewDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         k = self.tokens[0].shape[1]
-        views = [t[index, int(torch.randint(k, ()))] for t in self.tokens]
+        views = [t[index, int(torch.randint(k, (), generator=self.generator))] for t in self.tokens]
         label = self.labels[index]
         return {"item_id": self.items[index].item_id, "label": -1 if label is None else label, "views": views}
 

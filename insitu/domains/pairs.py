@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import re
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
@@ -279,7 +279,7 @@ class PairsDomain(Domain):
             raise PairsError("the report has no sentence in the configured sections; rescan with the current options.")
         if self.options.sampling == "full":
             return " ".join(sentences)
-        return sentences[0] if self.options.sampling == "first" else random.choice(sentences)
+        return sentences[0] if self.options.sampling == "first" else sentences[int(torch.randint(len(sentences), ()))]
 
     def _dicom_manifest(self, path: str) -> tuple[Any, Manifest]:
         """A DICOM reference scanned by the DICOM domain once per process."""

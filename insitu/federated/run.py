@@ -9,7 +9,6 @@ averaged and dropped with the reason, items, mean loss, bytes per site, wall tim
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from insitu.config import RunConfig
 from insitu.errors import ConfigError
 from insitu.federated.flower import FederationState, RoundRecord, initial_state, make_client, make_strategy, require_flower, simulate
 from insitu.federated.site import SiteTrainer, set_arrays
-from insitu.io import atomic_write_text, claim_folder, csv_text
+from insitu.io import atomic_write_text, claim_folder, csv_text, write_json
 from insitu.pipelines.pretrain import PretrainModule
 
 log = logging.getLogger("insitu")
@@ -123,9 +122,9 @@ def write_outputs(cfg: RunConfig, state: FederationState, module: PretrainModule
         training={"federated": summary, "steps": summary["steps_per_site"], "seed": cfg.seed},
         config=stored,
     )
-    atomic_write_text(run_dir / "rounds.json", json.dumps(state.summary(), indent=2))
+    write_json(run_dir / "rounds.json", state.summary())
     atomic_write_text(run_dir / "rounds.csv", _rounds_csv(state))
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_json(run_dir / "summary.json", summary)
     return FederationResult(run_dir, adapter_dir, state, summary)
 
 

@@ -30,7 +30,7 @@ from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError, DataError
 from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
-from insitu.io import claim_folder
+from insitu.io import claim_folder, write_json
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
 from insitu.sharing.signing import trust_of
 
@@ -335,7 +335,7 @@ def save_head(
         "domain": (cfg.probe.train or cfg.data).domain,
         "domain_options": (cfg.probe.train or cfg.data).options,
     }
-    (out_dir / HEAD_META).write_text(json.dumps(meta, indent=2))
+    write_json(out_dir / HEAD_META, meta)
     dump_config(cfg, out_dir / "config.yaml")
     return out_dir
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import logging
 import math
 import platform
@@ -34,7 +33,7 @@ from insitu.backbones import create_backbone
 from insitu.checkpoints import check_checkpoint
 from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
-from insitu.io import OutputExistsError, OwnedFolder, atomic_path, atomic_write_text, claim_folder, is_secondary_rank, read_owner, write_csv
+from insitu.io import OutputExistsError, OwnedFolder, atomic_path, claim_folder, is_secondary_rank, read_owner, write_csv, write_json
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
 from insitu.pipelines.health import HealthMonitor
@@ -350,7 +349,7 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
             training=summary,
             config=cfg.model_dump(mode="json"),
         )
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_json(run_dir / "summary.json", summary)
         if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result
             save_file({k: v.contiguous() for k, v in module.backbone.timm_state_dict().items()}, str(run_dir / "backbone.safetensors"))
     return PretrainResult(

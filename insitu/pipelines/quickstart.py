@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -17,7 +16,7 @@ from insitu.domains import get_domain_class
 from insitu.domains.base import DemoData
 from insitu.exports import markdown_table, plot_loss_curve, write_report
 from insitu.heads.stats import GAIN, LOSS
-from insitu.io import atomic_write_text, claim_folder, read_owner
+from insitu.io import claim_folder, read_owner, write_json
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
 from insitu.privacy import shown_weights
@@ -78,7 +77,7 @@ def quickstart(
             "pretrain": result.summary,
             "probe": [asdict(r) for r in rows],
         }
-        atomic_write_text(cfg.run_dir / "quickstart.json", json.dumps(summary, indent=2))
+        write_json(cfg.run_dir / "quickstart.json", summary)
     finally:
         folder.record()
         folder.unlock()

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +48,7 @@ from insitu.package_format import (
     VettedPackage,
     vet_files,
     vet_package,
+    write_package_folder,
 )
 from insitu.sharing.signing import NAME_PATTERN, Signer, TrustPolicy, digests_of, signature_claim
 
@@ -244,13 +244,7 @@ def publish(pkg: str | Path, registry: str | Path, name: str | None = None) -> I
 
 def _write_package_folder(registry: Path, name: str, files: dict[str, bytes]) -> None:
     """Write the files under a temporary name, then rename: a reader sees the whole folder or none."""
-    tmp = registry / f".{name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for file_name, data in files.items():
-        atomic_write_bytes(tmp / file_name, data)
-    os.rename(tmp, registry / name)
+    write_package_folder(registry / name, files)
 
 
 def list_packages(registry: str | Path, base: str | None = None) -> list[IndexEntry]:

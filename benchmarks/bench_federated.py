@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import stats
 
 from insitu.config import load_config
 from insitu.federated.run import run_simulation
@@ -187,11 +186,10 @@ def one_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> di
 
 
 def t_interval(diffs: list[float]) -> str:
-    d = np.asarray(diffs, dtype=float)
-    if len(d) < 2:
-        return f"{d.mean():+.3f} (1 seed)"
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+    from insitu.heads.stats import seed_interval
+
+    mean, low, high = seed_interval(diffs)
+    return f"{mean:+.3f} (1 seed)" if len(diffs) < 2 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def report(results: list[dict[str, Any]]) -> None:

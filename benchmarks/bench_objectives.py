@@ -263,6 +263,30 @@ def probe_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     return headers, cells
 
 
+def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per (dataset, objective, steps, probe, labels, metric): each seed's Δ, their mean and t-interval."""
+    from insitu.heads.stats import seed_interval, verdict
+    groups: dict[tuple, list[tuple[int, dict[str, Any]]]] = {}
+    for r in runs:
+        for p in r["probe"][1]["results"]:
+            key = (r["dataset"], r["objective"], r["steps"], p["probe"], p["labels"], p["metric"])
+            groups.setdefault(key, []).append((r["seed"], p))
+    headers = ["dataset", "objective", "steps", "probe", "labels", "metric", "seeds", "Δ per seed", "runs resolved +/−", "mean Δ [95% t-interval over seeds]", "verdict"]
+    cells = []
+    for (dataset, objective, steps, probe, labels, metric), rows in groups.items():
+        deltas = [p["delta"] for _, p in rows]
+        mean, low, high = seed_interval(deltas)
+        gains, losses = sum(p["ci_low"] > 0 for _, p in rows), sum(p["ci_high"] < 0 for _, p in rows)
+        interval = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(rows) > 1 else f"{mean:+.3f} (1 seed)"
+        cells.append(
+            [
+                dataset, objective, str(steps), probe, f"{labels:.0%}", metric, " ".join(str(s) for s, _ in rows),
+                ", ".join(f"{d:+.3f}" for d in deltas), f"{gains}/{losses}", interval, verdict(low, high) if len(rows) > 1 else "1 seed",
+            ]
+        )  # fmt: skip
+    return headers, cells
+
+
 def markdown(headers: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
@@ -322,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")
     p.add_argument("--text-encoder", default=None, help="a local text encoder folder for ConVIRT (default: a tiny random BERT)")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--from-runs", type=Path, nargs="+", default=None, help="runs.jsonl files of finished benchmarks: print their tables, train nothing")
     p.add_argument("--out", type=Path, default=None, help="folder for runs.csv, probe.csv, results.json (default: print only)")
     return p.parse_args(argv)
 
@@ -331,17 +356,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_items is not None:  # a smoke run: small folds and few resamples keep it to a minute
         args.folds, args.repeats = min(args.folds, 3), 1
     print(f"protocol: {json.dumps({k: str(v) for k, v in vars(args).items()})}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="insitu_bench_objectives_") as tmp:
-        runs = run_all(args, Path(tmp))
-    tables = {"runs": run_table(runs), "probe": probe_table(runs)}
+    if args.from_runs:  # re-tabulate finished runs (several benchmark invocations) without training
+        runs = [json.loads(line) for path in args.from_runs for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with tempfile.TemporaryDirectory(prefix="insitu_bench_objectives_") as tmp:
+            runs = run_all(args, Path(tmp))
+    tables = {"runs": run_table(runs), "probe": probe_table(runs), "seeds": seed_table(runs)}
     print("\n### runs\n\n" + markdown(*tables["runs"]))
     print("\n### probe: adapted vs frozen (mean ± std over folds × repeats; paired bootstrap 95 % CI)\n\n" + markdown(*tables["probe"]))
+    print("\n### over seeds: Δ per seed, runs whose bootstrap CI is above/below 0, Student-t interval of the mean Δ\n\n" + markdown(*tables["seeds"]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, (headers, cells) in tables.items():
             write_csv(args.out / f"{name}.csv", headers, cells)
         (args.out / "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2, default=str))
-        print(f"\nwrote {args.out}/runs.csv, probe.csv, results.json")
+        print(f"\nwrote {args.out}/runs.csv, probe.csv, seeds.csv, results.json")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from insitu.heads.stats import (
     label_subset,
     mean_std,
     paired_bootstrap,
+    seed_interval,
     verdict,
 )
 from insitu.pipelines import probe as probe_mod
@@ -77,6 +78,18 @@ def test_mean_std_matches_numpy():
     mean, std = mean_std(values)
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
     assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_seed_interval_by_hand():
+    # deltas 0.01, 0.03, 0.02: mean 0.02, sd 0.01, se 0.01/sqrt(3); t(0.975, 2 df) = 4.302653
+    mean, low, high = seed_interval([0.01, 0.03, 0.02])
+    half = 4.302653 * 0.01 / np.sqrt(3)
+    assert mean == pytest.approx(0.02)
+    assert (low, high) == (pytest.approx(0.02 - half, abs=1e-6), pytest.approx(0.02 + half, abs=1e-6))
+    assert verdict(low, high) == UNRESOLVED  # three small, spread seeds do not resolve
+    assert verdict(*seed_interval([0.030, 0.031, 0.030])[1:]) == GAIN
+    mean, low, high = seed_interval([0.05])
+    assert mean == 0.05 and np.isnan(low) and np.isnan(high)
 
 
 def test_paired_bootstrap_on_constructed_differences():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.stats import t as student_t
 
 GAIN, LOSS, UNRESOLVED = "resolved gain", "resolved loss", "not resolved (CI spans 0)"
 
@@ -106,6 +107,20 @@ def paired_bootstrap(
         diffs.append(metric(sums[0]) - metric(sums[1]))
     lo, hi = np.nanpercentile(np.concatenate(diffs), [50 * (1 - level), 50 * (1 + level)])
     return delta, float(lo), float(hi)
+
+
+def seed_interval(deltas: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): a Student-t interval for the mean of per-seed paired differences.
+
+    The between-seed spread is what a user re-running with another seed sees; with n seeds the
+    interval has n − 1 degrees of freedom (so 3 seeds give wide intervals: t = 4.30). One value
+    has no spread: its interval is (nan, nan).
+    """
+    d = np.asarray(deltas, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), float("nan"), float("nan")
+    half = float(student_t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half
 
 
 def verdict(low: float, high: float) -> str:

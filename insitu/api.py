@@ -82,7 +82,7 @@ def embed_folder(
     from insitu.config import DataConfig
 
     model = model if isinstance(model, AdaptedBackbone) else AdaptedBackbone(model, None)
-    size = image_size or model.backbone.img_size
+    size = image_size or model.img_size
     data = ScannedData.scan(DataConfig(domain=domain, root=Path(root), options=options or {}, image_size=size))
     items = data.manifest.items
     norm = Normalizer.from_dict(normalizer) if isinstance(normalizer, dict) else normalizer or fit_normalizer(data, items)

@@ -189,39 +189,41 @@ def read_capped(path: Path, cap: int) -> bytes | None:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, sync: bool = True) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write through; renamed onto ``path`` when the block succeeds.
 
     For libraries that write to a path themselves (safetensors, PIL, numpy, zipfile, torch): a
     reader sees the old file or the whole new one, never a half-written one; after an exception the
     temporary file is removed and ``path`` is untouched. The suffix is kept (some libraries pick the
-    format from it).
+    format from it). ``sync=False`` skips the fsync: for caches, where a file lost to a power cut
+    is only redone, and thousands of syncs would slow a scan.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file and a rename (never a half-written file)."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a (synced) temporary file and a rename (never a half-written file)."""
+    with atomic_path(path, sync) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, sync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), sync)
 
 
-def write_json(path: Path, data: Any, indent: int | None = 2, **dumps: Any) -> Path:
+def write_json(path: Path, data: Any, indent: int | None = 2, sync: bool = True, **dumps: Any) -> Path:
     """``data`` as JSON, written atomically; ``dumps`` go to :func:`json.dumps` (e.g. ``default=str``)."""
-    atomic_write_text(path, json.dumps(data, indent=indent, **dumps))
+    atomic_write_text(path, json.dumps(data, indent=indent, **dumps), sync)
     return Path(path)
 
 

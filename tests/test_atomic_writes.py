@@ -94,6 +94,12 @@ def test_atomic_path_and_helpers(tmp_path):
     assert json.loads(target.read_text()) == {"x": 1} and _siblings(target) == []
     atomic_write_text(target, "whole")
     assert target.read_text() == "whole"
+    write_json(target, [1], indent=None, sync=False)  # caches skip the fsync, not the rename
+    assert target.read_text() == "[1]" and _siblings(target) == []
+    with pytest.raises(Interrupted), atomic_path(target, sync=False) as tmp:
+        tmp.write_text("half")
+        raise Interrupted
+    assert target.read_text() == "[1]" and _siblings(target) == []
     rows = [[1, "a,b"], {"n": 2, "s": "c", "extra": "ignored"}]
     assert csv_text(["n", "s"], rows) == 'n,s\r\n1,"a,b"\r\n2,c\r\n'
     assert write_csv(tmp_path / "t.csv", ["n", "s"], rows).read_bytes() == csv_text(["n", "s"], rows).encode()

@@ -132,7 +132,7 @@ def run_export(args: argparse.Namespace) -> int:
 def _export_merged(args: argparse.Namespace, pkg) -> None:  # noqa: ANN001 - an AdapterPackage
     from safetensors.torch import save_file
 
-    from insitu.adapters import LoRAAdapters, merge_lora
+    from insitu.adapters import LoRAAdapters
     from insitu.adapters.package import apply_package
     from insitu.errors import ConfigError
 
@@ -141,7 +141,7 @@ def _export_merged(args: argparse.Namespace, pkg) -> None:  # noqa: ANN001 - an 
     model = apply_package(pkg, base_backbone(args.base))
     if not isinstance(model.adapters, LoRAAdapters):
         raise ConfigError(f"--merged works for LoRA packages only; {args.path} holds {pkg.meta.adapter.get('kind')!r} adapters.")
-    save_file(merge_lora(model.backbone.vit, model.adapters), str(args.out))
+    save_file(model.merged_state_dict(), str(args.out))
 
 
 def _unpack(zip_path: Path, out: Path) -> None:
@@ -169,7 +169,7 @@ def run_apply(args: argparse.Namespace) -> int:
     pkg = load_package(args.path, trust(args))
     model = apply_package(pkg, base_backbone(args.base))
     domain = args.domain or pkg.meta.input.get("domain", "images")
-    size = int(pkg.meta.input.get("image_size", model.backbone.img_size))
+    size = int(pkg.meta.input.get("image_size", model.img_size))
     feats, ids = embed_folder(args.data, model, domain, parse_options(args.option), size, pkg.meta.normalizer)
     _save_features(args.out, args.path, feats, ids)
     write_json(args.out.with_suffix(".json"), {"item_ids": ids, "package": args.path.name})

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from insitu.io import atomic_path
+
 
 def read_seg(seg_path: str, source_files: Sequence[str], describe: Callable[[str], str] = str) -> np.ndarray:
     """The segmentation as a label map S×H×W (int64, 0 = background) in the order of ``source_files``.
@@ -82,6 +84,6 @@ def write_seg(
         omit_empty_frames=False,
     )
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out_path)
+    with atomic_path(out_path) as tmp:
+        seg.save_as(tmp)
     return out_path

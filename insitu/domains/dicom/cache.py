@@ -14,6 +14,8 @@ from insitu.domains.base import stable_id
 from insitu.domains.dicom.geometry import Volume
 from insitu.domains.dicom.records import RECORD_VERSION
 from insitu.domains.dicom.series import Unit
+from insitu.io import atomic_path
+from insitu.io import write_json as write_json_atomic
 
 
 def list_files(root: Path, cache: Path) -> list[str]:
@@ -49,10 +51,8 @@ def read_cached_record(cache: Path, key: str) -> dict[str, Any] | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomic write: a killed scan leaves either the old file or the new one."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    """A cache file, written atomically (a killed scan leaves the old file or the new one), unsynced."""
+    write_json_atomic(path, data, indent=None, sync=False)
 
 
 def _array_path(cache: Path, unit: Unit, tag: str) -> Path:
@@ -72,8 +72,6 @@ def read_array_cache(cache: Path, unit: Unit, tag: str) -> Volume | None:
 
 def write_array_cache(cache: Path, unit: Unit, tag: str, vol: Volume) -> None:
     path = _array_path(cache, unit, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, vol.array)
-    os.replace(tmp, path)
+    with atomic_path(path, sync=False) as tmp:
+        np.save(tmp, vol.array)
     write_json(path.with_suffix(".json"), {"direction": vol.direction.tolist(), "spacing": list(vol.spacing), "positions": vol.positions})

@@ -22,6 +22,7 @@ from insitu.domains.base import IGNORE_INDEX
 from insitu.domains.geotiff.domain import GeoTiffDomain
 from insitu.domains.geotiff.read import fill_invalid, grid_offsets
 from insitu.domains.geotiff.scene import Scene, SceneRef
+from insitu.io import atomic_path
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -159,8 +160,9 @@ class _open_outputs:
 
 
 def _finish(tmp: Path, out: Path, cog: bool) -> None:
-    """Move the written raster into place, as a COG when asked (the COG driver cannot write windows)."""
-    if cog:
-        rasterio.shutil.copy(str(tmp), str(out), driver="COG", compress="deflate")
-    else:
-        tmp.replace(out)
+    """Move the written raster into place atomically, as a COG when asked (the COG driver cannot write windows)."""
+    with atomic_path(out) as dst:
+        if cog:
+            rasterio.shutil.copy(str(tmp), str(dst), driver="COG", compress="deflate")
+        else:
+            tmp.replace(dst)

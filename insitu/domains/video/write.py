@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import av
@@ -10,16 +9,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from insitu.domains.base import IGNORE_INDEX
+from insitu.io import atomic_path, write_csv
 
 
 def write_mp4(path: Path, frames: np.ndarray | list[np.ndarray], fps: float = 25, crf: int = 23) -> Path:
     """Write uint8 H×W×3 frames as an H.264 MP4 (odd sizes are cropped by one pixel for yuv420p)."""
     from fractions import Fraction
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     frames = [np.asarray(f) for f in frames]
     h, w = (frames[0].shape[0] // 2) * 2, (frames[0].shape[1] // 2) * 2
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4", options={"movflags": "faststart"}) as container:
         stream = container.add_stream("h264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(crf)}
@@ -32,13 +31,11 @@ def write_mp4(path: Path, frames: np.ndarray | list[np.ndarray], fps: float = 25
 
 def write_phase_csv(path: Path, times: list[float], predictions: list[int], class_names: list[str]) -> Path:
     """Per-frame predictions as ``frame,time_s,phase_index,phase``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["frame", "time_s", "phase_index", "phase"])
-        for i, (t, p) in enumerate(zip(times, predictions, strict=True)):
-            writer.writerow([i, f"{t:.3f}", p, class_names[p] if 0 <= p < len(class_names) else ""])
-    return path
+    rows = [
+        [i, f"{t:.3f}", p, class_names[p] if 0 <= p < len(class_names) else ""]
+        for i, (t, p) in enumerate(zip(times, predictions, strict=True))
+    ]
+    return write_csv(path, ["frame", "time_s", "phase_index", "phase"], rows)
 
 
 def write_overlay(

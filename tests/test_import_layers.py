@@ -150,12 +150,7 @@ def test_module_level_imports_have_no_cycle() -> None:
 
 
 # (importer, imported module, name): a private name still imported from another package, and why
-PRIVATE_EXCEPTIONS: dict[tuple[str, str, str], str] = {
-    ("insitu.domains.video.demo", "insitu.domains.synthetic", name): (
-        "the video package is being split by another change; it should import the public shape_mask/smooth_noise"
-    )
-    for name in ("_shape_mask", "_smooth_noise")
-}
+PRIVATE_EXCEPTIONS: dict[tuple[str, str, str], str] = {}
 
 
 def test_private_names_stay_in_their_package() -> None:

@@ -190,7 +190,3 @@ def write_scanner_folders(out_dir: Path, seed: int, n_per_class: int, size: int,
                 img = make_scan_image(rng, label, size, scanners[s])
                 Image.fromarray((img * 65535).round().astype(np.uint16)).save(folder / f"scanner{s}_{shape}_{i:04d}.png")
     return scanners
-
-
-# the old private names, still imported by insitu/domains/video/demo.py until it switches to the public ones
-_shape_mask, _smooth_noise = shape_mask, smooth_noise

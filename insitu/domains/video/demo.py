@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from insitu.domains.synthetic import SHAPES, _shape_mask, _smooth_noise
+from insitu.domains.synthetic import SHAPES, shape_mask, smooth_noise
 
 
 def moving_shape_frames(rng: np.random.Generator, label: int, size: int, n_frames: int = 16) -> np.ndarray:
@@ -14,7 +14,7 @@ def moving_shape_frames(rng: np.random.Generator, label: int, size: int, n_frame
     velocity = rng.uniform(-1, 1, 2) * size / (3 * n_frames)
     spin = rng.uniform(-0.1, 0.1)
     angle = rng.uniform(0, 2 * np.pi)
-    background = _smooth_noise(rng, size, int(rng.integers(2, 6)))
+    background = smooth_noise(rng, size, int(rng.integers(2, 6)))
     yy, xx = np.mgrid[0:size, 0:size]
     freq, theta = rng.uniform(0.15, 0.6), rng.uniform(0, np.pi)
     stripes = 0.5 + 0.5 * np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy))
@@ -23,7 +23,7 @@ def moving_shape_frames(rng: np.random.Generator, label: int, size: int, n_frame
     frames = []
     for t in range(n_frames):
         cx, cy = np.clip(start + velocity * t, r, size - r)
-        mask = _shape_mask(SHAPES[label], size, cx, cy, r, angle + spin * t)
+        mask = shape_mask(SHAPES[label], size, cx, cy, r, angle + spin * t)
         bg = bg_lo + (bg_hi - bg_lo) * background[..., None]
         fg = fg_lo + (fg_hi - fg_lo) * stripes[..., None]
         img = np.where(mask[..., None], fg, bg) + rng.normal(0, 0.02, (size, size, 3))

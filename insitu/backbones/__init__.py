@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import logging
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,9 @@ from insitu.backbones.loaders import fit_state_dict, hf_dinov2_config, hf_dinov2
 from insitu.backbones.vit import ViTBackbone, state_fingerprint
 from insitu.config import BackboneConfig
 from insitu.errors import ConfigError
+from insitu.weights import PACKAGED
+from insitu.weights import shipped_bases as packaged_bases
+from insitu.weights import shipped_card as packaged_card
 
 log = logging.getLogger("insitu")
 
@@ -59,23 +60,6 @@ def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
     elif cfg.pretrained:
         native = int(vit.pretrained_cfg.get("input_size", (0, native, native))[-1])
     return ViTBackbone(vit, source, native_size=native)
-
-
-PACKAGED = "insitu:"
-
-
-def packaged_bases() -> dict[str, Path]:
-    """Bases shipped in ``insitu/weights``: name -> safetensors path."""
-    folder = Path(str(resources.files("insitu") / "weights"))
-    return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
-
-
-def packaged_card(name: str) -> dict[str, Any]:
-    """The card (architecture, training record) of a shipped base."""
-    bases = packaged_bases()
-    if name not in bases:
-        raise ConfigError(f"backbone.weights '{PACKAGED}{name}' is not a shipped base; available: {[PACKAGED + n for n in bases]}.")
-    return json.loads(bases[name].with_suffix(".json").read_text())
 
 
 def _with_packaged_architecture(cfg: BackboneConfig, name: str) -> BackboneConfig:

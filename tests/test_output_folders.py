@@ -236,12 +236,12 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path, shap
         def on_train_batch_end(self, trainer, *args):
             trainer.should_stop = trainer.global_step >= 3
 
-    make_trainer = pretrain_module._trainer
-    monkeypatch.setattr(pretrain_module, "_trainer", lambda *a: (lambda t: (t.callbacks.append(StopAt3()), t)[1])(make_trainer(*a)))
+    make_trainer = pretrain_module.build_trainer
+    monkeypatch.setattr(pretrain_module, "build_trainer", lambda *a: (lambda t: (t.callbacks.append(StopAt3()), t)[1])(make_trainer(*a)))
     first = pretrain(config("resumed"), quiet=True)
     assert first.steps == 3
     c = load_package(first.adapter_dir).tensors  # before the resumed run replaces the package
-    monkeypatch.setattr(pretrain_module, "_trainer", make_trainer)
+    monkeypatch.setattr(pretrain_module, "build_trainer", make_trainer)
     calls = []
     step = pretrain_module.PretrainModule.training_step
     monkeypatch.setattr(pretrain_module.PretrainModule, "training_step", lambda self, *a: (calls.append(1), step(self, *a))[1])

@@ -23,7 +23,8 @@ import torch
 from insitu.config import RunConfig
 from insitu.domains import ManifestItem
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
-from insitu.pipelines.pretrain import PretrainModule, resolve_precision
+from insitu.pipelines.pretrain import PretrainModule
+from insitu.pipelines.trainer import resolve_precision
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
 
 log = logging.getLogger("insitu")

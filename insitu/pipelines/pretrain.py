@@ -10,10 +10,8 @@ batch when ``train.nonfinite: skip``.
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import save_file
 
 from insitu.adapters import AdaptedBackbone, create_adapters
@@ -33,10 +28,11 @@ from insitu.backbones import create_backbone
 from insitu.checkpoints import check_checkpoint
 from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
-from insitu.io import OutputExistsError, OwnedFolder, atomic_path, claim_folder, is_secondary_rank, read_owner, write_csv, write_json
+from insitu.io import OutputExistsError, OwnedFolder, claim_folder, is_secondary_rank, read_owner, write_json
 from insitu.objectives import create_objective
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
 from insitu.pipelines.health import HealthMonitor
+from insitu.pipelines.trainer import build_trainer, device_name, final_loss, merge_metrics, resolve_precision, set_aside_metrics
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
 
 log = logging.getLogger("insitu")
@@ -205,21 +201,6 @@ def base_ema_momentum(max_steps: int, half_life: float = 0.1, low: float = 0.9, 
     return min(high, max(low, m))
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, fsync, then rename; never write a checkpoint with NaN/Inf."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        bad = [
-            k
-            for k, v in checkpoint.get("state_dict", {}).items()
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
-        ]
-        if bad:
-            raise NonFiniteLossError(f"refusing to write checkpoint {path}: non-finite tensors {bad[:5]}")
-        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-
-
 @dataclass
 class PretrainResult:
     """What a finished pretraining run produced."""
@@ -233,13 +214,6 @@ class PretrainResult:
     quarantined: int
     trainable_params: int
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_precision(cfg: RunConfig) -> str:
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
 
 
 def pretrain(
@@ -294,7 +268,7 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     resume_step = check_checkpoint(last)["global_step"] if resume else None
     if folder is not None:
         dump_config(cfg, run_dir / "config.yaml")
-    prior_metrics = _set_aside_metrics(run_dir / "logs", resume_step) if resume_step is not None and folder else None
+    prior_metrics = set_aside_metrics(run_dir / "logs", resume_step) if resume_step is not None and folder else None
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ScannedData.scan(cfg.data)
@@ -303,146 +277,75 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     items = data.manifest.items
     normalizer = fit_normalizer(data, items)
     module = PretrainModule(cfg)
-    dataset = SampleDataset(data, items, normalizer, module.objective.view_transform(), cfg.data.image_size)
+    dm = _data_module(cfg, module, SampleDataset(data, items, normalizer, module.objective.view_transform(), cfg.data.image_size))
+    trainer = build_trainer(cfg, ckpt_dir, quiet)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    wall = module.wall_offset + time.perf_counter() - start  # resumed runs count their earlier segments too
+    if prior_metrics is not None and trainer.is_global_zero:
+        merge_metrics(run_dir / "logs", *prior_metrics)
+    if trainer.global_step >= cfg.train.max_steps or not last.exists():
+        trainer.save_checkpoint(last)
+    summary = _summary(cfg, module, trainer, wall, len(items), len(data.manifest.quarantine))
+    adapter_dir = _save_outputs(cfg, module, normalizer, summary) if trainer.is_global_zero else None
+    return PretrainResult(
+        run_dir,
+        adapter_dir,
+        trainer.global_step,
+        summary["final_loss"],
+        wall,
+        len(items),
+        len(data.manifest.quarantine),
+        summary["trainable_params"],
+        summary,
+    )
+
+
+def _data_module(cfg: RunConfig, module: PretrainModule, dataset: SampleDataset) -> PretrainDataModule:
     workers = cfg.data.num_workers
     if cfg.train.cached_views:  # the frozen prefix runs once per cached view, not once per step
         first = module.student.first_block
         check_cacheable(module.objective, module.backbone, first, cfg.train.full_finetune)
         dataset, workers = build_view_cache(dataset, module.backbone, first, cfg.train.cached_views), 0
-    dm = PretrainDataModule(dataset, cfg.train.batch_size, workers)
-    trainer = _trainer(cfg, ckpt_dir, quiet)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
-    wall = module.wall_offset + time.perf_counter() - start  # resumed runs count their earlier segments too
-    if prior_metrics is not None and trainer.is_global_zero:
-        _merge_metrics(run_dir / "logs", *prior_metrics)
-    if trainer.global_step >= cfg.train.max_steps or not last.exists():
-        trainer.save_checkpoint(last)
-    final_loss = _final_loss(trainer)
-    trainable = sum(p.numel() for p in module.trainable_parameters())
+    return PretrainDataModule(dataset, cfg.train.batch_size, workers)
+
+
+def _summary(cfg: RunConfig, module: PretrainModule, trainer: L.Trainer, wall: float, items: int, quarantined: int) -> dict[str, Any]:
+    """summary.json: what ran, on what, how long, and the run's health summary."""
     summary = {
         "steps": trainer.global_step,
-        "final_loss": final_loss,
+        "final_loss": final_loss(trainer),
         "wall_s": round(wall, 2),
-        "items": len(items),
-        "quarantined": len(data.manifest.quarantine),
+        "items": items,
+        "quarantined": quarantined,
         "skipped_batches": module.skipped_batches,
-        "trainable_params": trainable,
+        "trainable_params": sum(p.numel() for p in module.trainable_parameters()),
         "frozen_params": sum(p.numel() for p in module.backbone.parameters()),
-        "device": _device_name(trainer),
+        "device": device_name(trainer),
         "precision": resolve_precision(cfg),
         "seed": cfg.seed,
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, HealthMonitor)), None)
     if monitor is not None:
         summary["health"] = monitor.summary()
-    adapter_dir = None
-    if trainer.is_global_zero:
-        adapter_dir = save_package(
-            run_dir / "adapter",
-            module.backbone,
-            module.student,
-            head_state=module.objective.head_state(),
-            input_info={"domain": cfg.data.domain, "image_size": cfg.data.image_size, "channels": module.backbone.in_chans},
-            normalizer=normalizer.to_dict(),
-            objective={"name": cfg.objective.name, "options": cfg.objective.options},
-            training=summary,
-            config=cfg.model_dump(mode="json"),
-        )
-        write_json(run_dir / "summary.json", summary)
-        if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result
-            save_file({k: v.contiguous() for k, v in module.backbone.timm_state_dict().items()}, str(run_dir / "backbone.safetensors"))
-    return PretrainResult(
-        run_dir, adapter_dir, trainer.global_step, final_loss, wall, len(items), len(data.manifest.quarantine), trainable, summary
+    return summary
+
+
+def _save_outputs(cfg: RunConfig, module: PretrainModule, normalizer: Any, summary: dict[str, Any]) -> Path:
+    """The adapter package, summary.json and (full fine-tuning only) the backbone; returns the package folder."""
+    run_dir = cfg.run_dir
+    adapter_dir = save_package(
+        run_dir / "adapter",
+        module.backbone,
+        module.student,
+        head_state=module.objective.head_state(),
+        input_info={"domain": cfg.data.domain, "image_size": cfg.data.image_size, "channels": module.backbone.in_chans},
+        normalizer=normalizer.to_dict(),
+        objective={"name": cfg.objective.name, "options": cfg.objective.options},
+        training=summary,
+        config=cfg.model_dump(mode="json"),
     )
-
-
-PRIOR_METRICS = "metrics.before-resume.csv"
-
-
-def _read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _set_aside_metrics(logs: Path, resume_step: int) -> tuple[list[dict[str, str]], int]:
-    """Keep the metrics of the earlier segments before Lightning's CSV logger starts a new file.
-
-    Rows logged after the checkpoint (steps the resumed run repeats) are dropped; a segment that
-    was itself killed before merging is folded in too. The rows are also kept on disk until the
-    merge, so a kill during the resumed run loses nothing.
-    """
-    rows = _read_metrics(logs / PRIOR_METRICS) + _read_metrics(logs / "metrics.csv")
-    rows = [r for r in rows if _step(r) < resume_step]
-    _write_metrics(logs / PRIOR_METRICS, rows)
-    (logs / "metrics.csv").unlink(missing_ok=True)
-    return rows, resume_step
-
-
-def _merge_metrics(logs: Path, prior: list[dict[str, str]], resume_step: int) -> None:
-    """``metrics.csv`` = earlier segments (steps before the resume) + the resumed segment."""
-    rows = prior + [r for r in _read_metrics(logs / "metrics.csv") if _step(r) >= resume_step]
-    _write_metrics(logs / "metrics.csv", rows)
-    (logs / PRIOR_METRICS).unlink(missing_ok=True)
-
-
-def _step(row: dict[str, str]) -> int:
-    try:
-        return int(float(row.get("step") or -1))
-    except ValueError:
-        return -1
-
-
-def _write_metrics(path: Path, rows: list[dict[str, str]]) -> None:
-    write_csv(path, sorted({k for r in rows for k in r}), rows)
-
-
-def _trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
-    callbacks: list[Any] = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step}",
-            every_n_train_steps=cfg.train.checkpoint_every,
-            save_last=True,
-            save_top_k=1,
-            auto_insert_metric_name=False,
-        )
-    ]
-    if cfg.health.enabled:
-        callbacks.append(HealthMonitor(cfg.health, cfg.train.max_steps))
-    if not quiet:
-        callbacks.append(RichProgressBar(leave=False))
-    return L.Trainer(
-        max_steps=cfg.train.max_steps,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes,
-        precision=resolve_precision(cfg),
-        logger=[
-            CSVLogger(cfg.run_dir, name="logs", version=""),
-            TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""),
-        ],
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        gradient_clip_val=cfg.train.grad_clip,
-        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
-        log_every_n_steps=min(cfg.train.log_every, max(1, cfg.train.max_steps // 10)),  # short runs still log a curve
-        enable_progress_bar=not quiet,
-        enable_model_summary=False,
-        default_root_dir=cfg.run_dir,
-        num_sanity_val_steps=0,
-    )
-
-
-def _final_loss(trainer: L.Trainer) -> float | None:
-    value = trainer.callback_metrics.get("train/loss")
-    return float(value) if value is not None else None
-
-
-def _device_name(trainer: L.Trainer) -> str:
-    if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
-        return torch.cuda.get_device_name(trainer.strategy.root_device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    write_json(run_dir / "summary.json", summary)
+    if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result
+        save_file({k: v.contiguous() for k, v in module.backbone.timm_state_dict().items()}, str(run_dir / "backbone.safetensors"))
+    return adapter_dir

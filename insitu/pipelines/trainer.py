@@ -1,0 +1,133 @@
+"""The Lightning trainer of a pretraining run and what surrounds it: atomic checkpoints, precision,
+metrics kept across a resume, and the device and loss a finished run reports."""
+
+from __future__ import annotations
+
+import csv
+import platform
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from insitu.config import RunConfig
+from insitu.errors import NonFiniteLossError
+from insitu.io import atomic_path, write_csv
+from insitu.pipelines.health import HealthMonitor
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, fsync, then rename; never write a checkpoint with NaN/Inf."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        bad = [
+            k
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+        ]
+        if bad:
+            raise NonFiniteLossError(f"refusing to write checkpoint {path}: non-finite tensors {bad[:5]}")
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+
+
+def resolve_precision(cfg: RunConfig) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+PRIOR_METRICS = "metrics.before-resume.csv"
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def set_aside_metrics(logs: Path, resume_step: int) -> tuple[list[dict[str, str]], int]:
+    """Keep the metrics of the earlier segments before Lightning's CSV logger starts a new file.
+
+    Rows logged after the checkpoint (steps the resumed run repeats) are dropped; a segment that
+    was itself killed before merging is folded in too. The rows are also kept on disk until the
+    merge, so a kill during the resumed run loses nothing.
+    """
+    rows = read_metrics(logs / PRIOR_METRICS) + read_metrics(logs / "metrics.csv")
+    rows = [r for r in rows if _step(r) < resume_step]
+    _write_metrics(logs / PRIOR_METRICS, rows)
+    (logs / "metrics.csv").unlink(missing_ok=True)
+    return rows, resume_step
+
+
+def merge_metrics(logs: Path, prior: list[dict[str, str]], resume_step: int) -> None:
+    """``metrics.csv`` = earlier segments (steps before the resume) + the resumed segment."""
+    rows = prior + [r for r in read_metrics(logs / "metrics.csv") if _step(r) >= resume_step]
+    _write_metrics(logs / "metrics.csv", rows)
+    (logs / PRIOR_METRICS).unlink(missing_ok=True)
+
+
+def _step(row: dict[str, str]) -> int:
+    try:
+        return int(float(row.get("step") or -1))
+    except ValueError:
+        return -1
+
+
+def _write_metrics(path: Path, rows: list[dict[str, str]]) -> None:
+    write_csv(path, sorted({k for r in rows for k in r}), rows)
+
+
+def build_trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step{step}",
+            every_n_train_steps=cfg.train.checkpoint_every,
+            save_last=True,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+        )
+    ]
+    if cfg.health.enabled:
+        callbacks.append(HealthMonitor(cfg.health, cfg.train.max_steps))
+    if not quiet:
+        callbacks.append(RichProgressBar(leave=False))
+    return L.Trainer(
+        max_steps=cfg.train.max_steps,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        precision=resolve_precision(cfg),
+        logger=[
+            CSVLogger(cfg.run_dir, name="logs", version=""),
+            TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""),
+        ],
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=cfg.train.grad_clip,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        log_every_n_steps=min(cfg.train.log_every, max(1, cfg.train.max_steps // 10)),  # short runs still log a curve
+        enable_progress_bar=not quiet,
+        enable_model_summary=False,
+        default_root_dir=cfg.run_dir,
+        num_sanity_val_steps=0,
+    )
+
+
+def final_loss(trainer: L.Trainer) -> float | None:
+    value = trainer.callback_metrics.get("train/loss")
+    return float(value) if value is not None else None
+
+
+def device_name(trainer: L.Trainer) -> str:
+    if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+        return torch.cuda.get_device_name(trainer.strategy.root_device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -8,7 +8,7 @@ difference to the frozen backbone gets a paired bootstrap CI and a verdict (docs
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +20,30 @@ from torch.utils.data import DataLoader
 from insitu.adapters import AdaptedBackbone
 from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import create_backbone
-from insitu.config import DataConfig, ProbeConfig, RunConfig
-from insitu.domains import ManifestItem, split_by_group
+from insitu.config import ProbeConfig, RunConfig
 from insitu.domains.normalize import Normalizer
-from insitu.errors import DataError
-from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_counts
-from insitu.heads.probe import dense_linear_probe, knn_predict, linear_probe_predict
-from insitu.heads.stats import accuracy_from_counts, group_folds, label_subset, mean_std, paired_bootstrap, verdict
+from insitu.heads.probe import knn_predict, linear_probe_predict
+from insitu.heads.stats import accuracy_from_counts
 from insitu.io import write_csv, write_json
-from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.pipelines.data import SampleDataset, collate, fit_normalizer
+from insitu.pipelines.probe_dense import dense_results, score_dense, token_maps
+from insitu.pipelines.probe_plan import (
+    Model,
+    Pool,
+    ProbeResult,
+    Split,
+    classification_pool,
+    evaluation_plan,
+    probe_splits,
+    summarise,
+)
 from insitu.sharing.signing import trust_of
 
-
-@dataclass
-class ProbeResult:
-    """One model × probe × label share × metric: mean ± std over evaluations, and the paired difference."""
-
-    model: str
-    probe: str  # linear | knn | dense
-    labels: float  # share of the training labels used
-    metric: str  # accuracy | mIoU | dice
-    mean: float
-    std: float
-    evaluations: int  # folds × repeats
-    n_train: int  # mean training items per evaluation
-    n_test: int  # distinct test items scored
-    delta: float | None = None  # adapted − frozen, pooled over every evaluation
-    ci_low: float | None = None
-    ci_high: float | None = None
-    verdict: str = ""
+__all__ = [  # the protocol's pieces live in probe_plan / probe_dense; these names stay importable from here
+    "Model", "Pool", "ProbeResult", "ProbeRow", "Split", "build_models", "classification_pool", "classification_results",
+    "dense_results", "evaluation_plan", "extract_features", "pool_features", "probe_splits", "probe_table", "result_rows",
+    "run_probe", "score_classification", "score_dense", "summarise", "token_maps", "write_probe_outputs",
+]  # fmt: skip
 
 
 @dataclass
@@ -65,121 +60,6 @@ class ProbeRow:
     knn_std: float = 0.0
     evaluations: int = 1
     results: list[ProbeResult] = field(default_factory=list)
-
-
-@dataclass
-class Split:
-    """One evaluation: the training indices (after the label subset) and the test indices of a pool."""
-
-    repeat: int
-    fold: int
-    fraction: float
-    train: np.ndarray
-    test: np.ndarray
-
-
-@dataclass
-class Model:
-    name: str
-    model: AdaptedBackbone
-    normalizer: Normalizer | None  # None: fit on the probe data (the frozen backbone without packages)
-    trainable: int
-
-
-# ---------------------------------------------------------------- data and splits
-
-
-def probe_splits(cfg: RunConfig) -> tuple[ScannedData, list, ScannedData, list]:
-    """(train data, train items, test data, test items) from ``probe.train``/``probe.test`` or a group split."""
-    train_cfg: DataConfig = cfg.probe.train or cfg.data
-    train = ScannedData.scan(train_cfg)
-    if cfg.probe.test is not None:
-        test = ScannedData.scan(cfg.probe.test)
-        train_items, test_items = train.manifest.items, test.manifest.items
-    else:
-        parts = split_by_group(train.manifest.items, {"train": 1 - cfg.probe.test_fraction, "test": cfg.probe.test_fraction}, seed=cfg.seed)
-        test, train_items, test_items = train, parts["train"], parts["test"]
-    for name, items in (("train", train_items), ("test", test_items)):
-        _check_labels(items, f"probe {name} set under {train_cfg.root}")
-    return train, train_items, test, test_items
-
-
-def _check_labels(items: list[ManifestItem], what: str) -> None:
-    labels = {i.label for i in items}
-    if None in labels or len(labels) < 2:
-        raise DataError(
-            f"{what} needs labels of at least 2 classes (class subfolders, or *_labels arrays in an .npz); set probe.train/probe.test."
-        )
-
-
-@dataclass
-class Pool:
-    """The labelled items a probe draws on: per side (data, items), plus a fixed split when one is given."""
-
-    sides: list[tuple[ScannedData, list[ManifestItem]]]
-    fixed: tuple[np.ndarray, np.ndarray] | None
-
-    @property
-    def items(self) -> list[ManifestItem]:
-        return [i for _, items in self.sides for i in items]
-
-
-def classification_pool(cfg: RunConfig) -> Pool:
-    """``probe.train`` (or ``data``) to cut into folds, or ``probe.train`` + ``probe.test`` as a fixed split."""
-    train_cfg = cfg.probe.train or cfg.data
-    train = ScannedData.scan(train_cfg)
-    _check_labels(train.manifest.items, f"probe train set under {train_cfg.root}")
-    if cfg.probe.test is None:
-        return Pool([(train, _grouped(train.manifest.items, cfg.probe))], None)
-    test = ScannedData.scan(cfg.probe.test)
-    _check_labels(test.manifest.items, f"probe test set under {cfg.probe.test.root}")
-    if cfg.probe.pool_test:  # fold over both sets: every item is tested once per repeat
-        return Pool([(train, _grouped(train.manifest.items, cfg.probe)), (test, _grouped(test.manifest.items, cfg.probe))], None)
-    n_tr, n_te = len(train.manifest.items), len(test.manifest.items)
-    return Pool([(train, train.manifest.items), (test, test.manifest.items)], (np.arange(n_tr), np.arange(n_tr, n_tr + n_te)))
-
-
-def _grouped(items: list[ManifestItem], probe: ProbeConfig) -> list[ManifestItem]:
-    """Items regrouped by a perceptual hash when ``probe.group_near_duplicates`` (BUSI-style sets)."""
-    if not probe.group_near_duplicates:
-        return items
-    from insitu.domains.near_duplicates import thumbnail_hash
-
-    return [replace(i, group=thumbnail_hash(i.path)) if Path(i.path).suffix.lower() != ".npz" else i for i in items]
-
-
-def evaluation_plan(
-    labels: np.ndarray,
-    groups: np.ndarray,
-    probe: ProbeConfig,
-    seed: int,
-    fixed: tuple[np.ndarray, np.ndarray] | None = None,
-    fractions: list[float] | None = None,
-    classify: bool = True,
-) -> list[Split]:
-    """Every (repeat, fold, label share) evaluation, built once from labels and groups so all models share it.
-
-    Repeat r uses seed ``seed + r`` for its folds; the label subset of (repeat, fold, share) is drawn
-    with the seed sequence (seed + r, fold, share · 10⁶). ``classify``: every training side must hold
-    two classes (the dense probe only stratifies by label).
-    """
-    plan = []
-    for r in range(probe.repeats):
-        if fixed is not None:
-            folds = [fixed]
-        else:
-            try:
-                fold_of = group_folds(labels, groups, probe.folds, seed + r)
-            except ValueError as exc:
-                raise DataError(f"probe.folds={probe.folds}: {exc}; lower probe.folds or add labelled items.") from None
-            folds = [(np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)) for k in range(probe.folds)]
-        for k, (train, test) in enumerate(folds):
-            for f in fractions or probe.label_fractions:
-                if classify and len(np.unique(labels[train])) < 2:
-                    raise DataError(f"probe fold {k} (repeat {r}) trains on a single class; lower probe.folds or add labelled items.")
-                sub = label_subset(train, labels, f, [seed + r, k, round(f * 1e6)])
-                plan.append(Split(r, k, f, sub, test))
-    return plan
 
 
 # ---------------------------------------------------------------- features
@@ -260,35 +140,6 @@ def score_classification(x: np.ndarray, labels: np.ndarray, plan: list[Split], k
     return out
 
 
-def summarise(
-    scored: dict[str, dict[tuple[str, float], dict[str, Any]]],
-    metrics: dict[str, Any],
-    units: np.ndarray,
-    probe: ProbeConfig,
-    seed: int,
-) -> dict[str, list[ProbeResult]]:
-    """ProbeResults per model; models after the first also get adapted − frozen with its bootstrap CI."""
-    names = list(scored)
-    out: dict[str, list[ProbeResult]] = {n: [] for n in names}
-    for key, frozen in scored[names[0]].items():
-        for metric, fn in metrics[key[0]].items():
-            for name in names:
-                entry = scored[name][key]
-                seen = entry["counts"][..., -1].sum(0) > 0 if metric == "accuracy" else entry["seen"]
-                scores = [s[metric] if isinstance(s, dict) else s for s in entry["scores"]]
-                mean, std = mean_std(scores)
-                row = ProbeResult(
-                    name, key[0], key[1], metric, mean, std, len(scores), round(float(np.mean(entry["n_train"]))), int(seen.sum())
-                )
-                if name != names[0]:
-                    d, lo, hi = paired_bootstrap(
-                        entry["counts"][:, seen], frozen["counts"][:, seen], fn, units[seen], probe.bootstrap, seed, probe.confidence
-                    )
-                    row.delta, row.ci_low, row.ci_high, row.verdict = d, lo, hi, verdict(lo, hi) if probe.bootstrap else ""
-                out[name].append(row)
-    return out
-
-
 def classification_results(cfg: RunConfig, models: list[Model]) -> tuple[dict[str, list[ProbeResult]], dict[str, tuple[int, int]]]:
     """Linear and kNN results per model, and each model's (n_train, n_test) at full labels."""
     pool = classification_pool(cfg)
@@ -313,77 +164,6 @@ def classification_results(cfg: RunConfig, models: list[Model]) -> tuple[dict[st
     full = [s for s in plan if s.fraction == max(cfg.probe.label_fractions)]
     sizes = (round(np.mean([len(s.train) for s in full])), round(np.mean([len(s.test) for s in full])))
     return summarise(scored, metrics, groups, cfg.probe, cfg.seed), {m.name: sizes for m in models}
-
-
-@torch.no_grad()
-def token_maps(model: Model, data: ScannedData, items: list[ManifestItem], size: int, batch_size: int, fallback: Normalizer):
-    """(patch-token maps B×D×h×w, masks B×H×W, item ids) for items that carry masks."""
-    model.model.eval()
-    maps, masks, ids = [], [], []
-    for batch in DataLoader(
-        SampleDataset(data, items, model.normalizer or fallback, image_size=size), batch_size=batch_size, collate_fn=collate
-    ):
-        if not batch["item_id"]:
-            continue
-        if "mask" not in batch:
-            raise DataError(
-                f"probe.dense.data under {data.manifest.root} gives no masks; use domain images with options.masks "
-                "(a mask folder mirroring the images) or a video folder with images/ + masks/."
-            )
-        _, patches, (h, w) = model.model.forward_tokens(batch["image"])
-        maps.append(patches.float().transpose(1, 2).reshape(len(patches), -1, h, w))
-        masks.append(batch["mask"])
-        ids += batch["item_id"]
-    return torch.cat(maps), torch.cat(masks), ids
-
-
-def dense_results(cfg: RunConfig, models: list[Model]) -> dict[str, list[ProbeResult]]:
-    """The dense probe per model: mIoU and foreground Dice over the same folds, adapted − frozen with CIs."""
-    dense = cfg.probe.dense
-    data = ScannedData.scan(dense.data)
-    sides = [(data, _grouped(data.manifest.items, cfg.probe))]
-    if dense.test is not None:
-        test = ScannedData.scan(dense.test)
-        sides.append((test, test.manifest.items))
-    fallback = fit_normalizer(data, data.manifest.items)
-    per_model = {}
-    for m in models:
-        parts = [token_maps(m, d, items, dense.data.image_size, cfg.probe.batch_size, fallback) for d, items in sides]
-        per_model[m.name] = parts
-    by_key = {(side, i.item_id): i for side, (_, its) in enumerate(sides) for i in its}
-    ids = [(side, i) for side, part in enumerate(per_model[models[0].name]) for i in part[2]]
-    labels = np.array([by_key[k].label if by_key[k].label is not None else 0 for k in ids])
-    groups = np.array([f"{k[0]}:{by_key[k].group}" for k in ids])
-    n_first = len(per_model[models[0].name][0][2])
-    fixed = (np.arange(n_first), np.arange(n_first, len(ids))) if dense.test is not None else None
-    plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed, fractions=[1.0], classify=False)
-    scored = {}
-    for m in models:
-        maps = torch.cat([p[0] for p in per_model[m.name]])
-        masks = torch.cat([p[1] for p in per_model[m.name]])
-        scored[m.name] = score_dense(maps, masks, plan, dense, cfg.seed)
-    metrics = {"dense": {"mIoU": miou_from_counts, "dice": fg_dice_from_counts}}
-    return summarise(scored, metrics, groups, cfg.probe, cfg.seed)
-
-
-def score_dense(
-    maps: torch.Tensor, masks: torch.Tensor, plan: list[Split], dense: Any, seed: int
-) -> dict[tuple[str, float], dict[str, Any]]:
-    """Per-evaluation mIoU/Dice and per-repeat, per-image pixel counts (R × N × columns), for the dense probe."""
-    counts = np.zeros((max(s.repeat for s in plan) + 1, len(masks), 3 * dense.num_classes + 3))
-    entry: dict[str, Any] = {"scores": [], "counts": counts, "n_train": [], "seen": np.zeros(len(masks), dtype=bool)}
-    for s in plan:
-        train, test = torch.from_numpy(s.train), torch.from_numpy(s.test)
-        pred = dense_linear_probe(
-            maps[train], masks[train], maps[test], dense.num_classes, dense.steps, dense.lr, dense.ignore_index, seed + s.repeat
-        )
-        c = dense_counts(pred, masks[test], dense.num_classes, dense.ignore_index)
-        total = c.sum(0)
-        entry["scores"].append({"mIoU": float(miou_from_counts(total)), "dice": float(fg_dice_from_counts(total))})
-        counts[s.repeat, s.test] += c
-        entry["seen"][s.test] = True
-        entry["n_train"].append(len(s.train))
-    return {("dense", 1.0): entry}
 
 
 def run_probe(cfg: RunConfig, adapter_paths: list[Path] | None = None) -> list[ProbeRow]:

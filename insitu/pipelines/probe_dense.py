@@ -1,0 +1,90 @@
+"""The dense probe: a linear 1×1 head on patch tokens, scored by mIoU and foreground Dice over the
+same repeated folds as the classification probe, adapted − frozen with paired CIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from insitu.config import RunConfig
+from insitu.domains import ManifestItem
+from insitu.domains.normalize import Normalizer
+from insitu.errors import DataError
+from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_counts
+from insitu.heads.probe import dense_linear_probe
+from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.pipelines.probe_plan import Model, ProbeResult, Split, evaluation_plan, grouped_items, summarise
+
+
+@torch.no_grad()
+def token_maps(model: Model, data: ScannedData, items: list[ManifestItem], size: int, batch_size: int, fallback: Normalizer):
+    """(patch-token maps B×D×h×w, masks B×H×W, item ids) for items that carry masks."""
+    model.model.eval()
+    maps, masks, ids = [], [], []
+    for batch in DataLoader(
+        SampleDataset(data, items, model.normalizer or fallback, image_size=size), batch_size=batch_size, collate_fn=collate
+    ):
+        if not batch["item_id"]:
+            continue
+        if "mask" not in batch:
+            raise DataError(
+                f"probe.dense.data under {data.manifest.root} gives no masks; use domain images with options.masks "
+                "(a mask folder mirroring the images) or a video folder with images/ + masks/."
+            )
+        _, patches, (h, w) = model.model.forward_tokens(batch["image"])
+        maps.append(patches.float().transpose(1, 2).reshape(len(patches), -1, h, w))
+        masks.append(batch["mask"])
+        ids += batch["item_id"]
+    return torch.cat(maps), torch.cat(masks), ids
+
+
+def dense_results(cfg: RunConfig, models: list[Model]) -> dict[str, list[ProbeResult]]:
+    """The dense probe per model: mIoU and foreground Dice over the same folds, adapted − frozen with CIs."""
+    dense = cfg.probe.dense
+    data = ScannedData.scan(dense.data)
+    sides = [(data, grouped_items(data.manifest.items, cfg.probe))]
+    if dense.test is not None:
+        test = ScannedData.scan(dense.test)
+        sides.append((test, test.manifest.items))
+    fallback = fit_normalizer(data, data.manifest.items)
+    per_model = {}
+    for m in models:
+        parts = [token_maps(m, d, items, dense.data.image_size, cfg.probe.batch_size, fallback) for d, items in sides]
+        per_model[m.name] = parts
+    by_key = {(side, i.item_id): i for side, (_, its) in enumerate(sides) for i in its}
+    ids = [(side, i) for side, part in enumerate(per_model[models[0].name]) for i in part[2]]
+    labels = np.array([by_key[k].label if by_key[k].label is not None else 0 for k in ids])
+    groups = np.array([f"{k[0]}:{by_key[k].group}" for k in ids])
+    n_first = len(per_model[models[0].name][0][2])
+    fixed = (np.arange(n_first), np.arange(n_first, len(ids))) if dense.test is not None else None
+    plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed, fractions=[1.0], classify=False)
+    scored = {}
+    for m in models:
+        maps = torch.cat([p[0] for p in per_model[m.name]])
+        masks = torch.cat([p[1] for p in per_model[m.name]])
+        scored[m.name] = score_dense(maps, masks, plan, dense, cfg.seed)
+    metrics = {"dense": {"mIoU": miou_from_counts, "dice": fg_dice_from_counts}}
+    return summarise(scored, metrics, groups, cfg.probe, cfg.seed)
+
+
+def score_dense(
+    maps: torch.Tensor, masks: torch.Tensor, plan: list[Split], dense: Any, seed: int
+) -> dict[tuple[str, float], dict[str, Any]]:
+    """Per-evaluation mIoU/Dice and per-repeat, per-image pixel counts (R × N × columns), for the dense probe."""
+    counts = np.zeros((max(s.repeat for s in plan) + 1, len(masks), 3 * dense.num_classes + 3))
+    entry: dict[str, Any] = {"scores": [], "counts": counts, "n_train": [], "seen": np.zeros(len(masks), dtype=bool)}
+    for s in plan:
+        train, test = torch.from_numpy(s.train), torch.from_numpy(s.test)
+        pred = dense_linear_probe(
+            maps[train], masks[train], maps[test], dense.num_classes, dense.steps, dense.lr, dense.ignore_index, seed + s.repeat
+        )
+        c = dense_counts(pred, masks[test], dense.num_classes, dense.ignore_index)
+        total = c.sum(0)
+        entry["scores"].append({"mIoU": float(miou_from_counts(total)), "dice": float(fg_dice_from_counts(total))})
+        counts[s.repeat, s.test] += c
+        entry["seen"][s.test] = True
+        entry["n_train"].append(len(s.train))
+    return {("dense", 1.0): entry}

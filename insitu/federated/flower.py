@@ -119,30 +119,8 @@ def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
             return [(c, common.FitIns(parameters, dict(config))) for c in clients]
 
         def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
-            updates = [_update(i, res) for i, (_, res) in enumerate(results)]
-            new, accepted, dropped = aggregate(updates, state.shapes, state.fingerprint)
-            for j, failure in enumerate(failures):  # the exception text may name a site's files: keep only its type
-                kind = type(failure[1] if isinstance(failure, tuple) else failure).__name__
-                dropped[f"failed-{j + 1}"] = f"the site failed, timed out or disconnected ({kind})"
-            for site, reason in dropped.items():
-                log.warning("round %d: site %s dropped: %s", server_round, site, reason)
-            if new is not None:
-                state.arrays = new
-            else:
-                log.warning("round %d: no site update passed the checks; the global state is unchanged", server_round)
-            losses = [u.loss for u in accepted if u.loss is not None]
-            record = RoundRecord(
-                server_round,
-                [u.site for u in accepted],
-                dropped,
-                sum(u.items for u in accepted),
-                float(np.mean(losses)) if losses else None,
-                state.shared_bytes,
-                round(time.perf_counter() - self._started, 3),
-            )
-            state.rounds.append(record)
-            log.info("round %d: %d sites averaged (%d items), %d dropped, %.1f s", server_round, len(accepted), record.items, len(dropped), record.wall_s)
-            return common.ndarrays_to_parameters(state.arrays), {"sites": len(accepted), "dropped": len(dropped)}
+            record = aggregate_round(state, server_round, [res for _, res in results], failures, self._started)
+            return common.ndarrays_to_parameters(state.arrays), {"sites": len(record.accepted), "dropped": len(record.dropped)}
 
         def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
             return []  # sites evaluate with `insitu probe`/`evaluate` on the final package, on their own labels
@@ -154,6 +132,36 @@ def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
             return None
 
     return InsituStrategy()
+
+
+def aggregate_round(state: FederationState, server_round: int, replies: list[Any], failures: list[Any], started: float) -> RoundRecord:
+    """Check and average one round's replies into ``state`` (unchanged when none passes); record and log the round."""
+    updates = [_update(i, res) for i, res in enumerate(replies)]
+    new, accepted, dropped = aggregate(updates, state.shapes, state.fingerprint)
+    for j, failure in enumerate(failures):  # the exception text may name a site's files: keep only its type
+        kind = type(failure[1] if isinstance(failure, tuple) else failure).__name__
+        dropped[f"failed-{j + 1}"] = f"the site failed, timed out or disconnected ({kind})"
+    for site, reason in dropped.items():
+        log.warning("round %d: site %s dropped: %s", server_round, site, reason)
+    if new is not None:
+        state.arrays = new
+    else:
+        log.warning("round %d: no site update passed the checks; the global state is unchanged", server_round)
+    losses = [u.loss for u in accepted if u.loss is not None]
+    record = RoundRecord(
+        server_round,
+        [u.site for u in accepted],
+        dropped,
+        sum(u.items for u in accepted),
+        float(np.mean(losses)) if losses else None,
+        state.shared_bytes,
+        round(time.perf_counter() - started, 3),
+    )
+    state.rounds.append(record)
+    log.info(
+        "round %d: %d sites averaged (%d items), %d dropped, %.1f s", server_round, len(accepted), record.items, len(dropped), record.wall_s
+    )
+    return record
 
 
 def _update(index: int, res: Any) -> SiteUpdate:
@@ -187,7 +195,9 @@ def make_client(trainer: SiteTrainer, store: dict[str, torch.Tensor] | None = No
                 return parameters, 0, {FINGERPRINT: trainer.fingerprint, REFUSED: "its base differs from the server's"}
             if store:
                 trainer.load_local_state(store)
-            arrays, loss = trainer.train_round(parameters, int(config["step_offset"]), int(config["local_steps"]), float(config["proximal_mu"]))
+            arrays, loss = trainer.train_round(
+                parameters, int(config["step_offset"]), int(config["local_steps"]), float(config["proximal_mu"])
+            )
             if store is not None:
                 store.clear()
                 store.update(trainer.local_state())

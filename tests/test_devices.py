@@ -13,7 +13,6 @@ wrapped, so code that follows its inputs' device passes.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
@@ -242,7 +241,7 @@ def test_objective_keeps_tensors_on_the_input_device(case: str, tmp_path_factory
     """Forward, backward and the EMA update of one objective with model and batch on the stand-in accelerator."""
     name, options = ALL_CASES[case]
     torch.manual_seed(0)
-    random.seed(0)
+    torch.manual_seed(0)
     bb = create_backbone(TINY_BACKBONE)
     student, teacher = create_adapters(bb, {"bottleneck_dim": 8}), create_adapters(bb, {"bottleneck_dim": 8})
     obj = create_objective(name, bb.embed_dim, bb.patch_size, 32, _options(name, options, tmp_path_factory), 10)
@@ -265,7 +264,7 @@ def test_objective_step_on_cuda(case: str, tmp_path_factory: pytest.TempPathFact
     """The same step on a real GPU: forward, backward, EMA update, everything stays on CUDA."""
     name, options = ALL_CASES[case]
     torch.manual_seed(0)
-    random.seed(0)
+    torch.manual_seed(0)
     cuda = torch.device("cuda")
     bb = create_backbone(TINY_BACKBONE).to(cuda)
     student, teacher = create_adapters(bb, {"bottleneck_dim": 8}).to(cuda), create_adapters(bb, {"bottleneck_dim": 8}).to(cuda)

@@ -6,16 +6,15 @@ run and into every adapter package. Relative paths are resolved against the curr
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from insitu.errors import ConfigError
+from insitu.registry import ADAPTERS, DOMAINS, OBJECTIVES, AdapterOptions, adapter_options, closest_field, config_error, validate_options
 from insitu.weights import PACKAGED, shipped_card
 
 MAX_STEPS = 10**8  # a step count past this is a typo (1e30), not a plan
@@ -52,30 +51,6 @@ class BackboneConfig(Strict):
     channel_init: Literal["mean", "repeat", "rgb_map"] = "mean"
     bands: list[str] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class AdapterConfig(Strict):
-    """Trainable adapters injected into the frozen backbone.
-
-    ``kind``: ``bottleneck`` (parallel to the MLP, uses bottleneck_dim/scale), ``sequential``
-    (Houlsby, after each sublayer, uses bottleneck_dim/scale) or ``lora`` (attention projections,
-    uses rank/alpha/targets).
-    """
-
-    kind: str = "bottleneck"
-    blocks: Literal["all"] | int | list[int] = "all"
-    bottleneck_dim: int = Field(64, gt=0)
-    scale: float = 0.1
-    rank: int = Field(8, gt=0)
-    alpha: float = 16.0
-    targets: list[Literal["qkv", "proj"]] = Field(default_factory=lambda: ["qkv"])
-
-    @field_validator("blocks")
-    @classmethod
-    def _blocks(cls, value: Any) -> Any:
-        if isinstance(value, int) and value <= 0:
-            raise ValueError("an integer means 'the last k blocks' and must be >= 1")
-        return value
 
 
 class ObjectiveConfig(Strict):
@@ -292,7 +267,7 @@ class RunConfig(Strict):
     out_dir: Path = Path("insitu-runs")
     data: DataConfig
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: SerializeAsAny[AdapterOptions] = Field(default_factory=lambda: adapter_options({}))
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -301,6 +276,8 @@ class RunConfig(Strict):
     downstream: DownstreamConfig | None = None
     federated: FederatedConfig | None = None
     trust: TrustConfig = Field(default_factory=TrustConfig)
+
+    _adapter = field_validator("adapter", mode="before")(adapter_options)
 
     @field_validator("name")
     @classmethod
@@ -327,7 +304,7 @@ def validate_config(raw: dict[str, Any], where: str = "<dict>", check_paths: boo
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, where)) from None
+        raise config_error(exc, where, lambda loc: _hint(loc, raw)) from None
     _validate_component_options(cfg, where)
     if check_paths:
         _check_paths(cfg, where)
@@ -374,105 +351,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _format_errors(exc: ValidationError, where: str) -> str:
-    lines = [f"Invalid config {where}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{loc}'{_suggest(err['loc'])}")
-        elif err["type"] == "missing":
-            lines.append(f"  missing required key '{loc}'")
-        else:
-            lines.append(f"  '{loc}': {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
-def _suggest(loc: tuple[Any, ...]) -> str:
-    """Find the model the unknown key belongs to and suggest the closest field name."""
-    model: type[BaseModel] | None = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if model else None
-        ann = getattr(field, "annotation", None)
-        model = _model_of(ann)
-    if model is None:
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-    return f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
+def _hint(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """For an unknown key: the adapter kind it belongs to, or the closest known key."""
+    if loc[0] == "adapter" and len(loc) == 2:
+        return ADAPTERS.unknown_option_hint(raw["adapter"].get("kind", "bottleneck"), str(loc[1]), "adapter")
+    return closest_field(RunConfig, loc)
 
 
 def _validate_component_options(cfg: RunConfig, where: str) -> None:
-    from insitu.domains import get_domain_class
-    from insitu.objectives import get_objective_class
-
     sections: list[tuple[str, DataConfig]] = [("data", cfg.data)]
     sections += [(f"probe.{k}", d) for k, d in (("train", cfg.probe.train), ("test", cfg.probe.test)) if d]
     if cfg.probe.dense is not None:
         sections += [(f"probe.dense.{k}", d) for k, d in (("data", cfg.probe.dense.data), ("test", cfg.probe.dense.test)) if d]
     for prefix, data in sections:
-        options_model = get_domain_class(data.domain).Options
-        data.options = validate_options(options_model, data.options, f"{prefix}.options", where)
-    options_model = get_objective_class(cfg.objective.name).Options
-    cfg.objective.options = validate_options(options_model, cfg.objective.options, "objective.options", where)
-
-
-def validate_options(model: type[BaseModel], options: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
-    """Validate a component's own options block; returns the completed (defaults filled) dict."""
-    try:
-        validated = model.model_validate(options)
-    except ValidationError as exc:
-        lines = [f"Invalid config {where}:"]
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-                hint = f"; did you mean '{prefix}.{close[0]}'?" if close else ""
-                lines.append(f"  unknown key '{prefix}.{loc}'{hint} (known: {', '.join(model.model_fields)})")
-            else:
-                lines.append(f"  '{prefix}.{loc}': {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
-    problems = option_bound_problems(validated, prefix)
-    if problems:
-        raise ConfigError("\n".join([f"Invalid config {where}:", *problems]))
-    return validated.model_dump(mode="json")
-
-
-# Bounds for option fields whose model declares none: sizes are positive, probabilities and
-# momenta lie in [0, 1], temperatures are positive, and no float is NaN or infinite.
-POSITIVE_INT_OPTION = re.compile(r"(^|_)(dim|size|heads|length|regions)$")
-UNIT_INTERVAL_OPTION = re.compile(r"(^|_)(prob|probability|momentum|fraction)($|_)")
-POSITIVE_FLOAT_OPTION = re.compile(r"(^|_)temp(erature)?$")
-
-
-def option_bound_problems(options: BaseModel, prefix: str) -> list[str]:
-    """Out-of-range values in a validated options model (nested models included), one line each."""
-    problems = []
-    for name in type(options).model_fields:
-        value, key = getattr(options, name), f"{prefix}.{name}"
-        if isinstance(value, BaseModel):
-            problems += option_bound_problems(value, key)
-            continue
-        numbers = value if isinstance(value, (tuple, list)) else [value]
-        for v in numbers:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            if isinstance(v, float) and not math.isfinite(v):
-                problems.append(f"  '{key}': must be a finite number (got {v!r})")
-            elif isinstance(v, int) and POSITIVE_INT_OPTION.search(name) and v <= 0:
-                problems.append(f"  '{key}': must be a positive whole number (got {v!r})")
-            elif UNIT_INTERVAL_OPTION.search(name) and not 0 <= v <= 1:
-                problems.append(f"  '{key}': must lie in [0, 1] (got {v!r})")
-            elif POSITIVE_FLOAT_OPTION.search(name) and v <= 0:
-                problems.append(f"  '{key}': must be > 0 (got {v!r})")
-    return problems
+        data.options = validate_options(DOMAINS.options(data.domain), data.options, f"{prefix}.options", where)
+    cfg.objective.options = validate_options(OBJECTIVES.options(cfg.objective.name), cfg.objective.options, "objective.options", where)
 
 
 def _check_paths(cfg: RunConfig, where: str) -> None:

@@ -18,12 +18,13 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from insitu.errors import AdapterFormatError, AdapterMismatchError
 from insitu.io import atomic_write_bytes, replace_folder
+from insitu.registry import ADAPTERS
 
 FORMAT = "insitu-adapter"
 FORMAT_VERSION = 1
@@ -55,12 +56,10 @@ class BaseInfo(BaseModel):
     num_blocks: int = Field(ge=1, le=1024)
 
 
-class AdapterInfo(BaseModel):
-    """``insitu.json``'s ``adapter`` section: what rebuilds the adapter modules."""
+class AdapterFields(BaseModel):
+    """``adapter.options``: bounds on the shape-bearing options; the kind's own ``Options`` check all of them when it is built."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    kind: Literal["bottleneck", "sequential", "lora"]
-    dim: int = Field(ge=1, le=16384)
+    model_config = ConfigDict(extra="allow", strict=True)
     blocks: list[int] = Field(min_length=1, max_length=1024)
     bottleneck_dim: int | None = Field(default=None, ge=1, le=65536)
     scale: float | None = None
@@ -82,13 +81,31 @@ class AdapterInfo(BaseModel):
             raise ValueError("must be distinct block indices >= 0")
         return value
 
-    @model_validator(mode="after")
-    def _fields_of_kind(self) -> AdapterInfo:
-        need = ("rank", "alpha", "targets") if self.kind == "lora" else ("bottleneck_dim", "scale")
-        missing = [k for k in need if getattr(self, k) is None]
-        if missing:
-            raise ValueError(f"a {self.kind} adapter needs {missing}")
-        return self
+
+class AdapterInfo(BaseModel):
+    """``insitu.json``'s ``adapter`` section: ``{kind, dim, options}``, what rebuilds the adapter modules."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    kind: str
+    dim: int = Field(ge=1, le=16384)
+    options: AdapterFields
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in ADAPTERS:
+            raise ValueError(f"must be one of {ADAPTERS.names()}")
+        return value
+
+
+def adapter_section(section: Any) -> Any:
+    """An ``adapter`` section as ``{kind, dim, options}``: packages written before issue 18 stored the options flat."""
+    if not isinstance(section, dict) or "options" in section:
+        return section
+    return {
+        **{k: section[k] for k in ("kind", "dim") if k in section},
+        "options": {k: v for k, v in section.items() if k not in ("kind", "dim")},
+    }
 
 
 class NormalizerInfo(BaseModel):
@@ -117,7 +134,7 @@ class PackageMeta(BaseModel):
     format: str = Field(max_length=64)
     format_version: int
     base: BaseInfo
-    adapter: dict[str, Any]
+    adapter: Annotated[dict[str, Any], BeforeValidator(adapter_section)]
     input: dict[str, Any]
     normalizer: dict[str, Any] | None
     objective: dict[str, Any]
@@ -281,12 +298,13 @@ def check_fields(meta: PackageMeta, path: Path) -> AdapterInfo:
     problems = []
     if adapter.dim != base.embed_dim:
         problems.append(f"adapter.dim {adapter.dim} is not the base's embed_dim {base.embed_dim}")
-    if max(adapter.blocks) >= base.num_blocks:
-        problems.append(f"adapter.blocks {adapter.blocks} has an index outside the base's 0..{base.num_blocks - 1}")
-    if adapter.bottleneck_dim is not None and adapter.bottleneck_dim > 4 * base.embed_dim:
-        problems.append(f"adapter.bottleneck_dim {adapter.bottleneck_dim} exceeds 4 x embed_dim ({4 * base.embed_dim})")
-    if adapter.rank is not None and adapter.rank > base.embed_dim:
-        problems.append(f"adapter.rank {adapter.rank} exceeds embed_dim ({base.embed_dim})")
+    opts = adapter.options
+    if max(opts.blocks) >= base.num_blocks:
+        problems.append(f"adapter.options.blocks {opts.blocks} has an index outside the base's 0..{base.num_blocks - 1}")
+    if opts.bottleneck_dim is not None and opts.bottleneck_dim > 4 * base.embed_dim:
+        problems.append(f"adapter.options.bottleneck_dim {opts.bottleneck_dim} exceeds 4 x embed_dim ({4 * base.embed_dim})")
+    if opts.rank is not None and opts.rank > base.embed_dim:
+        problems.append(f"adapter.options.rank {opts.rank} exceeds embed_dim ({base.embed_dim})")
     problems += _input_problems(meta)
     if meta.normalizer is not None:
         try:

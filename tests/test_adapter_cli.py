@@ -21,7 +21,7 @@ def setup(tmp_path):
     bb = create_backbone(TINY_BACKBONE)
     out = {}
     for kind in ("bottleneck", "lora"):
-        adapters = create_adapters(bb, {"kind": kind, "bottleneck_dim": 8, "rank": 2})
+        adapters = create_adapters(bb, {"kind": kind, **({"rank": 2} if kind == "lora" else {"bottleneck_dim": 8})})
         for p in adapters.parameters():
             torch.nn.init.normal_(p, std=0.05)
         out[kind] = (save_package(tmp_path / kind, bb, adapters, input_info={"domain": "images", "image_size": 32}), adapters)

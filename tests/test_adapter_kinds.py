@@ -46,7 +46,7 @@ def test_lora_merge_matches_adapted_forward(bb, tmp_path):
 def test_packages_of_every_kind_round_trip(bb, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     for kind in ("bottleneck", "sequential", "lora"):
-        adapters = create_adapters(bb, {"kind": kind, "bottleneck_dim": 8, "rank": 2})
+        adapters = create_adapters(bb, {"kind": kind, **({"rank": 2} if kind == "lora" else {"bottleneck_dim": 8})})
         for p in adapters.parameters():
             torch.nn.init.normal_(p, std=0.05)
         path = save_package(tmp_path / kind, bb, adapters)

@@ -82,14 +82,14 @@ def set_in(meta, dotted, value):
 PEAK = "def peak_kib():\n    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
 
 FIELD_CASES = {
-    "bottleneck_dim_1e9": ("adapter.bottleneck_dim", 10**9, "adapter.bottleneck_dim"),
-    "bottleneck_dim_float": ("adapter.bottleneck_dim", 1e9, "adapter.bottleneck_dim"),
-    "negative_bottleneck": ("adapter.bottleneck_dim", -4, "adapter.bottleneck_dim"),
+    "bottleneck_dim_1e9": ("adapter.options.bottleneck_dim", 10**9, "adapter.options.bottleneck_dim"),
+    "bottleneck_dim_float": ("adapter.options.bottleneck_dim", 1e9, "adapter.options.bottleneck_dim"),
+    "negative_bottleneck": ("adapter.options.bottleneck_dim", -4, "adapter.options.bottleneck_dim"),
     "missing_dim": ("adapter.dim", KeyError, "adapter.dim"),
     "wrong_dim": ("adapter.dim", 64, "adapter.dim"),
-    "empty_blocks": ("adapter.blocks", [], "adapter.blocks"),
-    "block_99": ("adapter.blocks", [0, 99], "adapter.blocks"),
-    "scale_nan_string": ("adapter.scale", "NaN", "adapter.scale"),
+    "empty_blocks": ("adapter.options.blocks", [], "adapter.options.blocks"),
+    "block_99": ("adapter.options.blocks", [0, 99], "adapter.options.blocks"),
+    "scale_nan_string": ("adapter.options.scale", "NaN", "adapter.options.scale"),
     "unknown_kind": ("adapter.kind", "evil", "adapter.kind"),
     "image_size_20000": ("input.image_size", 20000, "input.image_size"),
     "zero_std": ("normalizer.std", [1.0, 0.0, 1.0], "normalizer"),

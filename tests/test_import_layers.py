@@ -38,12 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 # (importer, imported): why the import is allowed although it points upwards
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("insitu.config", "insitu.objectives"): (
-        "load_config validates objective.options once, against the Options model the objective registry names; "
-        "the registry (insitu/objectives/__init__.py) imports an objective's module only when it is asked for it"
-    ),
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.backbones import create_backbone
-from insitu.config import AdapterConfig, BackboneConfig, load_config
+from insitu.config import BackboneConfig, load_config
 from insitu.domains import video as vmod
 from insitu.objectives import create_objective
 from insitu.objectives.temporal import (
@@ -125,7 +125,7 @@ def test_attention_pool_starts_as_mean():
 def test_objective_trains_adapters_only(name):
     torch.manual_seed(0)
     backbone = create_backbone(BackboneConfig(**TINY_BACKBONE))
-    student = AdaptedBackbone(backbone, create_adapters(backbone, AdapterConfig(bottleneck_dim=8)))
+    student = AdaptedBackbone(backbone, create_adapters(backbone, {"bottleneck_dim": 8}))
     options = {"proj_dim": 16, "hidden_dim": 16, "pool": "attention", "views": {"frames": 3}}
     obj = create_objective(name, backbone.embed_dim, backbone.patch_size, 32, options, max_steps=1)
     assert obj.needs_teacher is False

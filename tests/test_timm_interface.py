@@ -14,10 +14,9 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch.testing import assert_close
 
-from insitu.adapters import ADAPTERS, AdaptedBackbone, adapters_from_config, create_adapters, merge_lora
+from insitu.adapters import ADAPTERS, AdaptedBackbone, adapters_from_package, create_adapters, merge_lora
 from insitu.adapters.package import save_package
 from insitu.backbones.vit import ViTBackbone, embed_tokens
-from insitu.config import AdapterConfig
 
 HAS_GATE = "gated" in inspect.signature(Attention.__init__).parameters
 
@@ -52,8 +51,8 @@ def make_backbone(variant: str) -> ViTBackbone:
     return ViTBackbone(vit, f"test:{variant}").eval()
 
 
-def every_kind_config(kind: str) -> AdapterConfig:
-    return AdapterConfig(kind=kind, blocks="all", bottleneck_dim=8, rank=4, targets=["qkv", "proj"])
+def every_kind_config(kind: str) -> dict:
+    return {"kind": kind, "blocks": "all", **({"rank": 4, "targets": ["qkv", "proj"]} if kind == "lora" else {"bottleneck_dim": 8})}
 
 
 def perturb(adapters: torch.nn.Module) -> None:
@@ -156,7 +155,7 @@ def test_old_lora_packages_keep_their_tensor_names(tmp_path):
         for i in (0, 1)
         for m, shape in (("A", (2, 48)), ("B", (out, 2)))
     }
-    adapters = adapters_from_config(config)
+    adapters = adapters_from_package(config)  # the flat layout packages stored before issue 18
     adapters.load_state_dict(old, strict=True)
     # an independent reference: the LoRA formula W + (alpha / r) B A folded into the weights by hand
     state = {k: v.clone() for k, v in bb.vit.state_dict().items()}

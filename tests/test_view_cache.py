@@ -34,7 +34,7 @@ def _seeded(adapters):
 @pytest.mark.parametrize("kind", ["bottleneck", "sequential", "lora"])
 def test_cached_prefix_tokens_give_the_full_forward(kind):
     bb = create_backbone(TINY_BACKBONE)
-    adapters = _seeded(create_adapters(bb, {"kind": kind, "blocks": 1, "bottleneck_dim": 8, "rank": 2}))
+    adapters = _seeded(create_adapters(bb, {"kind": kind, "blocks": 1, **({"rank": 2} if kind == "lora" else {"bottleneck_dim": 8})}))
     x = torch.randn(3, 3, 32, 32)
     cls, patches, grid = bb.forward_tokens(x, adapters)
     cached = bb.prefix_tokens(x, adapters.first_block)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from insitu.adapters.base import AdapterSet, resolve_blocks
@@ -12,47 +13,31 @@ from insitu.adapters.bottleneck import BottleneckAdapters
 from insitu.adapters.lora import LoRAAdapters, merge_lora
 from insitu.adapters.sequential import SequentialAdapters
 from insitu.backbones.vit import ViTBackbone
-from insitu.config import AdapterConfig
-from insitu.registry import Registry
-
-ADAPTERS: Registry[AdapterSet] = Registry("adapter kind")
-
-
-@ADAPTERS.register("bottleneck")
-def _bottleneck(backbone: ViTBackbone, cfg: AdapterConfig) -> AdapterSet:
-    blocks = resolve_blocks(cfg.blocks, backbone.num_blocks)
-    return BottleneckAdapters(backbone.embed_dim, blocks, cfg.bottleneck_dim, cfg.scale)
+from insitu.errors import AdapterFormatError
+from insitu.package_format import adapter_section
+from insitu.registry import ADAPTERS, AdapterOptions, adapter_options
 
 
-@ADAPTERS.register("sequential")
-def _sequential(backbone: ViTBackbone, cfg: AdapterConfig) -> AdapterSet:
-    blocks = resolve_blocks(cfg.blocks, backbone.num_blocks)
-    return SequentialAdapters(backbone.embed_dim, blocks, cfg.bottleneck_dim, cfg.scale)
+def create_adapters(backbone: ViTBackbone, cfg: AdapterOptions | dict[str, Any]) -> AdapterSet:
+    """Build the adapter set registered under ``cfg.kind`` for this backbone."""
+    options = adapter_options(cfg)
+    blocks = resolve_blocks(options.blocks, backbone.num_blocks)
+    return ADAPTERS.get(options.kind)(backbone.embed_dim, options.model_copy(update={"blocks": blocks}))
 
 
-@ADAPTERS.register("lora")
-def _lora(backbone: ViTBackbone, cfg: AdapterConfig) -> AdapterSet:
-    blocks = resolve_blocks(cfg.blocks, backbone.num_blocks)
-    return LoRAAdapters(backbone.embed_dim, blocks, cfg.rank, cfg.alpha, tuple(cfg.targets))
-
-
-def create_adapters(backbone: ViTBackbone, cfg: AdapterConfig | dict[str, Any]) -> AdapterSet:
-    """Build the adapter set named by ``cfg.kind`` for this backbone."""
-    cfg = AdapterConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
-    return ADAPTERS.get(cfg.kind)(backbone, cfg)
-
-
-def adapters_from_config(config: dict[str, Any]) -> AdapterSet:
-    """Rebuild an adapter set from the ``config()`` stored in a package."""
-    kind = config.get("kind")
-    if kind == "bottleneck":
-        return BottleneckAdapters(config["dim"], config["blocks"], config["bottleneck_dim"], config["scale"])
-    if kind == "sequential":
-        return SequentialAdapters(config["dim"], config["blocks"], config["bottleneck_dim"], config["scale"])
-    if kind == "lora":
-        return LoRAAdapters(config["dim"], config["blocks"], config["rank"], config["alpha"], tuple(config["targets"]))
-    ADAPTERS.get(str(kind))  # raises the standard unknown-name error
-    raise NotImplementedError(kind)
+def adapters_from_package(section: dict[str, Any]) -> AdapterSet:
+    """Rebuild an adapter set from a package's ``adapter`` section (``{kind, dim, options}``, or the older flat layout)."""
+    section = adapter_section(section)
+    kind = section.get("kind")
+    try:
+        options = ADAPTERS.options(kind).model_validate(section.get("options"))
+    except ValidationError as exc:
+        raise AdapterFormatError(
+            f"the package's adapter options do not fit a {kind} adapter: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
+        ) from None
+    if not isinstance(options.blocks, list):
+        raise AdapterFormatError(f"the package's adapter.options.blocks must list block indices, not {options.blocks!r}")
+    return ADAPTERS.get(kind)(section["dim"], options)
 
 
 class MultiAdapterBackbone(nn.Module):
@@ -167,7 +152,7 @@ __all__ = [
     "MultiAdapterBackbone",
     "SequentialAdapters",
     "merge_lora",
-    "adapters_from_config",
+    "adapters_from_package",
     "create_adapters",
     "resolve_blocks",
 ]

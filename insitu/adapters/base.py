@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from insitu.errors import ConfigError
+from insitu.registry import AdapterOptions
 
 
 def resolve_blocks(blocks: str | int | list[int], num_blocks: int) -> list[int]:
@@ -32,11 +35,15 @@ class AdapterSet(nn.Module):
     modified, so student and teacher adapter sets can share one backbone.
     """
 
-    kind: str = "base"
+    kind: ClassVar[str] = "base"
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
 
-    def __init__(self, blocks: list[int]) -> None:
+    def __init__(self, dim: int, options: AdapterOptions) -> None:
+        """``options.blocks``: the resolved block indices (`resolve_blocks`)."""
         super().__init__()
-        self.blocks = list(blocks)
+        if not isinstance(options.blocks, list):
+            raise TypeError(f"adapter blocks must be resolved to indices first, not {options.blocks!r}")
+        self.dim, self.options, self.blocks = dim, options, list(options.blocks)
 
     @property
     def first_block(self) -> int:
@@ -58,6 +65,6 @@ class AdapterSet(nn.Module):
         """Attach this set's change to block ``index`` (its submodules); the handles remove it again."""
         raise NotImplementedError
 
-    def config(self) -> dict:
-        """What is needed to rebuild this set (stored in the adapter package)."""
-        raise NotImplementedError
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this set, stored in the adapter package: ``{kind, dim, options}``."""
+        return {"kind": self.kind, "dim": self.dim, "options": self.options.model_dump(mode="json", exclude={"kind"})}

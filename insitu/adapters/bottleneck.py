@@ -8,11 +8,15 @@ where timm's block feeds it to ``norm2``, and the adapter's output is added to t
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from insitu.adapters.base import AdapterSet
+from insitu.registry import ADAPTERS, AdapterOptions
 
 
 class Bottleneck(nn.Module):
@@ -30,15 +34,25 @@ class Bottleneck(nn.Module):
         return self.up(torch.relu(self.down(self.norm(x))))
 
 
+class BottleneckOptions(AdapterOptions):
+    """``bottleneck``: a ``bottleneck_dim``-wide MLP in parallel to each chosen block's MLP, scaled by ``scale``."""
+
+    kind: Literal["bottleneck"] = "bottleneck"
+    bottleneck_dim: int = Field(64, gt=0)
+    scale: float = 0.1
+
+
+@ADAPTERS.register("bottleneck")
 class BottleneckAdapters(AdapterSet):
     """One `Bottleneck` per chosen block, added in parallel to the block's MLP with scale ``s``."""
 
     kind = "bottleneck"
+    Options = BottleneckOptions
 
-    def __init__(self, dim: int, blocks: list[int], bottleneck_dim: int = 64, scale: float = 0.1) -> None:
-        super().__init__(blocks)
-        self.dim, self.bottleneck_dim, self.scale = dim, bottleneck_dim, scale
-        self.layers = nn.ModuleDict({str(i): Bottleneck(dim, bottleneck_dim) for i in blocks})
+    def __init__(self, dim: int, options: BottleneckOptions) -> None:
+        super().__init__(dim, options)
+        self.scale = options.scale
+        self.layers = nn.ModuleDict({str(i): Bottleneck(dim, options.bottleneck_dim) for i in self.blocks})
 
     def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
         adapter, seen = self.layers[str(index)], {}
@@ -52,12 +66,3 @@ class BottleneckAdapters(AdapterSet):
             return out + self.scale * adapter(seen.pop("x"))
 
         return [block.norm2.register_forward_pre_hook(keep_residual), block.register_forward_hook(add_adapter)]
-
-    def config(self) -> dict:
-        return {
-            "kind": self.kind,
-            "blocks": self.blocks,
-            "bottleneck_dim": self.bottleneck_dim,
-            "scale": self.scale,
-            "dim": self.dim,
-        }

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from insitu.adapters.base import AdapterSet
+from insitu.registry import ADAPTERS, AdapterOptions
 
 
 class LoRAPair(nn.Module):
@@ -41,30 +44,31 @@ class LoRAPair(nn.Module):
         return (self.B @ self.A) * self.scaling
 
 
+class LoRAOptions(AdapterOptions):
+    """``lora``: rank-``rank`` deltas scaled by ``alpha / rank`` on the attention projections named in ``targets``."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = 16.0
+    targets: list[Literal["qkv", "proj"]] = Field(default_factory=lambda: ["qkv"])
+
+
+@ADAPTERS.register("lora")
 class LoRAAdapters(AdapterSet):
     kind = "lora"
+    Options = LoRAOptions
 
-    def __init__(self, dim: int, blocks: list[int], rank: int = 8, alpha: float = 16.0, targets: tuple[str, ...] = ("qkv",)) -> None:
-        super().__init__(blocks)
-        self.dim, self.rank, self.alpha, self.targets = dim, rank, alpha, tuple(targets)
-        self.qkv = nn.ModuleDict({str(i): LoRAPair(dim, 3 * dim, rank, alpha) for i in blocks}) if "qkv" in targets else None
-        self.proj = nn.ModuleDict({str(i): LoRAPair(dim, dim, rank, alpha) for i in blocks}) if "proj" in targets else None
+    def __init__(self, dim: int, options: LoRAOptions) -> None:
+        super().__init__(dim, options)
+        r, a, targets = options.rank, options.alpha, options.targets
+        self.qkv = nn.ModuleDict({str(i): LoRAPair(dim, 3 * dim, r, a) for i in self.blocks}) if "qkv" in targets else None
+        self.proj = nn.ModuleDict({str(i): LoRAPair(dim, dim, r, a) for i in self.blocks}) if "proj" in targets else None
 
     def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
         targets = [
             (_linear(block.attn, name), pairs[str(index)]) for name, pairs in (("qkv", self.qkv), ("proj", self.proj)) if pairs is not None
         ]
         return [linear.register_forward_hook(_plus(pair)) for linear, pair in targets]
-
-    def config(self) -> dict:
-        return {
-            "kind": self.kind,
-            "blocks": self.blocks,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": list(self.targets),
-            "dim": self.dim,
-        }
 
 
 def _linear(attn: nn.Module, name: str) -> nn.Linear:

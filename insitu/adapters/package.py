@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save
 
-from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_config
+from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_package
 from insitu.backbones.vit import ViTBackbone
 from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError, SignatureError
 from insitu.io import atomic_path
@@ -140,7 +140,7 @@ def apply_package(package: AdapterPackage | str | Path, backbone: ViTBackbone, t
             raise SignatureError(f"{pkg.path}: this package was not read by load_package; pass its path so its signature can be checked.")
         pkg.signer = trust.check(pkg.digests, str(pkg.path))
     check_compatible(pkg.meta, backbone)
-    adapters = adapters_from_config(pkg.meta.adapter)
+    adapters = adapters_from_package(pkg.meta.adapter)
     state = pkg.adapter_state()
     expected = adapters.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -158,7 +158,7 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone | AdaptedBackbone)
     want = meta.base.model_dump()
     have = base_info(backbone)
     fields = {k: (want[k], have[k]) for k in ("fingerprint", "embed_dim", "patch_size", "in_chans", "num_blocks") if want[k] != have[k]}
-    blocks = meta.adapter.get("blocks") or []
+    blocks = meta.adapter.get("options", {}).get("blocks") or []
     if any(not 0 <= b < backbone.num_blocks for b in blocks):
         fields["adapter.blocks"] = (blocks, f"0..{backbone.num_blocks - 1}")
     if meta.adapter.get("dim") != backbone.embed_dim:
@@ -189,7 +189,7 @@ def model_card(meta: PackageMeta) -> str:
         "",
         f"- Base backbone: `{b.source}` (fingerprint `{b.fingerprint[:16]}…`, {b.num_blocks} blocks, "
         f"width {b.embed_dim}, patch {b.patch_size}, {b.in_chans} input channels)",
-        f"- Adapter: `{meta.adapter.get('kind')}` on blocks {meta.adapter.get('blocks')}, {meta.trainable_params:,} trainable parameters",
+        f"- Adapter: `{meta.adapter.get('kind')}` on blocks {meta.adapter.get('options', {}).get('blocks')}, {meta.trainable_params:,} trainable parameters",
         f"- Input: {json.dumps(meta.input)}",
         f"- Objective: `{meta.objective.get('name', '?')}`",
         f"- Training: {t.get('steps', '?')} steps, seed {t.get('seed', '?')}, {t.get('items', '?')} items "

@@ -10,23 +10,33 @@ whose outputs are exactly the sublayer outputs before the residual add.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from insitu.adapters.base import AdapterSet
-from insitu.adapters.bottleneck import Bottleneck
+from insitu.adapters.bottleneck import Bottleneck, BottleneckOptions
+from insitu.registry import ADAPTERS
 
 
+class SequentialOptions(BottleneckOptions):
+    """``sequential``: a ``bottleneck_dim``-wide MLP after each sublayer of each chosen block, scaled by ``scale``."""
+
+    kind: Literal["sequential"] = "sequential"  # type: ignore[assignment]
+
+
+@ADAPTERS.register("sequential")
 class SequentialAdapters(AdapterSet):
     kind = "sequential"
+    Options = SequentialOptions
 
-    def __init__(self, dim: int, blocks: list[int], bottleneck_dim: int = 64, scale: float = 1.0) -> None:
-        super().__init__(blocks)
-        self.dim, self.bottleneck_dim, self.scale = dim, bottleneck_dim, scale
-        self.attn_adapters = nn.ModuleDict({str(i): Bottleneck(dim, bottleneck_dim) for i in blocks})
-        self.mlp_adapters = nn.ModuleDict({str(i): Bottleneck(dim, bottleneck_dim) for i in blocks})
+    def __init__(self, dim: int, options: SequentialOptions) -> None:
+        super().__init__(dim, options)
+        self.scale = options.scale
+        self.attn_adapters = nn.ModuleDict({str(i): Bottleneck(dim, options.bottleneck_dim) for i in self.blocks})
+        self.mlp_adapters = nn.ModuleDict({str(i): Bottleneck(dim, options.bottleneck_dim) for i in self.blocks})
 
     def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
         key = str(index)
@@ -37,6 +47,3 @@ class SequentialAdapters(AdapterSet):
 
     def _after(self, adapter: Bottleneck) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
         return lambda _module, _args, h: h + self.scale * adapter(h)
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "blocks": self.blocks, "bottleneck_dim": self.bottleneck_dim, "scale": self.scale, "dim": self.dim}

@@ -1,12 +1,11 @@
 """Data domains: each turns files into Samples and knows its formats and bad inputs.
 
-Domains are registered by name and imported lazily, so that `insitu` starts without importing
+Domains are registered by name (``@DOMAINS.register(name)``, insitu.registry) and imported lazily, so that `insitu` starts without importing
 pydicom, rasterio or PyAV until a config asks for that domain.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from insitu.domains.base import (
@@ -21,29 +20,12 @@ from insitu.domains.base import (
     split_by_group,
     stable_id,
 )
-from insitu.errors import ConfigError
-from insitu.registry import unknown_name_message
-
-# name -> "module:Class"; adding a domain is one module and one line here
-DOMAINS: dict[str, str] = {
-    "images": "insitu.domains.images:ImageFolderDomain",
-    "dicom": "insitu.domains.dicom:DicomDomain",
-    "geotiff": "insitu.domains.geotiff:GeoTiffDomain",
-    "video": "insitu.domains.video:VideoDomain",
-    "pairs": "insitu.domains.pairs:PairsDomain",
-}
+from insitu.registry import DOMAINS
 
 
 def get_domain_class(name: str) -> type[Domain]:
     """The Domain class registered under ``name`` (imports its module on first use)."""
-    if name not in DOMAINS:
-        raise ConfigError(unknown_name_message("domain", name, list(DOMAINS)))
-    module_name, cls_name = DOMAINS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"Domain {name!r} is not available: {exc}. Install insitu with its dependencies.") from exc
-    return getattr(module, cls_name)
+    return DOMAINS.get(name)
 
 
 def create_domain(name: str, options: dict[str, Any] | None = None) -> Domain:

@@ -25,6 +25,7 @@ from insitu.domains.base import (
 from insitu.domains.masks import read_binary_mask
 from insitu.domains.synthetic import TISSUE_CLASSES, write_scanner_folders
 from insitu.errors import DataError, EmptyDatasetError
+from insitu.registry import DOMAINS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -39,6 +40,7 @@ class ImageOptions(DomainOptions):
     mask_threshold: int = Field(127, ge=0, le=255)
 
 
+@DOMAINS.register("images")
 class ImageFolderDomain(Domain):
     """Images from a folder tree or a MedMNIST-style ``.npz`` (``{split}_images``/``{split}_labels``).
 
@@ -148,14 +150,12 @@ class ImageFolderDomain(Domain):
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
         """Grey tissue scans from four simulated scanners (4 texture classes) as 16-bit PNG class folders."""
         write_scanner_folders(out_dir, seed, n_per_class, size)
-        options = {"channels": 1}
-        train = {"domain": "images", "root": str(out_dir / "train"), "image_size": size, "options": options}
-        test = {"domain": "images", "root": str(out_dir / "test"), "image_size": size, "options": options}
-        return DemoData(
-            data=train,
-            probe_train=train,
-            probe_test=test,
+        return DemoData.split_folders(
+            out_dir,
+            "images",
+            size,
             in_chans=1,
+            options={"channels": 1},
             description=(
                 f"grey tissue scans of {len(TISSUE_CLASSES)} texture classes ({', '.join(TISSUE_CLASSES)}) from 4 simulated "
                 f"scanners (gain, offset, gamma, bias field, blur, noise), {size} px 16-bit PNG"

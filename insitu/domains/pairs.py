@@ -42,6 +42,7 @@ from insitu.domains.base import (
 )
 from insitu.domains.images import IMAGE_SUFFIXES, ImageFolderDomain
 from insitu.errors import DataError, EmptyDatasetError
+from insitu.registry import DOMAINS
 
 HEADER_PATTERN = r"(?m)(?:^|(?<=[.!?;]) )[ \t]*([A-Z][A-Z /&()-]{2,40}):"
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -111,6 +112,7 @@ def report_sentences(text: str, sections: list[str], pattern: str = HEADER_PATTE
     return [s for body in bodies for s in split_sentences(body, min_chars)]
 
 
+@DOMAINS.register("pairs")
 class PairsDomain(Domain):
     """Images paired with report text or captions (see the module docstring for the sources).
 
@@ -298,12 +300,10 @@ class PairsDomain(Domain):
         from insitu.domains.synthetic import SHAPES, write_shape_folders
 
         write_shape_folders(out_dir, seed, n_per_class, size, sidecar=_demo_report)
-        train = {"domain": "pairs", "root": str(out_dir / "train"), "image_size": size}
-        test = {"domain": "pairs", "root": str(out_dir / "test"), "image_size": size}
-        return DemoData(
-            data=train,
-            probe_train=train,
-            probe_test=test,
+        return DemoData.split_folders(
+            out_dir,
+            "pairs",
+            size,
             in_chans=3,
             description=f"{len(SHAPES)} classes of textured shapes, {size}px PNG, each with a synthetic sidecar report",
         )

@@ -1,4 +1,5 @@
-"""Downstream heads and probes on the (adapted) backbone's features, registered by name.
+"""Downstream heads and probes on the (adapted) backbone's features, registered by name with
+``@CLASSIFICATION_HEADS.register(name)`` / ``@SEGMENTATION_HEADS.register(name)`` (insitu.registry).
 
 ``create_head(task, name, in_dim, num_classes, ...)`` is the one entry point: classification and
 multilabel heads (``linear``, ``mlp``) take pooled features; segmentation heads (``linear``,
@@ -12,27 +13,27 @@ from torch import nn
 from insitu.heads.classification import LinearHead, MLPHead, few_shot_accuracy, prototype_logits
 from insitu.heads.probe import dense_linear_probe, knn_accuracy, knn_predict, linear_probe_accuracy, linear_probe_predict
 from insitu.heads.segmentation import FPNDecoder, LinearSegHead
-from insitu.registry import Registry
-
-CLASSIFICATION_HEADS: Registry[nn.Module] = Registry("classification head")
-SEGMENTATION_HEADS: Registry[nn.Module] = Registry("segmentation head")
-CLASSIFICATION_HEADS.register("linear")(lambda in_dim, k, hidden_dim=256, **_: LinearHead(in_dim, k))
-CLASSIFICATION_HEADS.register("mlp")(lambda in_dim, k, hidden_dim=256, **_: MLPHead(in_dim, k, hidden_dim))
-SEGMENTATION_HEADS.register("linear")(lambda in_dim, k, **_: LinearSegHead(in_dim, k))
-SEGMENTATION_HEADS.register("fpn")(lambda in_dim, k, levels=4, decoder_dim=64, **_: FPNDecoder(in_dim, k, levels, decoder_dim))
+from insitu.registry import CLASSIFICATION_HEADS, SEGMENTATION_HEADS
 
 
 def create_head(task: str, name: str, in_dim: int, num_classes: int, **options: int) -> nn.Module:
-    """Build the head named ``name`` for ``task`` (classification, multilabel or segmentation)."""
+    """Build the head named ``name`` for ``task`` (classification, multilabel or segmentation).
+
+    ``options`` may hold every head's options (the downstream config's); each head takes its own.
+    """
     registry = SEGMENTATION_HEADS if task == "segmentation" else CLASSIFICATION_HEADS
-    return registry.get(name)(in_dim, num_classes, **options)
+    head, model = registry.get(name), registry.options(name)
+    own = model.model_validate({k: v for k, v in options.items() if k in model.model_fields})
+    return head(in_dim, num_classes, **own.model_dump())
 
 
 __all__ = [
+    "CLASSIFICATION_HEADS",
     "FPNDecoder",
     "LinearHead",
     "LinearSegHead",
     "MLPHead",
+    "SEGMENTATION_HEADS",
     "create_head",
     "dense_linear_probe",
     "few_shot_accuracy",

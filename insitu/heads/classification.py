@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from insitu.registry import CLASSIFICATION_HEADS
 
+
+@CLASSIFICATION_HEADS.register("linear")
 class LinearHead(nn.Module):
     """One linear layer on pooled features (CLS and mean patch token, concatenated)."""
 
@@ -20,8 +24,16 @@ class LinearHead(nn.Module):
         return self.fc(self.norm(features))
 
 
+class MLPOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden_dim: int = Field(256, gt=0)
+
+
+@CLASSIFICATION_HEADS.register("mlp")
 class MLPHead(nn.Module):
     """Two-layer MLP with GELU and dropout, for when a linear boundary is not enough."""
+
+    Options = MLPOptions
 
     def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.1) -> None:
         super().__init__()

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from insitu.registry import SEGMENTATION_HEADS
 
+
+@SEGMENTATION_HEADS.register("linear")
 class LinearSegHead(nn.Module):
     """A 1×1 convolution on the last layer's patch tokens, bilinearly upsampled to the image."""
 
@@ -23,6 +27,13 @@ class LinearSegHead(nn.Module):
         return F.interpolate(self.conv(self.norm(maps[-1])), size=size, mode="bilinear", align_corners=False)
 
 
+class FPNOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    levels: int = Field(4, gt=0)
+    decoder_dim: int = Field(64, gt=0)
+
+
+@SEGMENTATION_HEADS.register("fpn")
 class FPNDecoder(nn.Module):
     """A DPT/FPN-style decoder: reassemble L token maps at 4 scales, fuse top-down, predict.
 
@@ -30,8 +41,11 @@ class FPNDecoder(nn.Module):
     last one downsampled (×0.5) to form a pyramid; fusion runs from coarse to fine with 3×3 convs.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, levels: int = 4, dim: int = 64) -> None:
+    Options = FPNOptions
+
+    def __init__(self, in_dim: int, num_classes: int, levels: int = 4, decoder_dim: int = 64) -> None:
         super().__init__()
+        dim = decoder_dim
         self.scales = _pyramid_scales(levels)
         self.project = nn.ModuleList(nn.Sequential(nn.Conv2d(in_dim, dim, 1), nn.GroupNorm(1, dim)) for _ in range(levels))
         self.fuse = nn.ModuleList(nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(1, dim), nn.GELU()) for _ in range(levels))

@@ -23,6 +23,7 @@ class Objective(nn.Module):
 
     name: ClassVar[str]
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
+    opts: ObjectiveOptions  # ``Options`` validated; each subclass narrows it to its own model
     needs_teacher: ClassVar[bool] = True
     # True when a step only passes the data pipeline's views to the models (no pixel operations of
     # its own), so the frozen prefix's output for those views can be cached (``train.cached_views``)

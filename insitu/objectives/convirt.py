@@ -31,6 +31,7 @@ from torch import nn
 from insitu.objectives import augment
 from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
+from insitu.registry import OBJECTIVES
 from insitu.text import TextEncoder, load_text_encoder
 
 
@@ -117,16 +118,18 @@ class ConVIRTImageView(ViewRecipe):
         return [x]
 
 
+@OBJECTIVES.register("convirt")
 class ConVIRTObjective(Objective):
     """Bidirectional image-text contrastive loss with a fixed temperature and λ-weighted directions."""
 
     name = "convirt"
     Options = ConVIRTOptions
+    opts: ConVIRTOptions
     needs_teacher = False
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: ConVIRTOptions = self.opts
+        o = self.opts
         self.text: TextEncoder = load_text_encoder(o.text_encoder, o.trainable_layers, o.pooling, o.max_length)
         self.image_proj = projection(embed_dim, o.hidden_dim, o.proj_dim)
         self.text_proj = projection(self.text.hidden_size, o.hidden_dim, o.proj_dim)
@@ -177,11 +180,13 @@ class ConVIRTObjective(Objective):
         self.load_state_dict(own, strict=True)
 
 
+@OBJECTIVES.register("clip")
 class CLIPObjective(ConVIRTObjective):
     """The symmetric variant: λ = 0.5 by default and a learnt temperature."""
 
     name = "clip"
     Options = CLIPOptions
+    opts: CLIPOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)

@@ -37,6 +37,7 @@ from torch import nn
 from insitu.objectives.base import Objective, ObjectiveOptions
 from insitu.objectives.health import distribution_health, kl_divergence
 from insitu.objectives.views import MultiCrop, MultiCropOptions
+from insitu.registry import OBJECTIVES
 
 
 class DinoOptions(ObjectiveOptions):
@@ -151,14 +152,16 @@ class DistillLoss(nn.Module):
         return (per_token * weight).sum() / mask.shape[0]
 
 
+@OBJECTIVES.register("dino")
 class DinoObjective(Objective):
     name = "dino"
     Options = DinoOptions
+    opts: DinoOptions
     cacheable_views = True
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: DinoOptions = self.opts
+        o = self.opts
         self.head = DINOProjectionHead(embed_dim, o.hidden_dim, o.bottleneck_dim, o.out_dim)
         # a fresh head + load_state_dict: deepcopy fails on weight-normalised layers
         self.teacher_head = DINOProjectionHead(embed_dim, o.hidden_dim, o.bottleneck_dim, o.out_dim)
@@ -169,14 +172,14 @@ class DinoObjective(Objective):
         self.koleo = KoLeoLoss()
 
     def distill_loss(self, out_dim: int) -> DistillLoss:
-        o: DinoOptions = self.opts
+        o = self.opts
         return DistillLoss(out_dim, o.student_temp, o.center_momentum, o.centering, o.sinkhorn_iterations)
 
     def view_transform(self) -> MultiCrop:
         return MultiCrop(self.image_size, self.patch_size, self.opts.views)
 
     def teacher_temp(self) -> float:
-        o: DinoOptions = self.opts
+        o = self.opts
         if self.step >= o.warmup_teacher_temp_steps:
             return o.teacher_temp
         t = self.step / max(1, o.warmup_teacher_temp_steps)

@@ -34,6 +34,7 @@ from torch import nn
 
 from insitu.objectives.dino import DinoObjective, DinoOptions, feature_std, health_logs, make_head_norm
 from insitu.objectives.views import gaussian_blur
+from insitu.registry import OBJECTIVES
 
 
 class LocalOptions(BaseModel):
@@ -68,14 +69,16 @@ class GlareOptions(DinoOptions):
     dense_bottleneck_dim: int = Field(64, gt=0)
 
 
+@OBJECTIVES.register("glare")
 class GlareObjective(DinoObjective):
     name = "glare"
     cacheable_views = False  # corrupts local views on the training device
     Options = GlareOptions
+    opts: GlareOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: GlareOptions = self.opts
+        o = self.opts
         if not (o.global_term or o.local.enabled or o.regional.enabled):
             raise ValueError("glare needs at least one of global_term, local.enabled, regional.enabled")
         # one head for patch and region tokens (both are dense tokens), its own EMA copy
@@ -91,7 +94,7 @@ class GlareObjective(DinoObjective):
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         if teacher is None:
             raise ValueError("the GLARE objective needs a teacher")
-        o: GlareOptions = self.opts
+        o = self.opts
         views: list[torch.Tensor] = batch["views"]
         globals_ = views[: o.views.global_crops]
         teacher_out = self._teacher_pass(globals_, teacher)
@@ -115,7 +118,7 @@ class GlareObjective(DinoObjective):
         self, teacher_out: list[tuple[torch.Tensor, ...]], s_tokens: list[tuple], masks: list[torch.Tensor] | None, temp: float, out: dict
     ) -> dict[str, torch.Tensor]:
         """The enabled terms' losses; their teacher health goes into ``out`` as ``health/<metric>_<term>``."""
-        o: GlareOptions = self.opts
+        o = self.opts
         n_global = len(teacher_out)
         terms: dict[str, torch.Tensor] = {}
         if o.global_term:
@@ -143,7 +146,7 @@ class GlareObjective(DinoObjective):
 
     def _student_inputs(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The global views the student sees: patch-corrupted when the local term is on."""
-        lo: LocalOptions = self.opts.local
+        lo = self.opts.local
         if not lo.enabled:
             return views, None
         pairs = [corrupt_patches(v, self.patch_size, lo.ratio, lo.corruption, lo.blur_sigma, lo.noise_std) for v in views]
@@ -164,7 +167,7 @@ class GlareObjective(DinoObjective):
         self, teacher_out: list[tuple[torch.Tensor, ...]], s_patches: list[torch.Tensor], teacher_temp: float
     ) -> torch.Tensor:
         """Teacher regions of each view against their student counterparts in the other view."""
-        ro: RegionOptions = self.opts.regional
+        ro = self.opts.regional
         grid = teacher_out[0][2]
         t_regions, s_matched = [], []
         for a, b in ((0, 1), (1, 0)):

@@ -55,6 +55,7 @@ from insitu.objectives.imle import (
 )
 from insitu.objectives.qap import solve_lap, solve_qap
 from insitu.objectives.views import BLUR_SIGMA
+from insitu.registry import OBJECTIVES
 
 EDGE_EPS = 1e-6  # floor on the mean degree when normalising edge affinities
 
@@ -308,6 +309,7 @@ def graph_chunks(batch_size: int, graph_size: int) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- the objective
 
 
+@OBJECTIVES.register("graph_matching")
 class GraphMatchingObjective(Objective):
     name = "graph_matching"
     Options = GraphMatchingOptions

@@ -20,10 +20,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from insitu.adapters import adapters_from_config
+from insitu.adapters import adapters_from_package
 from insitu.adapters.package import check_compatible, load_package
 from insitu.objectives.base import Objective, ObjectiveOptions
 from insitu.objectives.views import resize_square
+from insitu.registry import OBJECTIVES
 
 
 class SelfDistillOptions(ObjectiveOptions):
@@ -47,19 +48,21 @@ class CleanViewTransform:
         return [*out, clean]
 
 
+@OBJECTIVES.register("self_distill")
 class SelfDistillObjective(Objective):
     name = "self_distill"
     Options = SelfDistillOptions
+    opts: SelfDistillOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
         from insitu.objectives import create_objective  # the registry imports this module lazily
 
-        o: SelfDistillOptions = self.opts
+        o = self.opts
         self.base = create_objective(o.base, embed_dim, patch_size, image_size, o.base_options, max_steps)
         self.needs_teacher = self.base.needs_teacher
         self.package = load_package(o.adapter)
-        self.further = adapters_from_config(self.package.meta.adapter)
+        self.further = adapters_from_package(self.package.meta.adapter)
         self.further.load_state_dict(self.package.adapter_state(), strict=True)
         self.further.requires_grad_(False)
         self._checked = False

@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from insitu.objectives.base import Objective, ObjectiveOptions
+from insitu.registry import OBJECTIVES
 
 
 class SIGRegOptions(ObjectiveOptions):
@@ -54,15 +55,17 @@ class RecordingStudent(nn.Module):
         return out
 
 
+@OBJECTIVES.register("sigreg")
 class SIGRegObjective(Objective):
     name = "sigreg"
     Options = SIGRegOptions
+    opts: SIGRegOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
         from insitu.objectives import create_objective  # the registry imports this module lazily
 
-        o: SIGRegOptions = self.opts
+        o = self.opts
         self.base = create_objective(o.base, embed_dim, patch_size, image_size, o.base_options, max_steps)
         self.needs_teacher = self.base.needs_teacher
         self.sigreg = SIGReg(knots=o.knots, t_max=o.t_max, num_vectors=o.num_vectors)

@@ -21,6 +21,7 @@ from torch import nn
 from insitu.objectives.base import Objective, ObjectiveOptions
 from insitu.objectives.dino import feature_std
 from insitu.objectives.views import MultiCrop, MultiCropOptions
+from insitu.registry import OBJECTIVES
 
 
 class SimCLROptions(ObjectiveOptions):
@@ -30,15 +31,17 @@ class SimCLROptions(ObjectiveOptions):
     views: MultiCropOptions = MultiCropOptions(global_crops=2, local_crops=0)
 
 
+@OBJECTIVES.register("simclr")
 class SimCLRObjective(Objective):
     name = "simclr"
     Options = SimCLROptions
+    opts: SimCLROptions
     needs_teacher = False
     cacheable_views = True
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: SimCLROptions = self.opts
+        o = self.opts
         if o.views.global_crops != 2 or o.views.local_crops != 0:
             raise ValueError("simclr compares exactly two views: set views.global_crops=2 and views.local_crops=0")
         self.head = SimCLRProjectionHead(embed_dim, o.hidden_dim, o.out_dim)

@@ -34,6 +34,7 @@ from torch import nn
 from insitu.objectives import augment
 from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
+from insitu.registry import OBJECTIVES
 
 
 class ClipViewOptions(BaseModel):
@@ -203,13 +204,15 @@ class _TemporalObjective(Objective):
         return list(feats.split(len(views[0])))
 
 
+@OBJECTIVES.register("rsp")
 class RSPObjective(_TemporalObjective):
     name = "rsp"
     Options = RSPOptions
+    opts: RSPOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: RSPOptions = self.opts
+        o = self.opts
         self.appearance_head = projection_head(embed_dim, o.hidden_dim, o.proj_dim)
         self.speed_head = projection_head(embed_dim, o.hidden_dim, o.proj_dim)
 
@@ -217,7 +220,7 @@ class RSPObjective(_TemporalObjective):
         return RSPViews(self.image_size, self.opts)
 
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        o: RSPOptions = self.opts
+        o = self.opts
         a, b, c = self.encode(student, batch["views"])
         appearance = info_nce(self.appearance_head(a), self.appearance_head(c), o.temperature)
         speed_feats = torch.stack([self.speed_head(x) for x in (a, b, c)], dim=1)
@@ -232,13 +235,15 @@ class RSPObjective(_TemporalObjective):
         return state
 
 
+@OBJECTIVES.register("cvrl")
 class CVRLObjective(_TemporalObjective):
     name = "cvrl"
     Options = CVRLOptions
+    opts: CVRLOptions
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: CVRLOptions = self.opts
+        o = self.opts
         self.head = projection_head(embed_dim, o.hidden_dim, o.proj_dim)
 
     def view_transform(self) -> CVRLViews:

@@ -25,6 +25,7 @@ from insitu.errors import ConfigError
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.io import claim_folder, write_csv
 from insitu.pipelines.finetune import DownstreamModel, load_head
+from insitu.registry import WRITERS
 
 log = logging.getLogger("insitu")
 TilePredictor = Callable[[torch.Tensor], torch.Tensor]
@@ -70,8 +71,6 @@ def predict(
     name = domain or meta["domain"]
     opts = {**(meta.get("domain_options") or {}), **(options or {})} if name == meta["domain"] else dict(options or {})
     writer = WRITERS.get(name)
-    if writer is None:
-        raise ConfigError(f"insitu predict has no writer for domain {name!r}; known: {', '.join(sorted(WRITERS))}.")
     out_dir = Path(out_dir)
     folder = claim_folder(out_dir, "predict", overwrite)
     # tile_size is a geotiff domain option; elsewhere it sets the sliding window, which by default
@@ -88,6 +87,7 @@ def _seg_only(meta: dict[str, Any], what: str) -> None:
         raise ConfigError(f"{what} needs a segmentation model; this one was trained for {meta['task']}.")
 
 
+@WRITERS.register("geotiff")
 def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """Whole scenes to georeferenced uint8 class maps (+ float probabilities), tile row by tile row."""
     from insitu.domains.geotiff_write import predict_scene
@@ -120,6 +120,7 @@ def _images_of(inputs: Path, opts: dict) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+@WRITERS.register("images")
 def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """Segmentation: ``<name>_mask.png`` (class ids) + ``<name>_overlay.png``; classification: ``predictions.csv``."""
     predictor = make_predictor(model, norm, meta["image_size"])
@@ -150,6 +151,7 @@ def _write_rows(path: Path, header: list[str], rows: list[tuple]) -> Path:
     return write_csv(path, header, rows)
 
 
+@WRITERS.register("video")
 def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """Videos: an overlay MP4 (masks or class banner) and a per-frame CSV; image/mask folders: as images."""
     from insitu.domains.video import VIDEO_SUFFIXES, write_overlay, write_phase_csv
@@ -180,6 +182,7 @@ def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
     return written
 
 
+@WRITERS.register("dicom")
 def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """CT/MR series slice by slice to one DICOM-SEG per series, referencing the source instances."""
     from insitu.domains.dicom_seg import write_seg
@@ -207,11 +210,3 @@ def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
         names = (meta.get("class_names") or [])[1:] or None
         written.append(write_seg(np.stack(masks), unit.files, out / f"series_{n:03d}_seg.dcm", segment_names=names))
     return written
-
-
-WRITERS: dict[str, Callable[..., list[Path]]] = {
-    "geotiff": _write_geotiff,
-    "images": _write_images,
-    "video": _write_video,
-    "dicom": _write_dicom,
-}

@@ -30,10 +30,12 @@ from insitu.domains.dicom.records import RECORD_VERSION, read_record
 from insitu.domains.dicom.series import Unit, mark_label_maps, nifti_mask_problem, series_units, unit_geometry, unit_shape
 from insitu.errors import DataError, EmptyDatasetError
 from insitu.privacy import secret_salt
+from insitu.registry import DOMAINS
 
 log = logging.getLogger("insitu")
 
 
+@DOMAINS.register("dicom")
 class DicomDomain(Domain):
     """DICOM series and NIfTI volumes as 2-D slices, 2.5-D slabs or 3-D crops.
 
@@ -283,12 +285,11 @@ class DicomDomain(Domain):
                         out_dir / split / name / f"case{p:03d}", hu, patient_id=f"DEMO-{split}-{name}-{p}", seed=int(rng.integers(1 << 30))
                     )
         options = {"windows": ["lung", "mediastinum", "bone"], "labels": "folders", "cache_dir": str(out_dir / "cache")}
-        train = {"domain": "dicom", "root": str(out_dir / "train"), "image_size": size, "options": options}
-        test = {"domain": "dicom", "root": str(out_dir / "test"), "image_size": size, "options": options}
-        return DemoData(
-            data=train,
-            probe_train=train,
-            probe_test=test,
+        return DemoData.split_folders(
+            out_dir,
+            "dicom",
+            size,
+            options=options,
             in_chans=3,
             description=f"CT phantoms ({' vs '.join(DEMO_CLASSES)}), {DEMO_SLICES}-slice DICOM series at {size} px, 3 HU windows as channels",
         )

@@ -36,8 +36,10 @@ from insitu.domains.geotiff.read import (
 )
 from insitu.domains.geotiff.scene import Scene, SceneRef, majority_bands, resolve_scene
 from insitu.errors import EmptyDatasetError
+from insitu.registry import DOMAINS
 
 
+@DOMAINS.register("geotiff")
 class GeoTiffDomain(Domain):
     """GeoTIFF scenes as (scene, window) tiles with explicit nodata, band names and scaling.
 
@@ -237,12 +239,11 @@ class GeoTiffDomain(Domain):
         for split, k in (("train", 0), ("test", 1)):
             write_demo_scene(out_dir / split / "scene.tif", seed * 2 + k, n_tiles if k == 0 else max(8, n_tiles // 2), size)
         options = {"tile_size": size, "scale": 1e-4, "max_nodata_fraction": 0.5, "class_names": list(DEMO_CLASSES)}
-        train = {"domain": "geotiff", "root": str(out_dir / "train"), "options": options, "image_size": size}
-        test = {**train, "root": str(out_dir / "test")}
-        return DemoData(
-            data=train,
-            probe_train=train,
-            probe_test=test,
+        return DemoData.split_folders(
+            out_dir,
+            "geotiff",
+            size,
+            options=options,
             in_chans=len(DEMO_BANDS),
             description=f"{len(DEMO_CLASSES)} land-cover classes ({', '.join(DEMO_CLASSES)}) in 6-band UTM GeoTIFFs, {size}px tiles",
         )

@@ -19,8 +19,10 @@ from insitu.domains.video.options import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoEr
 from insitu.domains.video.probe import VideoInfo, find_sources, probe_video, sample_at_fps
 from insitu.domains.video.write import write_mp4
 from insitu.errors import ConfigError, DataError, EmptyDatasetError
+from insitu.registry import DOMAINS
 
 
+@DOMAINS.register("video")
 class VideoDomain(Domain):
     """Endoscopic recordings as frames or clips, plus Kvasir-style image/mask pairs.
 
@@ -230,12 +232,11 @@ class VideoDomain(Domain):
                     frames = moving_shape_frames(rng, label, size, n_frames=16)
                     write_mp4(out_dir / split / shape / f"{shape}_{v:03d}.mp4", frames, fps=8)
         options = {"labels": "folders", "fps": 4.0, "crop_fov": False, "decode_size": size}
-        train = {"domain": "video", "root": str(out_dir / "train"), "options": options, "image_size": size}
-        test = {"domain": "video", "root": str(out_dir / "test"), "options": options, "image_size": size}
-        return DemoData(
-            data=train,
-            probe_train=train,
-            probe_test=test,
+        return DemoData.split_folders(
+            out_dir,
+            "video",
+            size,
+            options=options,
             in_chans=3,
             description=f"H.264 videos of moving textured shapes ({', '.join(SHAPES)}), {size}px, 2 s at 8 fps",
         )

@@ -134,6 +134,15 @@ class DemoData:
     in_chans: int = 3
     description: str = ""
 
+    @classmethod
+    def split_folders(
+        cls, out_dir: Path, domain: str, size: int, in_chans: int, description: str, options: dict[str, Any] | None = None
+    ) -> DemoData:
+        """A demo written as ``out_dir/train`` and ``out_dir/test``: pretrain and probe on train, test on test."""
+        train = {"domain": domain, "root": str(Path(out_dir) / "train"), "image_size": size, "options": options or {}}
+        test = {**train, "root": str(Path(out_dir) / "test")}
+        return cls(data=train, probe_train=train, probe_test=test, in_chans=in_chans, description=description)
+
 
 class Domain(ABC):
     """One data domain: scan a root into a Manifest, load an item into a Sample, write a demo."""

@@ -117,3 +117,28 @@ def test_multilabel_on_real_bigearthnet_tags(tmp_path):
     assert train.targets.shape == (3, k) and k >= 2 and set(train.targets.unique().tolist()) == {0.0, 1.0}
     result = finetune(load_config(cfg))
     assert set(result.metrics) == {"mAP"} and 0 < result.metrics["mAP"] <= 1
+
+
+def test_head_folder_names_its_package_relatively_and_checks_it(tmp_path, shapes_dir, package):
+    import json
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(package, work / "adapter")
+    base = tiny_config(shapes_dir, tmp_path / "runs", probe={"test_fraction": 0.5})
+    finetune(load_config({**base, "downstream": {"steps": 2, "batch_size": 8, "mode": "head"}}), work / "adapter", out_dir=work / "head")
+    text = (work / "head" / "head.json").read_text()
+    ref = json.loads(text)["adapter_package"]
+    assert ref["path"] == "../adapter" and len(ref["content_sha256"]) == 64
+    assert str(tmp_path) not in text  # no absolute path in a file meant to be shared
+    shutil.copytree(work, tmp_path / "moved")  # head and package copied together: still loads
+    model, _, _ = load_head(tmp_path / "moved" / "head")
+    assert model.adapted.adapters is not None
+    shutil.copytree(work / "head", tmp_path / "alone" / "head")  # the head without its package
+    with pytest.raises(ConfigError, match="not there"):
+        load_head(tmp_path / "alone" / "head")
+    meta = json.loads(text)
+    meta["adapter_package"]["content_sha256"] = "0" * 64  # a head trained with another package
+    (tmp_path / "moved" / "head" / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="content hash"):
+        load_head(tmp_path / "moved" / "head")

@@ -137,3 +137,39 @@ def test_dicom_seg_references_the_source_series(seg_model, tmp_path):
     items = sorted(manifest.items, key=lambda i: i.extra["index"])
     direct = np.stack([predictor(domain.load(item, manifest)["image"]).argmax(0).numpy() for item in items])
     assert np.array_equal(labels, direct)
+
+
+def test_prediction_preprocesses_exactly_as_training(tmp_path):
+    # a non-square image larger than the model size: resizing must antialias the same way in both paths
+    from insitu.config import DataConfig
+    from insitu.domains.normalize import Normalizer
+    from insitu.pipelines.data import SampleDataset, ScannedData
+    from insitu.pipelines.predict import _classify
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)).save(tmp_path / name / f"{name}.png")
+    data = ScannedData.scan(DataConfig(domain="images", root=tmp_path, image_size=32))
+    item = data.manifest.items[0]
+    norm = Normalizer.fit([data.domain.load(i, data.manifest)["image"] for i in data.manifest.items])
+    trained_on = SampleDataset(data, [item], norm, image_size=32)[0]["image"]
+
+    seen = []
+
+    def classifier(x: torch.Tensor) -> torch.Tensor:  # records its input; 2 class logits
+        seen.append(x[0].clone())
+        return torch.zeros(len(x), 2)
+
+    def segmenter(x: torch.Tensor) -> torch.Tensor:  # records its input; 2 class logit maps
+        seen.append(x[0].clone())
+        return torch.zeros(len(x), 2, *x.shape[2:])
+
+    image = data.domain.load(item, data.manifest)["image"]
+    _classify(classifier, norm, image, {"image_size": 32, "class_names": ["a", "b"]})
+    make_predictor(segmenter, norm, 32)(image)
+    assert seen[0].shape == (3, 32, 32)
+    assert torch.equal(seen[0], trained_on) and torch.equal(seen[1], trained_on)
+    # the check can fail: a resize without antialiasing (what classification prediction did) differs
+    plain = torch.nn.functional.interpolate(norm(image.float())[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    assert not torch.allclose(plain, trained_on, atol=1e-3)

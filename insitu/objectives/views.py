@@ -89,8 +89,8 @@ def random_resized_crop_box(
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Deterministic evaluation view: resize a C×H×W image to size×size."""
+    """Deterministic evaluation view: resize a C×H×W image to size×size (antialiased when either side shrinks)."""
     if image.shape[-2:] == (size, size):
         return image
-    down = image.shape[-1] > size
+    down = max(image.shape[-2:]) > size
     return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=down)[0]

@@ -91,6 +91,15 @@ class SampleDataset(Dataset):
         return out
 
 
+def model_input(image: torch.Tensor, normalizer: Normalizer | None, size: int) -> torch.Tensor:
+    """What the model sees for one C×H×W image in physical units: normalised, then resized to size×size.
+
+    The one path for training samples, probes and prediction, so they preprocess identically.
+    """
+    image = image.float()
+    return resize_square(normalizer(image) if normalizer is not None else image, size)
+
+
 def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     """An int64 H×W label map resized to size×size with nearest neighbour (ignore pixels stay 255)."""
     m = torch.as_tensor(mask).long()

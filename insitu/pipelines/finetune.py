@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +329,7 @@ def save_head(
         "class_names": class_names,
         "image_size": size,
         "in_chans": cfg.backbone.in_chans,
-        "adapter_package": str(Path(adapter).resolve()) if adapter is not None else None,
+        "adapter_package": package_ref(Path(adapter), out_dir) if adapter is not None else None,
         "normalizer": norm.to_dict(),
         "metrics": result.metrics,
         "trainable_params": result.trainable_params,
@@ -349,13 +350,44 @@ def load_head(model_dir: Path) -> tuple[DownstreamModel, dict[str, Any], Normali
         raise ConfigError(f"{model_dir} holds no {HEAD_META}; pass the folder `insitu finetune --out` wrote.")
     meta = json.loads((model_dir / HEAD_META).read_text())
     cfg = load_config(model_dir / "config.yaml", check_paths=False)
-    adapter = Path(meta["adapter_package"]) if meta["adapter_package"] else None
+    adapter = resolve_package_ref(model_dir, meta["adapter_package"])
     model = build_model(cfg, adapter, meta["num_classes"])
     tensors = load_file(str(model_dir / HEAD_FILE))
     model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     if model.adapted.adapters is not None:
         model.adapted.adapters.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
     return model.eval(), meta, Normalizer.from_dict(meta["normalizer"])
+
+
+def package_ref(adapter: Path, head_dir: Path) -> dict[str, Any]:
+    """How a head folder names its adapter package: a path relative to the head folder (never an
+    absolute one: head folders are shared) and the package's content hash."""
+    rel = os.path.relpath(Path(adapter).resolve(), Path(head_dir).resolve())
+    return {"path": Path(rel).as_posix(), "content_sha256": load_package(adapter).meta.content_sha256}
+
+
+def resolve_package_ref(head_dir: Path, ref: str | dict[str, Any] | None) -> Path | None:
+    """The adapter package a head folder was trained with; a typed error when it moved or changed.
+
+    Head folders written before the relative form stored an absolute path (a plain string).
+    """
+    if not ref:
+        return None
+    path = Path(ref) if isinstance(ref, str) else (Path(head_dir) / ref["path"]).resolve()
+    where = ref if isinstance(ref, str) else f"{ref['path']} (relative to the head folder)"
+    if not path.exists():
+        raise ConfigError(
+            f"{head_dir}/{HEAD_META} was trained with the adapter package at {where}, which is not there. "
+            "Keep the head folder and its adapter package where they were relative to each other (copy both together)."
+        )
+    expected = None if isinstance(ref, str) else ref.get("content_sha256")
+    found = load_package(path).meta.content_sha256
+    if expected and found != expected:
+        raise ConfigError(
+            f"{head_dir}/{HEAD_META} was trained with an adapter package of content hash {expected[:12]}…, "
+            f"but {path} holds {str(found)[:12]}…: this head only fits the package it was trained with."
+        )
+    return path
 
 
 def summarize(results: list[FinetuneResult]) -> dict[str, tuple[float, float]]:

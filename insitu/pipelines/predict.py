@@ -24,6 +24,7 @@ from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.io import claim_folder, write_csv
+from insitu.pipelines.data import model_input
 from insitu.pipelines.finetune import DownstreamModel, load_head
 from insitu.registry import WRITERS
 
@@ -36,10 +37,8 @@ def make_predictor(model: DownstreamModel, norm: Normalizer | None, size: int) -
 
     @torch.no_grad()
     def predict(tile: torch.Tensor) -> torch.Tensor:
-        x = norm(tile.float()) if norm is not None else tile.float()
-        h, w = x.shape[-2:]
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=max(h, w) > size)
-        logits = model(x)
+        h, w = tile.shape[-2:]
+        logits = model(model_input(tile, norm, size)[None])
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0].softmax(0)
 
     return predict
@@ -140,8 +139,7 @@ def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: 
 
 def _classify(model: DownstreamModel, norm: Normalizer, image: torch.Tensor, meta: dict) -> tuple[int, str, float]:
     with torch.no_grad():
-        x = F.interpolate(norm(image.float())[None], size=(meta["image_size"],) * 2, mode="bilinear", align_corners=False)
-        probs = model(x)[0].softmax(0)
+        probs = model(model_input(image, norm, meta["image_size"])[None])[0].softmax(0)
     k = int(probs.argmax())
     names = meta.get("class_names") or []
     return k, names[k] if k < len(names) else str(k), round(float(probs[k]), 4)

@@ -313,11 +313,12 @@ def graph_chunks(batch_size: int, graph_size: int) -> list[torch.Tensor]:
 class GraphMatchingObjective(Objective):
     name = "graph_matching"
     Options = GraphMatchingOptions
+    opts: GraphMatchingOptions
     needs_teacher = False
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o: GraphMatchingOptions = self.opts
+        o = self.opts
         self.node_head = nn.Sequential(nn.Linear(embed_dim, o.proj_hidden_dim), nn.GELU(), nn.Linear(o.proj_hidden_dim, o.proj_dim))
         self.gcn = GCN(o.proj_dim, o.gcn_dim)
         self.clock = SolverClock()
@@ -368,7 +369,7 @@ class GraphMatchingObjective(Objective):
         grid: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One graph pair: kNN graphs + GCN, affinities; the Hamming loss, the clean matching, edges per node."""
-        o: GraphMatchingOptions = self.opts
+        o = self.opts
         adj_s, adj_t = knn_adjacency(zs, o.knn), knn_adjacency(zt, o.knn)
         hs, ht = self.gcn(zs, adj_s), self.gcn(zt, adj_t)
         c = vertex_affinity(hs, ht, ps, pt, meta_s, meta_t, grid, o.alpha, o.local_topk)

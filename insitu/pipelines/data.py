@@ -94,7 +94,8 @@ class SampleDataset(Dataset):
 def model_input(image: torch.Tensor, normalizer: Normalizer | None, size: int) -> torch.Tensor:
     """What the model sees for one C×H×W image in physical units: normalised, then resized to size×size.
 
-    The one path for training samples, probes and prediction, so they preprocess identically.
+    Prediction calls it; `SampleDataset` (training, probes) applies the same two steps, normalising
+    in `load` and resizing in `__getitem__` (a test checks the two give the same tensor).
     """
     image = image.float()
     return resize_square(normalizer(image) if normalizer is not None else image, size)

@@ -188,9 +188,13 @@ class DownstreamConfig(Strict):
     """A downstream task on backbone features (never the SSL projection head): head, mode, training.
 
     ``task``: ``classification``, ``multilabel`` or ``segmentation``. ``head``: ``linear``/``mlp``
-    (classification), ``linear``/``fpn`` (segmentation). ``mode``: ``head`` trains the head only
-    (backbone and adapters frozen), ``adapters`` trains adapters and head. The labelled data comes
-    from ``probe.train``/``probe.test`` (or a group split of ``data``).
+    (classification), ``linear``/``fpn``/``upernet`` (segmentation). ``mode``: ``head`` trains the
+    head only (backbone and adapters frozen), ``adapters`` trains adapters and head (fresh
+    zero-initialised adapters from the ``adapter`` section when no package is given). The labelled
+    data comes from ``probe.train``/``probe.test`` (or a group split of ``data``); ``val_fraction``
+    of the training groups validate every ``val_every`` steps (the best weights on them are kept;
+    ``early_stopping``: stop after that many validations without a gain). ``augment``: an
+    albumentations preset (``none``, ``medical_grey``, ``multispectral``, ``endoscopy``).
     """
 
     task: Literal["classification", "multilabel", "segmentation"] = "classification"
@@ -207,6 +211,12 @@ class DownstreamConfig(Strict):
     ignore_index: int = 255
     seeds: list[int] = Field(default_factory=lambda: [0])
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    augment: str = "none"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_every: int = Field(50, gt=0)
+    early_stopping: int | None = Field(None, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
 
 
 class TrustConfig(Strict):

@@ -122,7 +122,7 @@ CLASSIFICATION_HEADS: Registry[Any] = Registry(
     "classification head", {"linear": "insitu.heads.classification", "mlp": "insitu.heads.classification"}
 )
 SEGMENTATION_HEADS: Registry[Any] = Registry(
-    "segmentation head", {"linear": "insitu.heads.segmentation", "fpn": "insitu.heads.segmentation"}
+    "segmentation head", {n: "insitu.heads.segmentation" for n in ("linear", "fpn", "upernet")}
 )
 WRITERS: Registry[Any] = Registry("prediction writer", {d: "insitu.pipelines.predict" for d in ("geotiff", "images", "video", "dicom")})
 REGISTRIES = (ADAPTERS, OBJECTIVES, DOMAINS, CLASSIFICATION_HEADS, SEGMENTATION_HEADS, WRITERS)

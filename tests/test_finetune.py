@@ -10,7 +10,9 @@ import torch
 from insitu.config import DownstreamConfig, load_config
 from insitu.domains.synthetic import write_shape_pairs
 from insitu.errors import ConfigError, DataError
-from insitu.pipelines.finetune import class_weights, finetune, load_head, prepare, task_loss
+from insitu.pipelines.downstream import task_loss
+from insitu.pipelines.finetune import class_weights, finetune, prepare
+from insitu.pipelines.head_folder import load_head
 from insitu.pipelines.pretrain import pretrain
 from tests.conftest import REPO, TINY_BACKBONE, shared, tiny_config, write_shapes
 
@@ -112,8 +114,9 @@ def test_multilabel_on_real_bigearthnet_tags(tmp_path):
         "options": {"preset": "sentinel2_l2a", "tile_size": None, "labels": "bigearthnet"},
     }
     cfg = tiny_config(root, tmp_path, data=data, backbone={"in_chans": 12}, probe={"train": data, "test": data})
-    cfg["downstream"] = {"task": "multilabel", "head": "mlp", "steps": 3, "batch_size": 3, "hidden_dim": 16}
-    norm, train, test, k = prepare(load_config(cfg), None)
+    cfg["downstream"] = {"task": "multilabel", "head": "mlp", "steps": 3, "batch_size": 3, "hidden_dim": 16, "val_fraction": 0}
+    data = prepare(load_config(cfg), None)
+    train, k = data.train, data.k
     assert train.targets.shape == (3, k) and k >= 2 and set(train.targets.unique().tolist()) == {0.0, 1.0}
     result = finetune(load_config(cfg))
     assert set(result.metrics) == {"mAP"} and 0 < result.metrics["mAP"] <= 1

@@ -15,7 +15,8 @@ from PIL import Image
 from insitu.cli import main
 from insitu.config import load_config
 from insitu.domains.synthetic import write_shape_pairs
-from insitu.pipelines.finetune import finetune, load_head
+from insitu.pipelines.finetune import finetune
+from insitu.pipelines.head_folder import load_head
 from insitu.pipelines.predict import make_predictor, predict, sliding_window
 from tests.conftest import tiny_config
 

@@ -29,6 +29,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--adapter", type=Path, help="adapter package folder or .zip (default: the untouched backbone)")
     ft.add_argument("--out", type=Path, help="model folder for insitu predict (default: <run>/finetune)")
     ft.add_argument("--overwrite", action="store_true", help="replace an earlier model in --out (only the files insitu wrote there)")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_overrides(ft)
     ft.set_defaults(func=run_finetune)
 
@@ -95,7 +96,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from insitu.pipelines.finetune import finetune
 
     cfg = load_config(args.config, args.overrides)
-    result = finetune(cfg, args.adapter, out_dir=args.out or cfg.run_dir / "finetune", overwrite=args.overwrite)
+    out = args.out or cfg.run_dir / "finetune"
+    result = finetune(cfg, args.adapter, out_dir=out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     rows = [(k, f"{v:.4f}") for k, v in result.metrics.items()]
     rows += [("trainable params", f"{result.trainable_params:,}"), ("train/test", f"{result.n_train}/{result.n_test}")]
     summary_table(f"insitu finetune: {result.name}", [*rows, ("model folder", str(result.out_dir))])

@@ -3,7 +3,7 @@
 
 ``create_head(task, name, in_dim, num_classes, ...)`` is the one entry point: classification and
 multilabel heads (``linear``, ``mlp``) take pooled features; segmentation heads (``linear``,
-``fpn``) take the intermediate token maps from ``backbone.forward_intermediates``.
+``fpn``, ``upernet``) take the intermediate token maps from ``backbone.forward_intermediates``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from insitu.heads.classification import LinearHead, MLPHead, few_shot_accuracy, prototype_logits
 from insitu.heads.probe import dense_linear_probe, knn_accuracy, knn_predict, linear_probe_accuracy, linear_probe_predict
-from insitu.heads.segmentation import FPNDecoder, LinearSegHead
+from insitu.heads.segmentation import FPNHead, LinearSegHead, UPerNetHead
 from insitu.registry import CLASSIFICATION_HEADS, SEGMENTATION_HEADS
 
 
@@ -29,11 +29,12 @@ def create_head(task: str, name: str, in_dim: int, num_classes: int, **options: 
 
 __all__ = [
     "CLASSIFICATION_HEADS",
-    "FPNDecoder",
+    "FPNHead",
     "LinearHead",
     "LinearSegHead",
     "MLPHead",
     "SEGMENTATION_HEADS",
+    "UPerNetHead",
     "create_head",
     "dense_linear_probe",
     "few_shot_accuracy",

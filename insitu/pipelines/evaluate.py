@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from insitu.backbones import create_backbone
 from insitu.config import RunConfig, dump_config
 from insitu.exports.html import write_html_report
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
@@ -43,13 +44,16 @@ def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path |
     out_dir = Path(out_dir or cfg.run_dir / "evaluate")
     folder = claim_folder(out_dir, "evaluate", overwrite)
     rows, embeddings, samples = [], {}, {}
+    backbone = create_backbone(cfg.backbone)  # frozen: one for every package and seed
     for adapter in [None, *(adapters or [])]:
-        _, train, test, k = prepare(cfg, adapter)
-        # frozen features do not depend on the seed: encode the train split once per model
-        cache = encode(build_model(cfg, adapter, k), train.images) if ds.mode == "head" else None
+        data = prepare(cfg, adapter)
+        train, test = data.train, data.test
+        # frozen features do not depend on the seed: encode the train split once per package
+        cached = ds.mode == "head" and ds.augment == "none"
+        cache = encode(build_model(cfg, adapter, data.k, backbone), train.images) if cached else None
         results, model = [], None
         for seed in ds.seeds:
-            model, result, logits = fit_and_score(cfg, adapter, train, test, k, seed, cache)
+            model, result, logits = fit_and_score(cfg, adapter, data, seed, cache, backbone)
             results.append(result)
         row = EvalRow(model_name(adapter), summarize(results), results[0].trainable_params, len(train.images), len(test.images), results)
         if ds.task == "classification":

@@ -2,41 +2,40 @@
 
 Downstream always reads backbone features (pooled CLS + mean patch token, or intermediate token
 maps for segmentation), never an SSL projection head. In ``mode: head`` the backbone and adapters
-are frozen, so features are computed once and the head trains on the cache; in ``mode: adapters``
-every step runs the adapted backbone and the adapters train with the head.
+are frozen, so features are computed once and the head trains on the cache (unless an augmentation
+preset is set); in ``mode: adapters`` every step runs the adapted backbone and the adapters train
+with the head. Training runs on Lightning (`insitu.pipelines.downstream`); the head folder that
+``predict`` reads is written by `insitu.pipelines.head_folder`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
 
-from insitu.adapters import AdaptedBackbone
+from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.adapters.package import apply_package, load_package
-from insitu.backbones import create_backbone
-from insitu.config import DataConfig, DownstreamConfig, RunConfig, dump_config
+from insitu.backbones import ViTBackbone, create_backbone
+from insitu.config import DataConfig, DownstreamConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError, DataError
 from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
-from insitu.io import claim_folder, write_json
+from insitu.io import claim_folder, is_secondary_rank
 from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.pipelines.downstream import DownstreamTask, Features, LabelledData, LabelledItems, downstream_trainer
 from insitu.sharing.signing import trust_of
 
 log = logging.getLogger("insitu")
-HEAD_FILE, HEAD_META = "head.safetensors", "head.json"
 
 
 class DownstreamModel(nn.Module):
@@ -141,12 +140,6 @@ def class_weights(ds: DownstreamConfig, targets: torch.Tensor, k: int) -> torch.
     return counts.sum() / (k * counts.clamp(min=1))
 
 
-def task_loss(ds: DownstreamConfig, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    if ds.task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, target.float())
-    return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=ds.ignore_index)
-
-
 def task_metrics(ds: DownstreamConfig, logits: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, float]:
     if ds.task == "segmentation":
         return segmentation_metrics(logits, target, k, ds.ignore_index)
@@ -163,11 +156,17 @@ def package_normalizer(adapter: Path | None) -> Normalizer | None:
     return Normalizer.from_dict(meta.normalizer) if meta.normalizer else None
 
 
-def build_model(cfg: RunConfig, adapter: Path | None, k: int) -> DownstreamModel:
-    """Backbone (+ adapter package) + a fresh head."""
+def build_model(cfg: RunConfig, adapter: Path | None, k: int, backbone: ViTBackbone | None = None) -> DownstreamModel:
+    """Backbone (+ adapter package, or fresh adapters in ``mode: adapters``) + a fresh head.
+
+    ``backbone``: one already built from ``cfg.backbone`` (it stays frozen, so seeds and packages share it).
+    """
     ds = downstream_of(cfg)
-    backbone = create_backbone(cfg.backbone)
-    adapted = apply_package(load_package(adapter, trust_of(cfg)), backbone) if adapter is not None else AdaptedBackbone(backbone, None)
+    backbone = backbone or create_backbone(cfg.backbone)
+    if adapter is not None:
+        adapted = apply_package(load_package(adapter, trust_of(cfg)), backbone)
+    else:  # without a package, mode: adapters trains zero-initialised adapters from the `adapter` section
+        adapted = AdaptedBackbone(backbone, create_adapters(backbone, cfg.adapter) if ds.mode == "adapters" else None)
     in_dim = backbone.embed_dim * (1 if ds.task == "segmentation" else 2)
     levels = min(ds.layers, backbone.num_blocks)
     head = create_head(ds.task, ds.head, in_dim, k, hidden_dim=ds.hidden_dim, levels=levels, decoder_dim=ds.decoder_dim)
@@ -175,61 +174,23 @@ def build_model(cfg: RunConfig, adapter: Path | None, k: int) -> DownstreamModel
 
 
 @torch.no_grad()
-def encode(model: DownstreamModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor | list[torch.Tensor]:
+def encode(model: DownstreamModel, images: torch.Tensor, batch_size: int = 64) -> Features:
     """Frozen features of every image, batched (the cache ``mode: head`` trains on)."""
     model.eval()
-    parts = [model.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    parts = [model.features(images[i : i + batch_size].to(_device(model))) for i in range(0, len(images), batch_size)]
     if isinstance(parts[0], list):
-        return [torch.cat([p[level] for p in parts]) for level in range(len(parts[0]))]
-    return torch.cat(parts)
-
-
-def _take(feats: torch.Tensor | list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-    return [f[idx] for f in feats] if isinstance(feats, list) else feats[idx]
-
-
-def train_head(
-    model: DownstreamModel,
-    ds: DownstreamConfig,
-    train: Labelled,
-    weight: torch.Tensor | None,
-    seed: int,
-    cache: torch.Tensor | list[torch.Tensor] | None = None,
-) -> list[float]:
-    """Optimise the head (and, in ``mode: adapters``, the adapters) for ``ds.steps`` minibatch steps.
-
-    ``cache``: frozen features of ``train.images`` already computed (reused across seeds).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    train_adapters = ds.mode == "adapters" and model.adapted.adapters is not None
-    params = list(model.head.parameters()) + (list(model.adapted.adapters.parameters()) if train_adapters else [])
-    for p in model.adapted.adapters.parameters() if model.adapted.adapters is not None else []:
-        p.requires_grad_(train_adapters)
-    if not train_adapters and cache is None:
-        cache = encode(model, train.images)
-    cache = None if train_adapters else cache
-    opt = torch.optim.AdamW(params, lr=ds.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ds.steps)
-    size = tuple(train.images.shape[-2:])
-    history = []
-    model.train()
-    for _ in range(ds.steps):
-        idx = torch.randperm(len(train.images), generator=gen)[: ds.batch_size]
-        feats = model.features(train.images[idx]) if cache is None else _take(cache, idx)
-        loss = task_loss(ds, model.head_logits(feats, size), train.targets[idx], weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(float(loss.detach()))
-    model.eval()
-    return history
+        return [torch.cat([p[level].cpu() for p in parts]) for level in range(len(parts[0]))]
+    return torch.cat([p.cpu() for p in parts])
 
 
 @torch.no_grad()
 def predict_logits(model: DownstreamModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    return torch.cat([model(images[i : i + batch_size].to(_device(model))).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def trainable_count(model: DownstreamModel, mode: str) -> int:
@@ -240,45 +201,118 @@ def trainable_count(model: DownstreamModel, mode: str) -> int:
     return n
 
 
-def prepare(cfg: RunConfig, adapter: Path | None) -> tuple[Normalizer, Labelled, Labelled, int]:
-    """Normaliser (the package's, else fitted on train), both labelled splits as tensors, class count."""
+@dataclass
+class Prepared:
+    """A downstream run's data: normaliser, labelled train / validation / test splits, class count."""
+
+    norm: Normalizer
+    train: Labelled
+    val: Labelled | None
+    test: Labelled
+    k: int
+
+
+def prepare(cfg: RunConfig, adapter: Path | None) -> Prepared:
+    """Normaliser (the package's, else fitted on train), the labelled splits as tensors, class count.
+
+    ``downstream.val_fraction`` of the training groups become the validation split (none when the
+    training split has too few groups; a warning says so).
+    """
     ds = downstream_of(cfg)
     train_data, train_items, test_data, test_items = labelled_splits(cfg)
+    val_items: list[ManifestItem] = []
+    if ds.val_fraction > 0:
+        parts = split_by_group(train_items, {"train": 1 - ds.val_fraction, "val": ds.val_fraction}, seed=cfg.seed)
+        if parts["train"] and parts["val"]:
+            train_items, val_items = parts["train"], parts["val"]
+        else:
+            log.warning("downstream: too few training groups for a validation split; training without validation")
     size = (cfg.probe.train or cfg.data).image_size
     norm = package_normalizer(adapter) or fit_normalizer(train_data, train_items)
     train = load_labelled(train_data, train_items, norm, size, ds.task, "the downstream train split")
+    val = load_labelled(train_data, val_items, norm, size, ds.task, "the downstream validation split") if val_items else None
     test = load_labelled(test_data, test_items, norm, size, ds.task, "the downstream test split")
-    return norm, train, test, num_classes_of(ds, train, test)
+    return Prepared(norm, train, val, test, num_classes_of(ds, train, test))
 
 
-def model_name(adapter: Path | None) -> str:
-    return "frozen backbone" if adapter is None else f"+ adapters ({Path(adapter).parent.name or Path(adapter).name})"
+def model_name(adapter: Path | None, mode: str = "head") -> str:
+    if adapter is None:
+        return "fresh adapters + head" if mode == "adapters" else "frozen backbone"
+    return f"+ adapters ({Path(adapter).parent.name or Path(adapter).name})"
+
+
+def train_downstream(
+    cfg: RunConfig,
+    model: DownstreamModel,
+    data: Prepared,
+    seed: int,
+    cache: Features | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    quiet: bool = True,
+) -> tuple[list[float], L.Trainer]:
+    """Train ``model``'s head (and adapters in ``mode: adapters``) with Lightning; returns the loss per step.
+
+    Head-only runs without augmentation train on frozen features (``cache``: of ``data.train``, reused
+    across seeds). ``run_dir`` holds ``checkpoints/`` and ``logs/``; ``resume`` continues from
+    ``checkpoints/last.ckpt`` and reaches the weights the uninterrupted run would.
+    """
+    ds = downstream_of(cfg)
+    size = (cfg.probe.train or cfg.data).image_size
+    on_features = ds.mode == "head" and ds.augment == "none"
+    if on_features and cache is None:
+        cache = encode(model, data.train.images)
+    augment = None
+    if not on_features and ds.augment != "none":
+        from insitu.pipelines.downstream_aug import build_augmentation
+
+        augment = build_augmentation(ds.augment, size, seed, ds.ignore_index)
+    train = (
+        LabelledItems(cache, data.train.targets, ds.task, key="features")
+        if on_features
+        else LabelledItems(data.train.images, data.train.targets, ds.task, augment, seed)
+    )
+    val = LabelledItems(data.val.images, data.val.targets, ds.task) if data.val is not None else None
+    last = run_dir / "checkpoints" / "last.ckpt" if run_dir is not None else None
+    if resume and (last is None or not last.exists()):
+        raise ConfigError(f"--resume: no checkpoint at {last}. Run without --resume to start.")
+    start = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]) if resume else 0
+    seed_everything(seed, workers=True)
+    task = DownstreamTask(model, ds, data.k, class_weights(ds, data.train.targets, data.k), size)
+    trainer = downstream_trainer(
+        cfg, ds, run_dir / "checkpoints" if run_dir else None, run_dir / "logs" if run_dir else None, val is not None, quiet
+    )
+    trainer.fit(task, datamodule=LabelledData(train, val, ds, seed, start), ckpt_path=str(last) if resume else None, weights_only=True)
+    model.cpu().eval()
+    return task.history, trainer
 
 
 def fit_and_score(
     cfg: RunConfig,
     adapter: Path | None,
-    train: Labelled,
-    test: Labelled,
-    k: int,
+    data: Prepared,
     seed: int,
-    cache: torch.Tensor | list[torch.Tensor] | None = None,
+    cache: Features | None = None,
+    backbone: ViTBackbone | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    quiet: bool = True,
 ) -> tuple[DownstreamModel, FinetuneResult, torch.Tensor]:
-    """Train a fresh head (seeded) and score it on ``test``; returns the model, result and test logits."""
+    """Train a fresh head (seeded) and score it on the test split; returns the model, result and test logits."""
     ds = downstream_of(cfg)
     start = time.time()
     torch.manual_seed(seed)
-    model = build_model(cfg, adapter, k)
-    history = train_head(model, ds, train, class_weights(ds, train.targets, k), seed, cache)
-    logits = predict_logits(model, test.images)
-    metrics = task_metrics(ds, logits, test.targets, k)
+    model = build_model(cfg, adapter, data.k, backbone)
+    history, _ = train_downstream(cfg, model, data, seed, cache, run_dir, resume, quiet)
+    logits = predict_logits(model, data.test.images)
+    metrics = task_metrics(ds, logits, data.test.targets, data.k)
     result = FinetuneResult(
-        model_name(adapter),
+        model_name(adapter, ds.mode),
         seed,
         metrics,
         trainable_count(model, ds.mode),
-        len(train.images),
-        len(test.images),
+        len(data.train.images),
+        len(data.test.images),
         round(time.time() - start, 2),
         history=history,
     )
@@ -286,108 +320,36 @@ def fit_and_score(
 
 
 def finetune(
-    cfg: RunConfig, adapter: Path | None = None, seed: int | None = None, out_dir: Path | None = None, overwrite: bool = False
+    cfg: RunConfig,
+    adapter: Path | None = None,
+    seed: int | None = None,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    quiet: bool = True,
 ) -> FinetuneResult:
     """Train the configured head on ``probe.train`` (or a split of ``data``), score it on the test split.
 
     With ``out_dir`` the head, its metadata and the resolved config are saved there for ``insitu predict``
-    (the folder is claimed before training: an earlier model there is replaced only with ``overwrite``).
+    (the folder is claimed before training: an earlier model there is replaced only with ``overwrite``;
+    ``resume`` continues the run whose checkpoints are there). Secondary ranks of a distributed run
+    train but write nothing.
     """
-    folder = claim_folder(Path(out_dir), "finetune", overwrite) if out_dir is not None else None
+    from insitu.pipelines.head_folder import save_head
+
+    writer = out_dir is not None and not is_secondary_rank()
+    folder = None
+    if writer and not resume:
+        folder = claim_folder(Path(out_dir), "finetune", overwrite)
     seed = cfg.seed if seed is None else seed
-    norm, train, test, k = prepare(cfg, adapter)
-    model, result, _ = fit_and_score(cfg, adapter, train, test, k, seed)
-    if out_dir is not None:
+    data = prepare(cfg, adapter)
+    model, result, _ = fit_and_score(cfg, adapter, data, seed, run_dir=Path(out_dir) if out_dir else None, resume=resume, quiet=quiet)
+    if writer:
         size = (cfg.probe.train or cfg.data).image_size
-        result.out_dir = save_head(model, cfg, adapter, norm, k, train.class_names, size, result, Path(out_dir))
+        result.out_dir = save_head(model, cfg, adapter, data.norm, data.k, data.train.class_names, size, result, Path(out_dir))
     if folder is not None:
         folder.record()
     return result
-
-
-def save_head(
-    model: DownstreamModel,
-    cfg: RunConfig,
-    adapter: Path | None,
-    norm: Normalizer,
-    k: int,
-    class_names: list[str],
-    size: int,
-    result: FinetuneResult,
-    out_dir: Path,
-) -> Path:
-    """Write ``head.safetensors`` (head, plus adapters when they were trained) and ``head.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ds = downstream_of(cfg)
-    tensors = {f"head.{k_}": v.detach().contiguous() for k_, v in model.head.state_dict().items()}
-    if model.adapted.adapters is not None:
-        tensors |= {f"adapter.{k_}": v.detach().contiguous() for k_, v in model.adapted.adapters.state_dict().items()}
-    save_file(tensors, str(out_dir / HEAD_FILE))
-    meta = {
-        "task": ds.task,
-        "num_classes": k,
-        "class_names": class_names,
-        "image_size": size,
-        "in_chans": cfg.backbone.in_chans,
-        "adapter_package": package_ref(Path(adapter), out_dir) if adapter is not None else None,
-        "normalizer": norm.to_dict(),
-        "metrics": result.metrics,
-        "trainable_params": result.trainable_params,
-        "domain": (cfg.probe.train or cfg.data).domain,
-        "domain_options": (cfg.probe.train or cfg.data).options,
-    }
-    write_json(out_dir / HEAD_META, meta)
-    dump_config(cfg, out_dir / "config.yaml")
-    return out_dir
-
-
-def load_head(model_dir: Path) -> tuple[DownstreamModel, dict[str, Any], Normalizer]:
-    """Rebuild a saved downstream model (backbone from its config, adapters and head from safetensors)."""
-    from insitu.config import load_config
-
-    model_dir = Path(model_dir)
-    if not (model_dir / HEAD_META).is_file():
-        raise ConfigError(f"{model_dir} holds no {HEAD_META}; pass the folder `insitu finetune --out` wrote.")
-    meta = json.loads((model_dir / HEAD_META).read_text())
-    cfg = load_config(model_dir / "config.yaml", check_paths=False)
-    adapter = resolve_package_ref(model_dir, meta["adapter_package"])
-    model = build_model(cfg, adapter, meta["num_classes"])
-    tensors = load_file(str(model_dir / HEAD_FILE))
-    model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-    if model.adapted.adapters is not None:
-        model.adapted.adapters.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
-    return model.eval(), meta, Normalizer.from_dict(meta["normalizer"])
-
-
-def package_ref(adapter: Path, head_dir: Path) -> dict[str, Any]:
-    """How a head folder names its adapter package: a path relative to the head folder (never an
-    absolute one: head folders are shared) and the package's content hash."""
-    rel = os.path.relpath(Path(adapter).resolve(), Path(head_dir).resolve())
-    return {"path": Path(rel).as_posix(), "content_sha256": load_package(adapter).meta.content_sha256}
-
-
-def resolve_package_ref(head_dir: Path, ref: str | dict[str, Any] | None) -> Path | None:
-    """The adapter package a head folder was trained with; a typed error when it moved or changed.
-
-    Head folders written before the relative form stored an absolute path (a plain string).
-    """
-    if not ref:
-        return None
-    path = Path(ref) if isinstance(ref, str) else (Path(head_dir) / ref["path"]).resolve()
-    where = ref if isinstance(ref, str) else f"{ref['path']} (relative to the head folder)"
-    if not path.exists():
-        raise ConfigError(
-            f"{head_dir}/{HEAD_META} was trained with the adapter package at {where}, which is not there. "
-            "Keep the head folder and its adapter package where they were relative to each other (copy both together)."
-        )
-    expected = None if isinstance(ref, str) else ref.get("content_sha256")
-    found = load_package(path).meta.content_sha256
-    if expected and found != expected:
-        raise ConfigError(
-            f"{head_dir}/{HEAD_META} was trained with an adapter package of content hash {expected[:12]}…, "
-            f"but {path} holds {str(found)[:12]}…: this head only fits the package it was trained with."
-        )
-    return path
 
 
 def summarize(results: list[FinetuneResult]) -> dict[str, tuple[float, float]]:

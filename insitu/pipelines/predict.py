@@ -25,7 +25,8 @@ from insitu.errors import ConfigError
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.io import claim_folder, write_csv
 from insitu.pipelines.data import model_input
-from insitu.pipelines.finetune import DownstreamModel, load_head
+from insitu.pipelines.finetune import DownstreamModel
+from insitu.pipelines.head_folder import load_head
 from insitu.registry import WRITERS
 
 log = logging.getLogger("insitu")

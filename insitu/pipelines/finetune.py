@@ -26,6 +26,7 @@ from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import ViTBackbone, create_backbone
 from insitu.config import DataConfig, DownstreamConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
+from insitu.domains.near_duplicates import stratified_split
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError, DataError
 from insitu.heads import create_head
@@ -88,12 +89,16 @@ def downstream_of(cfg: RunConfig) -> DownstreamConfig:
 
 
 def labelled_splits(cfg: RunConfig) -> tuple[ScannedData, list[ManifestItem], ScannedData, list[ManifestItem]]:
-    """(train data, train items, test data, test items): ``probe.train``/``probe.test`` or a group split."""
+    """(train data, train items, test data, test items): ``probe.train``/``probe.test``, or a split of one side
+    by group (``probe.group_near_duplicates``: stratified per class, near-duplicates grouped by hash)."""
     train_cfg: DataConfig = cfg.probe.train or cfg.data
     train = ScannedData.scan(train_cfg)
     if cfg.probe.test is not None:
         test = ScannedData.scan(cfg.probe.test)
         return train, train.manifest.items, test, test.manifest.items
+    if cfg.probe.group_near_duplicates:  # per class, near-duplicate images never straddle the split
+        train_items, test_items = stratified_split(train.manifest.items, cfg.probe.test_fraction, cfg.seed)
+        return train, train_items, train, test_items
     parts = split_by_group(train.manifest.items, {"train": 1 - cfg.probe.test_fraction, "test": cfg.probe.test_fraction}, seed=cfg.seed)
     if not parts["train"] or not parts["test"]:
         raise DataError(f"{train_cfg.root}: too few groups to split into train and test; set probe.train and probe.test.")

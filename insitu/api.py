@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 
 from insitu.adapters import AdaptedBackbone, MultiAdapterBackbone
-from insitu.adapters.package import apply_package, load_package
+from insitu.adapters.package import AdapterPackage, apply_package, load_package
 from insitu.backbones import ViTBackbone, create_backbone
 from insitu.config import BackboneConfig, RunConfig, load_config
 from insitu.domains.near_duplicates import split_class_folders
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
-from insitu.pipelines.data import SampleDataset, ScannedData, fit_normalizer
+from insitu.pipelines.data import ScannedData
+from insitu.pipelines.preprocess import resolve_preprocessing
 from insitu.pipelines.pretrain import PretrainResult
 from insitu.pipelines.pretrain import pretrain as _pretrain
 from insitu.pipelines.probe import ProbeRow, extract_features
@@ -73,20 +74,24 @@ def embed_folder(
     image_size: int | None = None,
     normalizer: Normalizer | dict[str, Any] | None = None,
     batch_size: int = 64,
+    package: AdapterPackage | str | Path | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Features (CLS ‖ mean patch token) for every usable item under ``root``, with their item ids.
 
-    With an adapter package loaded, pass its ``meta.normalizer`` so inputs are normalised exactly
-    as in training; otherwise statistics are fitted on the folder itself.
+    With an adapter package, pass it as ``package`` (its whole preprocessing contract is used and
+    checked against the folder: normaliser, stored size unless ``image_size`` is given, channels and
+    bands), or pass its ``meta.normalizer`` as ``normalizer``; otherwise statistics are fitted on the
+    folder itself (`insitu.pipelines.preprocess`).
     """
     from insitu.config import DataConfig
 
     model = model if isinstance(model, AdaptedBackbone) else AdaptedBackbone(model, None)
-    size = image_size or model.img_size
-    data = ScannedData.scan(DataConfig(domain=domain, root=Path(root), options=options or {}, image_size=size))
+    data = ScannedData.scan(DataConfig(domain=domain, root=Path(root), options=options or {}, image_size=image_size or model.img_size))
     items = data.manifest.items
-    norm = Normalizer.from_dict(normalizer) if isinstance(normalizer, dict) else normalizer or fit_normalizer(data, items)
-    feats, _ = extract_features(model, SampleDataset(data, items, norm, image_size=size), batch_size)
+    pkg = load_package(package) if isinstance(package, (str, Path)) else package
+    stored = pkg if pkg is not None else Normalizer.from_dict(normalizer) if isinstance(normalizer, dict) else normalizer
+    prep = resolve_preprocessing(stored, data, items, image_size, model)  # size None: the package's, else the model's
+    feats, _ = extract_features(model, prep.dataset(data, items), batch_size)
     return feats, [i.item_id for i in items]
 
 

@@ -43,6 +43,9 @@ TENSOR_DTYPE = "F32"  # packages store float32; anything else would be cast sile
 # head tensors live under the namespace of the objective that trained them
 # (``head.<ns>.…`` where ``<ns>`` is one of these or starts with one and ``_``: dino, dino_input_norm, gm_gcn)
 HEAD_NAMESPACES = ("dino", "glare", "gm", "convirt", "clip", "rsp", "cvrl", "simclr")
+# the preprocessing contract in ``input`` (insitu.pipelines.preprocess); packages written before it lack these keys
+RESIZE_POLICIES = ("square-antialias",)  # the first is the default: insitu.objectives.views.resize_square
+MAX_BAND_NAME = 64
 
 
 class BaseInfo(BaseModel):
@@ -328,6 +331,23 @@ def _input_problems(meta: PackageMeta) -> list[str]:
             problems.append(f"input.image_size {size} gives more than {MAX_TOKENS} tokens per image at patch {meta.base.patch_size}")
     if channels is not None and channels != meta.base.in_chans:
         problems.append(f"input.channels {channels!r} is not the base's in_chans {meta.base.in_chans}")
+    return problems + _contract_problems(meta.input, meta.base.in_chans)
+
+
+def _contract_problems(inp: dict[str, Any], in_chans: int) -> list[str]:
+    """The contract's keys, each checked only when present (older packages do not have them)."""
+    problems = []
+    if inp.get("in_chans") is not None and inp["in_chans"] != in_chans:
+        problems.append(f"input.in_chans {inp['in_chans']!r} is not the base's in_chans {in_chans}")
+    if "resize" in inp and inp["resize"] not in RESIZE_POLICIES:
+        problems.append(f"input.resize {inp['resize']!r} is not one of {list(RESIZE_POLICIES)}")
+    if inp.get("channel_init") is not None and not (isinstance(inp["channel_init"], str) and len(inp["channel_init"]) <= 32):
+        problems.append("input.channel_init is not a short name")
+    bands = inp.get("bands")
+    if bands is not None:
+        names_ok = isinstance(bands, list) and all(isinstance(b, str) and 0 < len(b) <= MAX_BAND_NAME for b in bands)
+        if not names_ok or len(bands) != in_chans:
+            problems.append(f"input.bands must be {in_chans} band names of at most {MAX_BAND_NAME} characters, one per base channel")
     return problems
 
 

@@ -169,8 +169,8 @@ def run_apply(args: argparse.Namespace) -> int:
     pkg = load_package(args.path, trust(args))
     model = apply_package(pkg, base_backbone(args.base))
     domain = args.domain or pkg.meta.input.get("domain", "images")
-    size = int(pkg.meta.input.get("image_size", model.img_size))
-    feats, ids = embed_folder(args.data, model, domain, parse_options(args.option), size, pkg.meta.normalizer)
+    # the package's preprocessing contract (insitu.pipelines.preprocess): its normaliser, size, channels and bands
+    feats, ids = embed_folder(args.data, model, domain, parse_options(args.option), package=pkg)
     _save_features(args.out, args.path, feats, ids)
     write_json(args.out.with_suffix(".json"), {"item_ids": ids, "package": args.path.name})
     summary_table("features written", [("items", str(len(ids))), ("dim", str(feats.shape[1])), ("file", str(args.out))])

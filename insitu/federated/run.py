@@ -20,6 +20,7 @@ from insitu.errors import ConfigError
 from insitu.federated.flower import FederationState, RoundRecord, initial_state, make_client, make_strategy, require_flower, simulate
 from insitu.federated.site import SiteTrainer, set_arrays
 from insitu.io import atomic_write_text, claim_folder, csv_text, write_json
+from insitu.pipelines.preprocess import backbone_preprocessing
 from insitu.pipelines.pretrain import PretrainModule
 
 log = logging.getLogger("insitu")
@@ -116,7 +117,8 @@ def write_outputs(cfg: RunConfig, state: FederationState, module: PretrainModule
         module.backbone,
         module.student,
         head_state=module.objective.head_state(),
-        input_info={"image_size": cfg.data.image_size, "channels": module.backbone.in_chans},
+        # the contract without a normaliser: each site fitted its own, so users fit one on their data (the preprocess rule)
+        input_info=backbone_preprocessing(cfg.backbone, cfg.data.image_size).input_section(),
         normalizer=None,
         objective={"name": cfg.objective.name, "options": cfg.objective.options},
         training={"federated": summary, "steps": summary["steps_per_site"], "seed": cfg.seed},

@@ -30,8 +30,9 @@ from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
 from insitu.io import OutputExistsError, OwnedFolder, claim_folder, is_secondary_rank, read_owner, write_json
 from insitu.objectives import create_objective
-from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
+from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData
 from insitu.pipelines.health import HealthMonitor
+from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
 from insitu.pipelines.trainer import build_trainer, device_name, final_loss, merge_metrics, resolve_precision, set_aside_metrics
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
 
@@ -275,9 +276,9 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     if folder is not None:
         data.manifest.write(run_dir / "manifest")
     items = data.manifest.items
-    normalizer = fit_normalizer(data, items)
+    prep = resolve_preprocessing(None, data, items, cfg.data.image_size, cfg.backbone)  # normaliser fitted on the items
     module = PretrainModule(cfg)
-    dm = _data_module(cfg, module, SampleDataset(data, items, normalizer, module.objective.view_transform(), cfg.data.image_size))
+    dm = _data_module(cfg, module, prep.dataset(data, items, module.objective.view_transform()))
     trainer = build_trainer(cfg, ckpt_dir, quiet)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
@@ -287,7 +288,7 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     if trainer.global_step >= cfg.train.max_steps or not last.exists():
         trainer.save_checkpoint(last)
     summary = _summary(cfg, module, trainer, wall, len(items), len(data.manifest.quarantine))
-    adapter_dir = _save_outputs(cfg, module, normalizer, summary) if trainer.is_global_zero else None
+    adapter_dir = _save_outputs(cfg, module, prep, summary) if trainer.is_global_zero else None
     return PretrainResult(
         run_dir,
         adapter_dir,
@@ -331,7 +332,7 @@ def _summary(cfg: RunConfig, module: PretrainModule, trainer: L.Trainer, wall: f
     return summary
 
 
-def _save_outputs(cfg: RunConfig, module: PretrainModule, normalizer: Any, summary: dict[str, Any]) -> Path:
+def _save_outputs(cfg: RunConfig, module: PretrainModule, prep: Preprocessing, summary: dict[str, Any]) -> Path:
     """The adapter package, summary.json and (full fine-tuning only) the backbone; returns the package folder."""
     run_dir = cfg.run_dir
     adapter_dir = save_package(
@@ -339,8 +340,8 @@ def _save_outputs(cfg: RunConfig, module: PretrainModule, normalizer: Any, summa
         module.backbone,
         module.student,
         head_state=module.objective.head_state(),
-        input_info={"domain": cfg.data.domain, "image_size": cfg.data.image_size, "channels": module.backbone.in_chans},
-        normalizer=normalizer.to_dict(),
+        input_info=prep.input_section(cfg.data.domain),  # the preprocessing contract, read back by package_preprocessing
+        normalizer=prep.normalizer.to_dict(),
         objective={"name": cfg.objective.name, "options": cfg.objective.options},
         training=summary,
         config=cfg.model_dump(mode="json"),

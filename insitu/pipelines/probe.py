@@ -21,12 +21,12 @@ from insitu.adapters import AdaptedBackbone
 from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import create_backbone
 from insitu.config import ProbeConfig, RunConfig
-from insitu.domains.normalize import Normalizer
 from insitu.heads.probe import knn_predict, linear_probe_predict
 from insitu.heads.stats import accuracy_from_counts
 from insitu.io import write_csv, write_json
-from insitu.pipelines.data import SampleDataset, collate, fit_normalizer
-from insitu.pipelines.probe_dense import dense_results, score_dense, token_maps
+from insitu.pipelines.data import SampleDataset, collate
+from insitu.pipelines.preprocess import Preprocessing, Stored, package_preprocessing, resolve_comparison
+from insitu.pipelines.probe_dense import dense_results, score_dense, stored_of, token_maps
 from insitu.pipelines.probe_plan import (
     Model,
     Pool,
@@ -41,7 +41,7 @@ from insitu.sharing.signing import trust_of
 
 __all__ = [  # the protocol's pieces live in probe_plan / probe_dense; these names stay importable from here
     "Model", "Pool", "ProbeResult", "ProbeRow", "Split", "build_models", "classification_pool", "classification_results",
-    "dense_results", "evaluation_plan", "extract_features", "pool_features", "probe_splits", "probe_table", "result_rows",
+    "dense_results", "evaluation_plan", "extract_features", "load_models", "pool_features", "probe_splits", "probe_table", "result_rows",
     "run_probe", "score_classification", "score_dense", "summarise", "token_maps", "write_probe_outputs",
 ]  # fmt: skip
 
@@ -89,33 +89,36 @@ def extract_features(
 
 
 @torch.no_grad()
-def pool_features(model: Model, pool: Pool, size: int, cfg: ProbeConfig, fallback: Normalizer) -> dict[tuple[int, str], np.ndarray]:
+def pool_features(model: Model, pool: Pool, prep: Preprocessing, cfg: ProbeConfig) -> dict[tuple[int, str], np.ndarray]:
     """(side, item id) -> feature vector over every side of the pool (items that fail to load are absent).
 
     Keyed by side too: two sets scanned from different roots can give the same relative ids.
     """
     out: dict[tuple[int, str], np.ndarray] = {}
     for side, (data, items) in enumerate(pool.sides):
-        x, _, ids = _extract(
-            model.model, SampleDataset(data, items, model.normalizer or fallback, image_size=size), cfg.batch_size, cfg.features
-        )
+        x, _, ids = _extract(model.model, prep.dataset(data, items), cfg.batch_size, cfg.features)
         out.update(zip([(side, i) for i in ids], x, strict=True))
     return out
 
 
-def build_models(cfg: RunConfig, adapter_paths: list[Path] | None) -> list[Model]:
-    """The frozen backbone, then backbone + each package; all share the frozen weights and one normaliser policy."""
+def load_models(cfg: RunConfig, adapter_paths: list[Path] | None) -> tuple[list[Model], list[Stored]]:
+    """The models (as `build_models`) and what each stores for `resolve_comparison`: None (frozen), then each package."""
     backbone = create_backbone(cfg.backbone)
     trust = trust_of(cfg)
     packages = [load_package(p, trust) for p in adapter_paths or []]
-    base = Normalizer.from_dict(packages[0].meta.normalizer) if packages and packages[0].meta.normalizer else None
-    models = [Model("frozen backbone", AdaptedBackbone(backbone, None), base, 0)]
+    models = [Model("frozen backbone", AdaptedBackbone(backbone, None), None, 0)]
     for path, pkg in zip(adapter_paths or [], packages, strict=True):
-        norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else base
         adapted = apply_package(pkg, backbone)
         trainable = sum(p.numel() for p in adapted.adapters.parameters()) if adapted.adapters is not None else 0
-        models.append(Model(f"+ adapters ({Path(path).parent.name or Path(path).name})", adapted, norm, trainable))
-    return models
+        # Model.normalizer: what the package stores; the comparison's rule is applied on the data (resolve_comparison)
+        stored = package_preprocessing(pkg).normalizer
+        models.append(Model(f"+ adapters ({Path(path).parent.name or Path(path).name})", adapted, stored, trainable))
+    return models, [None, *packages]
+
+
+def build_models(cfg: RunConfig, adapter_paths: list[Path] | None) -> list[Model]:
+    """The frozen backbone, then backbone + each package; all share the frozen weights and one normaliser rule (preprocess)."""
+    return load_models(cfg, adapter_paths)[0]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -140,13 +143,18 @@ def score_classification(x: np.ndarray, labels: np.ndarray, plan: list[Split], k
     return out
 
 
-def classification_results(cfg: RunConfig, models: list[Model]) -> tuple[dict[str, list[ProbeResult]], dict[str, tuple[int, int]]]:
-    """Linear and kNN results per model, and each model's (n_train, n_test) at full labels."""
+def classification_results(
+    cfg: RunConfig, models: list[Model], stored: list[Stored] | None = None
+) -> tuple[dict[str, list[ProbeResult]], dict[str, tuple[int, int]]]:
+    """Linear and kNN results per model, and each model's (n_train, n_test) at full labels.
+
+    Each model's input follows `resolve_comparison` on the pool's first set (``stored``: see `stored_of`).
+    """
     pool = classification_pool(cfg)
     size = (cfg.probe.train or cfg.data).image_size
     items = pool.items
-    fallback = fit_normalizer(pool.sides[0][0], pool.sides[0][1])
-    feats = {m.name: pool_features(m, pool, size, cfg.probe, fallback) for m in models}
+    preps = resolve_comparison(stored_of(models, stored), *pool.sides[0], size, cfg.backbone)
+    feats = {m.name: pool_features(m, pool, prep, cfg.probe) for m, prep in zip(models, preps, strict=True)}
     keys = [(side, it.item_id) for side, (_, its) in enumerate(pool.sides) for it in its]
     keep = [i for i, key in enumerate(keys) if all(key in f for f in feats.values())]
     index = {old: new for new, old in enumerate(keep)}
@@ -169,10 +177,10 @@ def classification_results(cfg: RunConfig, models: list[Model]) -> tuple[dict[st
 def run_probe(cfg: RunConfig, adapter_paths: list[Path] | None = None) -> list[ProbeRow]:
     """Repeated linear-probe, kNN (and dense) evaluation of the frozen backbone and each adapter package."""
     L.seed_everything(cfg.seed, verbose=False)
-    models = build_models(cfg, adapter_paths)
-    results, sizes = classification_results(cfg, models)
+    models, stored = load_models(cfg, adapter_paths)
+    results, sizes = classification_results(cfg, models, stored)
     if cfg.probe.dense is not None:
-        for name, rows in dense_results(cfg, models).items():
+        for name, rows in dense_results(cfg, models, stored).items():
             results[name] += rows
     full = max(cfg.probe.label_fractions)
     out = []

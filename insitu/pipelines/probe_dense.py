@@ -11,22 +11,20 @@ from torch.utils.data import DataLoader
 
 from insitu.config import RunConfig
 from insitu.domains import ManifestItem
-from insitu.domains.normalize import Normalizer
 from insitu.errors import DataError
 from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_counts
 from insitu.heads.probe import dense_linear_probe
-from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.pipelines.data import ScannedData, collate
+from insitu.pipelines.preprocess import Preprocessing, Stored, resolve_comparison
 from insitu.pipelines.probe_plan import Model, ProbeResult, Split, evaluation_plan, grouped_items, summarise
 
 
 @torch.no_grad()
-def token_maps(model: Model, data: ScannedData, items: list[ManifestItem], size: int, batch_size: int, fallback: Normalizer):
-    """(patch-token maps B×D×h×w, masks B×H×W, item ids) for items that carry masks."""
+def token_maps(model: Model, data: ScannedData, items: list[ManifestItem], prep: Preprocessing, batch_size: int):
+    """(patch-token maps B×D×h×w, masks B×H×W, item ids) for items that carry masks, their input prepared by ``prep``."""
     model.model.eval()
     maps, masks, ids = [], [], []
-    for batch in DataLoader(
-        SampleDataset(data, items, model.normalizer or fallback, image_size=size), batch_size=batch_size, collate_fn=collate
-    ):
+    for batch in DataLoader(prep.dataset(data, items), batch_size=batch_size, collate_fn=collate):
         if not batch["item_id"]:
             continue
         if "mask" not in batch:
@@ -41,19 +39,27 @@ def token_maps(model: Model, data: ScannedData, items: list[ManifestItem], size:
     return torch.cat(maps), torch.cat(masks), ids
 
 
-def dense_results(cfg: RunConfig, models: list[Model]) -> dict[str, list[ProbeResult]]:
-    """The dense probe per model: mIoU and foreground Dice over the same folds, adapted − frozen with CIs."""
+def stored_of(models: list[Model], stored: list[Stored] | None) -> list[Stored]:
+    """What each model stores: ``stored`` when given (None, then packages: `insitu.pipelines.probe.load_models`), else each model's normaliser."""
+    return stored if stored is not None else [m.normalizer for m in models]
+
+
+def dense_results(cfg: RunConfig, models: list[Model], stored: list[Stored] | None = None) -> dict[str, list[ProbeResult]]:
+    """The dense probe per model: mIoU and foreground Dice over the same folds, adapted − frozen with CIs.
+
+    Each model's input follows `resolve_comparison` on ``probe.dense.data`` (``stored``: what each model
+    stores, as from `insitu.pipelines.probe.load_models`; by default each model's normaliser).
+    """
     dense = cfg.probe.dense
     data = ScannedData.scan(dense.data)
     sides = [(data, grouped_items(data.manifest.items, cfg.probe))]
     if dense.test is not None:
         test = ScannedData.scan(dense.test)
         sides.append((test, test.manifest.items))
-    fallback = fit_normalizer(data, data.manifest.items)
+    preps = resolve_comparison(stored_of(models, stored), data, data.manifest.items, dense.data.image_size, cfg.backbone)
     per_model = {}
-    for m in models:
-        parts = [token_maps(m, d, items, dense.data.image_size, cfg.probe.batch_size, fallback) for d, items in sides]
-        per_model[m.name] = parts
+    for m, prep in zip(models, preps, strict=True):
+        per_model[m.name] = [token_maps(m, d, items, prep, cfg.probe.batch_size) for d, items in sides]
     by_key = {(side, i.item_id): i for side, (_, its) in enumerate(sides) for i in its}
     ids = [(side, i) for side, part in enumerate(per_model[models[0].name]) for i in part[2]]
     labels = np.array([by_key[k].label if by_key[k].label is not None else 0 for k in ids])

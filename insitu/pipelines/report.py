@@ -14,11 +14,10 @@ from insitu.adapters import AdaptedBackbone
 from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import create_backbone
 from insitu.config import RunConfig
-from insitu.domains.normalize import Normalizer
 from insitu.exports import report_html
 from insitu.exports.plots import embedding_plot
 from insitu.exports.report import markdown_table
-from insitu.pipelines.data import SampleDataset
+from insitu.pipelines.preprocess import resolve_comparison
 from insitu.pipelines.probe import PROBE_NOTE, extract_features, probe_splits
 from insitu.pipelines.probe import probe_table as probe_cells
 
@@ -43,16 +42,18 @@ def probe_table(rows: list[Any]) -> str:
 def probe_embeddings(cfg: RunConfig, adapter_dir: Path, out: Path, max_items: int = 300) -> Path | None:
     """t-SNE of frozen and adapted features on the probe test split; None when it cannot be drawn."""
     try:
-        _, _, test, items = probe_splits(cfg)
+        train, train_items, test, items = probe_splits(cfg)
         pkg = load_package(adapter_dir)
-        norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else None
         backbone = create_backbone(cfg.backbone)
         step = max(1, len(items) // max_items)
-        dataset = SampleDataset(
-            test, items[::step][:max_items], norm, image_size=(cfg.probe.test or cfg.probe.train or cfg.data).image_size
-        )
+        size = (cfg.probe.test or cfg.probe.train or cfg.data).image_size
+        # the probe's rule: both rows see the package's normaliser, else one fitted on the probe's training items
+        # (a package without one, e.g. a federated package, used to be plotted on unnormalised data)
+        preps = resolve_comparison([None, pkg], train, train_items, size, cfg.backbone)
         feats, labels = {}, None
-        for name, model in (("frozen backbone", AdaptedBackbone(backbone, None)), ("+ adapters", apply_package(pkg, backbone))):
+        models = (("frozen backbone", AdaptedBackbone(backbone, None)), ("+ adapters", apply_package(pkg, backbone)))
+        for (name, model), prep in zip(models, preps, strict=True):
+            dataset = prep.dataset(test, items[::step][:max_items])
             feats[name], labels = extract_features(model, dataset, cfg.probe.batch_size, cfg.probe.features)
         return embedding_plot(feats, labels, out, cfg.seed, test.manifest.class_names)
     except Exception as exc:  # noqa: BLE001 - a missing figure must not fail a finished training run

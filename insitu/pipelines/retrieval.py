@@ -20,12 +20,12 @@ from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import create_backbone
 from insitu.config import DataConfig, RunConfig
 from insitu.domains import split_by_group
-from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.io import write_csv, write_json
 from insitu.objectives import create_objective
 from insitu.objectives.convirt import ConVIRTObjective, text_groups
-from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.pipelines.data import SampleDataset, ScannedData, collate
+from insitu.pipelines.preprocess import resolve_preprocessing
 from insitu.sharing.signing import trust_of
 
 KS = (1, 5, 10)
@@ -137,8 +137,8 @@ def evaluate_retrieval(
     objective = create_objective(name, model.embed_dim, model.patch_size, cfg.data.image_size, options, 1)
     objective.load_head_state(pkg.head_state())
     data, items = held_out_pairs(cfg, sampling, pairs)
-    norm = Normalizer.from_dict(pkg.meta.normalizer) if pkg.meta.normalizer else fit_normalizer(data, items)
-    dataset = SampleDataset(data, items, norm, image_size=cfg.data.image_size)
+    # the package's normaliser, else one fitted on the pairs evaluated (as before; only a federated package has none)
+    dataset = resolve_preprocessing(pkg, data, items, cfg.data.image_size, cfg.backbone).dataset(data, items)
     v, u, texts, labels = embed_pairs(objective, model, dataset, cfg.probe.batch_size)
     i2t, t2i, chance = retrieval_metrics(v, u, texts, ks)
     prompts = class_prompts or {}

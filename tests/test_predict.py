@@ -37,19 +37,28 @@ def test_sliding_window_equals_single_pass_when_one_window_fits(seg_model):
     model, meta, norm = load_head(seg_model)
     predictor = make_predictor(model, norm, meta["image_size"])
     image = torch.rand(3, 32, 32)
-    assert torch.allclose(sliding_window(predictor, image, 32, 0.5, meta["num_classes"]), predictor(image), atol=1e-6)
+    assert torch.allclose(sliding_window(predictor, image, 32, 0.5, meta["num_classes"]), predictor([image])[0], atol=1e-6)
+
+
+def test_batched_windows_equal_one_window_per_pass(seg_model):
+    model, meta, norm = load_head(seg_model)
+    predictor = make_predictor(model, norm, meta["image_size"])
+    image = torch.rand(3, 70, 45, generator=torch.Generator().manual_seed(0))
+    one = sliding_window(predictor, image, 32, 0.25, meta["num_classes"], batch_size=1)
+    batched = sliding_window(predictor, image, 32, 0.25, meta["num_classes"], batch_size=16)
+    assert torch.allclose(one, batched, atol=1e-5)
 
 
 def test_sliding_window_blends_overlaps_exactly():
     # a per-pixel predictor gives the same value from every window covering a pixel, so any
     # correct weighted blend reproduces it; seams or double counting would not
-    def per_pixel(tile: torch.Tensor) -> torch.Tensor:
-        return torch.stack([tile[0] * 2, tile[1] - 1])
+    def per_pixel(tiles: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.stack([tile[0] * 2, tile[1] - 1]) for tile in tiles]
 
     image = torch.rand(2, 70, 45)
-    out = sliding_window(per_pixel, image, 16, 0.25, 2)
+    out = sliding_window(per_pixel, image, 16, 0.25, 2, batch_size=3)
     assert out.shape == (2, 70, 45)
-    assert torch.allclose(out, per_pixel(image), atol=1e-5)
+    assert torch.allclose(out, per_pixel([image])[0], atol=1e-5)
 
 
 def test_png_masks_and_overlays_via_cli(seg_model, tmp_path):
@@ -65,7 +74,7 @@ def test_png_masks_and_overlays_via_cli(seg_model, tmp_path):
     model, meta, norm = load_head(seg_model)
     rgb = np.asarray(Image.open(src / "shape_0000.png").convert("RGB"))
     image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
-    direct = make_predictor(model, norm, meta["image_size"])(image).argmax(0).numpy()
+    direct = make_predictor(model, norm, meta["image_size"])([image])[0].argmax(0).numpy()
     assert np.array_equal(mask, direct)
     # background pixels keep the (min-max scaled) source colour, class-1 pixels are tinted 45% toward red
     scaled = (rgb.astype(np.float32) - rgb.min()) / max(int(rgb.max()) - int(rgb.min()), 1) * 255
@@ -93,7 +102,7 @@ def test_video_overlay_mp4_and_frame_csv(seg_model, tmp_path):
     decoded = create_domain("video", {"decode_size": 32, "crop_fov": False}).read_frames(str(video), list(range(6)))
     for i, (line, frame) in enumerate(zip(lines[1:], decoded, strict=True)):
         index, time_s, fraction = line.split(",")
-        mask = predictor(torch.from_numpy(frame).permute(2, 0, 1).float() / 255.0).argmax(0)
+        mask = predictor([torch.from_numpy(frame).permute(2, 0, 1).float() / 255.0])[0].argmax(0)
         assert int(index) == i and float(time_s) == pytest.approx(i / 5, abs=1e-3)
         assert float(fraction) == pytest.approx(float((mask > 0).float().mean()), abs=1e-4)
 
@@ -136,7 +145,7 @@ def test_dicom_seg_references_the_source_series(seg_model, tmp_path):
     domain = create_domain("dicom", {"channels": 3, "cache_dir": str(tmp_path / "cache2"), "plane": "acquisition", "sample": "slice"})
     manifest = domain.scan(tmp_path / "ct")
     items = sorted(manifest.items, key=lambda i: i.extra["index"])
-    direct = np.stack([predictor(domain.load(item, manifest)["image"]).argmax(0).numpy() for item in items])
+    direct = np.stack([predictor([domain.load(item, manifest)["image"]])[0].argmax(0).numpy() for item in items])
     assert np.array_equal(labels, direct)
 
 
@@ -167,8 +176,8 @@ def test_prediction_preprocesses_exactly_as_training(tmp_path):
         return torch.zeros(len(x), 2, *x.shape[2:])
 
     image = data.domain.load(item, data.manifest)["image"]
-    _classify(classifier, norm, image, {"image_size": 32, "class_names": ["a", "b"]})
-    make_predictor(segmenter, norm, 32)(image)
+    _classify(make_predictor(classifier, norm, 32), [image], {"image_size": 32, "class_names": ["a", "b"], "_batch": 4})
+    make_predictor(segmenter, norm, 32)([image])
     assert seen[0].shape == (3, 32, 32)
     assert torch.equal(seen[0], trained_on) and torch.equal(seen[1], trained_on)
     # the check can fail: a resize without antialiasing (what classification prediction did) differs

@@ -64,6 +64,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     pd.add_argument("--out", type=Path, required=True, help="output folder")
     pd.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --out (only the files insitu wrote there)")
     pd.add_argument("--domain", default=None, help="data domain (default: the one the model was trained on)")
+    pd.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    pd.add_argument("--batch-size", type=int, default=16, help="tiles or images per forward pass (bounds memory)")
     add_options(pd, "a domain option (tile_size too)")
     pd.set_defaults(func=run_predict)
 
@@ -138,7 +140,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from insitu.pipelines.predict import predict
 
-    written = predict(args.model, args.inputs, args.out, args.domain, parse_options(args.option), overwrite=args.overwrite)
+    options = parse_options(args.option)
+    written = predict(args.model, args.inputs, args.out, args.domain, options, args.overwrite, args.device, args.batch_size)
     summary_table("insitu predict", [("files written", str(len(written))), ("folder", str(args.out))])
     return 0 if written else 1
 

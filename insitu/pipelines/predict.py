@@ -30,23 +30,48 @@ from insitu.pipelines.head_folder import load_head
 from insitu.registry import WRITERS
 
 log = logging.getLogger("insitu")
-TilePredictor = Callable[[torch.Tensor], torch.Tensor]
+TilePredictor = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def make_predictor(model: DownstreamModel, norm: Normalizer | None, size: int) -> TilePredictor:
-    """A C×h×w tile (physical units) -> K×h×w probabilities: normalise, resize to the model size, run."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: the first GPU when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith(("cuda", "gpu")) and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu (or auto).")
+    return torch.device(device.replace("gpu", "cuda"))
+
+
+def make_predictor(model: DownstreamModel, norm: Normalizer | None, size: int, device: torch.device | None = None) -> TilePredictor:
+    """C×h×w tiles (physical units) -> K×h×w probabilities on the CPU: normalise, resize, run as one batch on ``device``.
+
+    On a GPU the model runs under bf16 autocast when the device supports it; scores come back as float32.
+    """
+    device = device or torch.device("cpu")
+    if isinstance(model, torch.nn.Module):
+        model.to(device).eval()
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     @torch.no_grad()
-    def predict(tile: torch.Tensor) -> torch.Tensor:
-        h, w = tile.shape[-2:]
-        logits = model(model_input(tile, norm, size)[None])
-        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0].softmax(0)
+    def predict(tiles: list[torch.Tensor]) -> list[torch.Tensor]:
+        batch = torch.stack([model_input(t, norm, size) for t in tiles]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(batch).float()
+        out = []
+        for tile, scores in zip(tiles, logits, strict=True):
+            scores = scores.cpu()
+            if scores.ndim == 3:  # segmentation: back to the tile's own size
+                scores = F.interpolate(scores[None], size=tuple(tile.shape[-2:]), mode="bilinear", align_corners=False)[0]
+            out.append(scores.softmax(0))
+        return out
 
     return predict
 
 
-def sliding_window(predict: TilePredictor, image: torch.Tensor, tile: int, overlap: float, num_classes: int) -> torch.Tensor:
-    """K×H×W scores of a C×H×W image from overlapping ``tile``-sized windows, tent-weighted.
+def sliding_window(
+    predict: TilePredictor, image: torch.Tensor, tile: int, overlap: float, num_classes: int, batch_size: int = 16
+) -> torch.Tensor:
+    """K×H×W scores of a C×H×W image from overlapping ``tile``-sized windows, tent-weighted, ``batch_size`` windows per pass.
 
     An image no larger than one tile is predicted in a single pass (identical output).
     """
@@ -56,18 +81,32 @@ def sliding_window(predict: TilePredictor, image: torch.Tensor, tile: int, overl
     acc = torch.zeros(num_classes, h, w)
     wsum = torch.zeros(h, w)
     weight = torch.from_numpy(tent_weights(th, tw))
-    for y in grid_offsets(h, th, step):
-        for x in grid_offsets(w, tw, step):
-            acc[:, y : y + th, x : x + tw] += predict(image[:, y : y + th, x : x + tw]) * weight
+    windows = [(y, x) for y in grid_offsets(h, th, step) for x in grid_offsets(w, tw, step)]
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        for (y, x), scores in zip(chunk, predict([image[:, y : y + th, x : x + tw] for y, x in chunk]), strict=True):
+            acc[:, y : y + th, x : x + tw] += scores * weight
             wsum[y : y + th, x : x + tw] += weight
     return acc / wsum
 
 
 def predict(
-    model_dir: Path, inputs: Path, out_dir: Path, domain: str | None = None, options: dict[str, Any] | None = None, overwrite: bool = False
+    model_dir: Path,
+    inputs: Path,
+    out_dir: Path,
+    domain: str | None = None,
+    options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    batch_size: int = 16,
 ) -> list[Path]:
-    """Predict every item under ``inputs`` with the model ``insitu finetune`` saved; returns written files."""
+    """Predict every item under ``inputs`` with the model ``insitu finetune`` saved; returns written files.
+
+    The model runs on ``device`` in batches of ``batch_size`` tiles or images (memory stays bounded by
+    one batch, plus one image or one GeoTIFF tile row).
+    """
     model, meta, norm = load_head(model_dir)
+    meta = {**meta, "_device": resolve_device(device), "_batch": int(batch_size)}
     name = domain or meta["domain"]
     opts = {**(meta.get("domain_options") or {}), **(options or {})} if name == meta["domain"] else dict(options or {})
     writer = WRITERS.get(name)
@@ -101,7 +140,8 @@ def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs:
     for ref in refs:
         stem = Path(getattr(ref, "path", ref) or "scene").stem
         dst = out / f"{stem}_classes.tif"
-        predict_scene(domain, ref, make_predictor(model, norm, size), dst, meta["num_classes"], tile_size=tile, overlap=tile // 4)
+        batched = make_predictor(model, norm, size, meta["_device"])
+        predict_scene(domain, ref, lambda t, p=batched: p([t])[0], dst, meta["num_classes"], tile_size=tile, overlap=tile // 4)
         written.append(dst)
     return written
 
@@ -123,27 +163,28 @@ def _images_of(inputs: Path, opts: dict) -> list[tuple[str, torch.Tensor]]:
 @WRITERS.register("images")
 def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """Segmentation: ``<name>_mask.png`` (class ids) + ``<name>_overlay.png``; classification: ``predictions.csv``."""
-    predictor = make_predictor(model, norm, meta["image_size"])
+    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"])
     written: list[Path] = []
-    rows = []
-    for stem, image in _images_of(inputs, opts):
-        if meta["task"] == "segmentation":
-            classes = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"]).argmax(0).numpy()
-            written.append(save_png(classes.astype(np.uint8), out / f"{stem}_mask.png"))
-            written.append(save_png(overlay_mask(to_rgb_uint8(image), classes), out / f"{stem}_overlay.png"))
-        else:
-            rows.append((stem, *_classify(model, norm, image, meta)))
-    if rows:
-        written.append(_write_rows(out / "predictions.csv", ["item", "class_index", "class", "probability"], rows))
+    images = _images_of(inputs, opts)
+    if meta["task"] != "segmentation":
+        rows = [(stem, *c) for stem, c in zip([s for s, _ in images], _classify(predictor, [im for _, im in images], meta), strict=True)]
+        return [_write_rows(out / "predictions.csv", ["item", "class_index", "class", "probability"], rows)] if rows else []
+    for stem, image in images:
+        classes = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"], meta["_batch"]).argmax(0).numpy()
+        written.append(save_png(classes.astype(np.uint8), out / f"{stem}_mask.png"))
+        written.append(save_png(overlay_mask(to_rgb_uint8(image), classes), out / f"{stem}_overlay.png"))
     return written
 
 
-def _classify(model: DownstreamModel, norm: Normalizer, image: torch.Tensor, meta: dict) -> tuple[int, str, float]:
-    with torch.no_grad():
-        probs = model(model_input(image, norm, meta["image_size"])[None])[0].softmax(0)
-    k = int(probs.argmax())
+def _classify(predictor: TilePredictor, images: list[torch.Tensor], meta: dict) -> list[tuple[int, str, float]]:
+    """(class index, class name, probability) per image, ``meta['_batch']`` images per pass."""
     names = meta.get("class_names") or []
-    return k, names[k] if k < len(names) else str(k), round(float(probs[k]), 4)
+    out = []
+    for i in range(0, len(images), meta["_batch"]):
+        for probs in predictor(images[i : i + meta["_batch"]]):
+            k = int(probs.argmax())
+            out.append((k, names[k] if k < len(names) else str(k), round(float(probs[k]), 4)))
+    return out
 
 
 def _write_rows(path: Path, header: list[str], rows: list[tuple]) -> Path:
@@ -166,16 +207,16 @@ def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
         images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
         fps = len(info.times) / max(info.duration, 1e-6) if len(info.times) > 1 else 25.0
         names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+        predictor = make_predictor(model, norm, meta["image_size"], meta["_device"])
         if meta["task"] == "segmentation":
-            predictor = make_predictor(model, norm, meta["image_size"])
-            tile = opts["_tile"]
-            masks = np.stack([sliding_window(predictor, im, tile, 0.25, meta["num_classes"]).argmax(0).numpy() for im in images])
+            tile, batch = opts["_tile"], meta["_batch"]
+            masks = np.stack([sliding_window(predictor, im, tile, 0.25, meta["num_classes"], batch).argmax(0).numpy() for im in images])
             written.append(write_overlay(out / f"{path.stem}_overlay.mp4", frames, fps, masks=masks))
             fractions = [round(float((m > 0).mean()), 4) for m in masks]
             rows = [(i, f"{t:.3f}", f) for i, (t, f) in enumerate(zip(info.times, fractions, strict=True))]
             written.append(_write_rows(out / f"{path.stem}_frames.csv", ["frame", "time_s", "foreground_fraction"], rows))
         else:
-            preds = [_classify(model, norm, im, meta)[0] for im in images]
+            preds = [c[0] for c in _classify(predictor, list(images), meta)]
             written.append(write_overlay(out / f"{path.stem}_overlay.mp4", frames, fps, phases=[names[p] for p in preds]))
             written.append(write_phase_csv(out / f"{path.stem}_frames.csv", list(info.times), preds, names))
     return written
@@ -189,7 +230,7 @@ def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
     _seg_only(meta, "DICOM-SEG export")
     domain = create_domain("dicom", {**{k: v for k, v in opts.items() if k != "_tile"}, "plane": "acquisition", "sample": "slice"})
     manifest = domain.scan(inputs)
-    predictor = make_predictor(model, norm, meta["image_size"])
+    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"])
     by_unit: dict[str, list] = {}
     for item in manifest.items:
         by_unit.setdefault(item.extra["unit"], []).append(item)
@@ -200,7 +241,7 @@ def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
         masks = []
         for item in sorted(items, key=lambda i: i.extra["index"]):
             image = domain.load(item, manifest)["image"]
-            scores = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"])
+            scores = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"], meta["_batch"])
             scores = F.interpolate(scores[None], size=(rows, cols), mode="bilinear", align_corners=False)[0]
             masks.append(scores.argmax(0).numpy())
         if len(masks) != len(unit.files):

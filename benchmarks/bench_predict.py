@@ -72,7 +72,8 @@ def _child(mode: str, scene: str, bands: int, tile: int, out: str, queue: mp.Que
     start = time.perf_counter()
     if mode == "insitu predict (tiled)":
         domain = GeoTiffDomain({"tile_size": tile, "scale": 1e-4, "labels": "none"})
-        predict_scene(domain, scene, lambda t: make_predictor(model, None, 64)([t])[0], Path(out), K, tile_size=tile, overlap=tile // 4)
+        batched = make_predictor(model, None, 64)
+        predict_scene(domain, scene, lambda t: batched([t])[0], Path(out), K, tile_size=tile, overlap=tile // 4)
     else:
         with rasterio.open(scene) as src:
             image = src.read().astype(np.float32) * 1e-4

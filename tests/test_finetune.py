@@ -135,8 +135,15 @@ def test_head_folder_names_its_package_relatively_and_checks_it(tmp_path, shapes
     assert ref["path"] == "../adapter" and len(ref["content_sha256"]) == 64
     assert str(tmp_path) not in text  # no absolute path in a file meant to be shared
     shutil.copytree(work, tmp_path / "moved")  # head and package copied together: still loads
-    model, _, _ = load_head(tmp_path / "moved" / "head")
+    model, loaded, norm = load_head(tmp_path / "moved" / "head")
     assert model.adapted.adapters is not None
+    # the preprocessing contract round-trips: package -> head folder -> loaded head, unchanged
+    from insitu.adapters.package import load_package
+    from insitu.pipelines.preprocess import package_preprocessing
+
+    stored = package_preprocessing(load_package(work / "adapter"))
+    assert loaded["preprocessing"] == stored and norm == stored.normalizer
+    assert json.loads(text)["preprocessing"] == stored.to_dict()
     shutil.copytree(work / "head", tmp_path / "alone" / "head")  # the head without its package
     with pytest.raises(ConfigError, match="not there"):
         load_head(tmp_path / "alone" / "head")

@@ -15,6 +15,7 @@ from PIL import Image
 from insitu.cli import main
 from insitu.config import load_config
 from insitu.domains.synthetic import write_shape_pairs
+from insitu.errors import ConfigError
 from insitu.pipelines.finetune import finetune
 from insitu.pipelines.head_folder import load_head
 from insitu.pipelines.predict import make_predictor, predict, sliding_window
@@ -47,6 +48,13 @@ def test_batched_windows_equal_one_window_per_pass(seg_model):
     one = sliding_window(predictor, image, 32, 0.25, meta["num_classes"], batch_size=1)
     batched = sliding_window(predictor, image, 32, 0.25, meta["num_classes"], batch_size=16)
     assert torch.allclose(one, batched, atol=1e-5)
+
+
+def test_input_with_other_channel_count_is_refused(seg_model):
+    model, meta, norm = load_head(seg_model)
+    predictor = make_predictor(model, norm, meta["image_size"], channels=meta["in_chans"])
+    with pytest.raises(ConfigError, match="3-channel input but this input has 1 channels"):
+        predictor([torch.rand(1, 32, 32)])
 
 
 def test_sliding_window_blends_overlaps_exactly():

@@ -27,13 +27,13 @@ from insitu.backbones import ViTBackbone, create_backbone
 from insitu.config import DataConfig, DownstreamConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
 from insitu.domains.near_duplicates import stratified_split
-from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError, DataError
 from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
 from insitu.io import claim_folder, is_secondary_rank
-from insitu.pipelines.data import SampleDataset, ScannedData, collate, fit_normalizer
+from insitu.pipelines.data import ScannedData, collate
 from insitu.pipelines.downstream import DownstreamTask, Features, LabelledData, LabelledItems, downstream_trainer
+from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
 from insitu.sharing.signing import trust_of
 
 log = logging.getLogger("insitu")
@@ -105,9 +105,10 @@ def labelled_splits(cfg: RunConfig) -> tuple[ScannedData, list[ManifestItem], Sc
     return train, parts["train"], train, parts["test"]
 
 
-def load_labelled(data: ScannedData, items: list[ManifestItem], norm: Normalizer, size: int, task: str, where: str) -> Labelled:
-    """Load, normalise and resize every item; the targets the task needs must be there."""
-    batch = collate([SampleDataset(data, items, norm, image_size=size)[i] for i in range(len(items))])
+def load_labelled(data: ScannedData, items: list[ManifestItem], prep: Preprocessing, task: str, where: str) -> Labelled:
+    """Load every item through the preprocessing contract; the targets the task needs must be there."""
+    dataset = prep.dataset(data, items)
+    batch = collate([dataset[i] for i in range(len(items))])
     if not batch["item_id"]:
         raise DataError(f"no item of {where} could be loaded; see the warnings above for each file.")
     key = {"segmentation": "mask", "multilabel": "multilabel"}.get(task, "label")
@@ -151,14 +152,6 @@ def task_metrics(ds: DownstreamConfig, logits: torch.Tensor, target: torch.Tenso
     if ds.task == "multilabel":
         return multilabel_metrics(logits, target)
     return classification_metrics(logits, target, k)
-
-
-def package_normalizer(adapter: Path | None) -> Normalizer | None:
-    """The normaliser stored in an adapter package, so downstream sees the data as pretraining did."""
-    if adapter is None:
-        return None
-    meta = load_package(adapter).meta
-    return Normalizer.from_dict(meta.normalizer) if meta.normalizer else None
 
 
 def build_model(cfg: RunConfig, adapter: Path | None, k: int, backbone: ViTBackbone | None = None) -> DownstreamModel:
@@ -208,9 +201,9 @@ def trainable_count(model: DownstreamModel, mode: str) -> int:
 
 @dataclass
 class Prepared:
-    """A downstream run's data: normaliser, labelled train / validation / test splits, class count."""
+    """A downstream run's data: its preprocessing contract, labelled train / validation / test splits, class count."""
 
-    norm: Normalizer
+    prep: Preprocessing
     train: Labelled
     val: Labelled | None
     test: Labelled
@@ -218,7 +211,8 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, adapter: Path | None) -> Prepared:
-    """Normaliser (the package's, else fitted on train), the labelled splits as tensors, class count.
+    """The preprocessing contract (the package's, else the backbone's with a normaliser fitted on train;
+    `insitu.pipelines.preprocess`), the labelled splits as tensors, class count.
 
     ``downstream.val_fraction`` of the training groups become the validation split (none when the
     training split has too few groups; a warning says so).
@@ -233,11 +227,14 @@ def prepare(cfg: RunConfig, adapter: Path | None) -> Prepared:
         else:
             log.warning("downstream: too few training groups for a validation split; training without validation")
     size = (cfg.probe.train or cfg.data).image_size
-    norm = package_normalizer(adapter) or fit_normalizer(train_data, train_items)
-    train = load_labelled(train_data, train_items, norm, size, ds.task, "the downstream train split")
-    val = load_labelled(train_data, val_items, norm, size, ds.task, "the downstream validation split") if val_items else None
-    test = load_labelled(test_data, test_items, norm, size, ds.task, "the downstream test split")
-    return Prepared(norm, train, val, test, num_classes_of(ds, train, test))
+    package = load_package(adapter, trust_of(cfg)) if adapter is not None else None
+    prep = resolve_preprocessing(package, train_data, train_items, size, cfg.backbone)
+    if test_data is not train_data:  # the test side must match the contract too (channels, bands)
+        resolve_preprocessing(prep, test_data, test_items, prep.image_size, cfg.backbone)
+    train = load_labelled(train_data, train_items, prep, ds.task, "the downstream train split")
+    val = load_labelled(train_data, val_items, prep, ds.task, "the downstream validation split") if val_items else None
+    test = load_labelled(test_data, test_items, prep, ds.task, "the downstream test split")
+    return Prepared(prep, train, val, test, num_classes_of(ds, train, test))
 
 
 def model_name(adapter: Path | None, mode: str = "head") -> str:
@@ -350,8 +347,7 @@ def finetune(
     data = prepare(cfg, adapter)
     model, result, _ = fit_and_score(cfg, adapter, data, seed, run_dir=Path(out_dir) if out_dir else None, resume=resume, quiet=quiet)
     if writer:
-        size = (cfg.probe.train or cfg.data).image_size
-        result.out_dir = save_head(model, cfg, adapter, data.norm, data.k, data.train.class_names, size, result, Path(out_dir))
+        result.out_dir = save_head(model, cfg, adapter, data.prep, data.k, data.train.class_names, result, Path(out_dir))
     if folder is not None:
         folder.record()
     return result

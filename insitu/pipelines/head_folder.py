@@ -19,6 +19,7 @@ from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.io import write_json
 from insitu.pipelines.finetune import DownstreamModel, FinetuneResult, build_model, downstream_of
+from insitu.pipelines.preprocess import Preprocessing
 
 HEAD_FILE, HEAD_META = "head.safetensors", "head.json"
 
@@ -27,10 +28,9 @@ def save_head(
     model: DownstreamModel,
     cfg: RunConfig,
     adapter: Path | None,
-    norm: Normalizer,
+    prep: Preprocessing,
     k: int,
     class_names: list[str],
-    size: int,
     result: FinetuneResult,
     out_dir: Path,
 ) -> Path:
@@ -45,10 +45,10 @@ def save_head(
         "task": ds.task,
         "num_classes": k,
         "class_names": class_names,
-        "image_size": size,
-        "in_chans": cfg.backbone.in_chans,
+        "image_size": prep.image_size,
+        "in_chans": prep.in_chans,
+        "preprocessing": prep.to_dict(),
         "adapter_package": package_ref(Path(adapter), out_dir) if adapter is not None else None,
-        "normalizer": norm.to_dict(),
         "metrics": result.metrics,
         "trainable_params": result.trainable_params,
         "domain": (cfg.probe.train or cfg.data).domain,
@@ -59,8 +59,13 @@ def save_head(
     return out_dir
 
 
-def load_head(model_dir: Path) -> tuple[DownstreamModel, dict[str, Any], Normalizer]:
-    """Rebuild a saved downstream model (backbone from its config, adapters and head from safetensors)."""
+def load_head(model_dir: Path) -> tuple[DownstreamModel, dict[str, Any], Normalizer | None]:
+    """Rebuild a saved downstream model (backbone from its config, adapters and head from safetensors).
+
+    Returns the model, ``head.json`` (with ``preprocessing``: the contract training used, as a
+    `Preprocessing`) and the contract's normaliser. Head folders written before the contract
+    existed store ``normalizer`` and ``image_size`` only; they load too.
+    """
     from insitu.config import load_config
 
     model_dir = Path(model_dir)
@@ -74,7 +79,13 @@ def load_head(model_dir: Path) -> tuple[DownstreamModel, dict[str, Any], Normali
     model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     if model.adapted.adapters is not None:
         model.adapted.adapters.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
-    return model.eval(), meta, Normalizer.from_dict(meta["normalizer"])
+    stored = meta.get("preprocessing") or {
+        "normalizer": meta.get("normalizer"),
+        "image_size": meta["image_size"],
+        "in_chans": meta["in_chans"],
+    }
+    meta["preprocessing"] = Preprocessing.from_dict(stored, source=f"{model_dir}/{HEAD_META}")
+    return model.eval(), meta, meta["preprocessing"].normalizer
 
 
 def package_ref(adapter: Path, head_dir: Path) -> dict[str, Any]:

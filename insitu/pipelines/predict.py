@@ -42,8 +42,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device.replace("gpu", "cuda"))
 
 
-def make_predictor(model: DownstreamModel, norm: Normalizer | None, size: int, device: torch.device | None = None) -> TilePredictor:
+def make_predictor(
+    model: DownstreamModel, norm: Normalizer | None, size: int, device: torch.device | None = None, channels: int | None = None
+) -> TilePredictor:
     """C×h×w tiles (physical units) -> K×h×w probabilities on the CPU: normalise, resize, run as one batch on ``device``.
+
+    ``channels``: the channel count the model was trained on; a tile with another count is a `ConfigError`.
 
     On a GPU the model runs under bf16 autocast when the device supports it; scores come back as float32.
     """
@@ -54,6 +58,11 @@ def make_predictor(model: DownstreamModel, norm: Normalizer | None, size: int, d
 
     @torch.no_grad()
     def predict(tiles: list[torch.Tensor]) -> list[torch.Tensor]:
+        if channels is not None and any(t.shape[0] != channels for t in tiles):
+            raise ConfigError(
+                f"the model was trained on {channels}-channel input but this input has {tiles[0].shape[0]} channels; "
+                "pass the domain options it was trained with (--option channels=... / bands=...)."
+            )
         batch = torch.stack([model_input(t, norm, size) for t in tiles]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(batch).float()
@@ -140,7 +149,7 @@ def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs:
     for ref in refs:
         stem = Path(getattr(ref, "path", ref) or "scene").stem
         dst = out / f"{stem}_classes.tif"
-        batched = make_predictor(model, norm, size, meta["_device"])
+        batched = make_predictor(model, norm, size, meta["_device"], meta["in_chans"])
         predict_scene(domain, ref, lambda t, p=batched: p([t])[0], dst, meta["num_classes"], tile_size=tile, overlap=tile // 4)
         written.append(dst)
     return written
@@ -163,7 +172,7 @@ def _images_of(inputs: Path, opts: dict) -> list[tuple[str, torch.Tensor]]:
 @WRITERS.register("images")
 def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """Segmentation: ``<name>_mask.png`` (class ids) + ``<name>_overlay.png``; classification: ``predictions.csv``."""
-    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"])
+    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
     written: list[Path] = []
     images = _images_of(inputs, opts)
     if meta["task"] != "segmentation":
@@ -207,7 +216,7 @@ def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
         images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
         fps = len(info.times) / max(info.duration, 1e-6) if len(info.times) > 1 else 25.0
         names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
-        predictor = make_predictor(model, norm, meta["image_size"], meta["_device"])
+        predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
         if meta["task"] == "segmentation":
             tile, batch = opts["_tile"], meta["_batch"]
             masks = np.stack([sliding_window(predictor, im, tile, 0.25, meta["num_classes"], batch).argmax(0).numpy() for im in images])
@@ -230,7 +239,7 @@ def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: P
     _seg_only(meta, "DICOM-SEG export")
     domain = create_domain("dicom", {**{k: v for k, v in opts.items() if k != "_tile"}, "plane": "acquisition", "sample": "slice"})
     manifest = domain.scan(inputs)
-    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"])
+    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
     by_unit: dict[str, list] = {}
     for item in manifest.items:
         by_unit.setdefault(item.extra["unit"], []).append(item)

@@ -29,6 +29,10 @@ def test_evaluate_classification_table_files_and_few_shot(tmp_path):
     assert abs(mean - sum(acc) / 2) < 1e-9 and abs(std - abs(acc[0] - acc[1]) / 2) < 1e-9
     headers, cells = table_rows(rows)
     assert headers[1] == "accuracy" and "±" in cells[0][1]
+    # the adapted row's Δ is paired by seed against the frozen row (the probe issue's statistics)
+    diffs = [a.metrics["accuracy"] - f.metrics["accuracy"] for f, a in zip(rows[0].seeds, rows[1].seeds, strict=True)]
+    assert rows[0].delta is None and rows[1].delta[0] == pytest.approx(sum(diffs) / 2)
+    assert rows[1].delta[1] <= rows[1].delta[0] <= rows[1].delta[2]
     with open(tmp_path / "eval" / "evaluate.csv", newline="") as f:
         lines = list(csv.DictReader(f))
     assert {(r["model"], r["metric"]) for r in lines} >= {("frozen backbone", "accuracy"), ("+ adapters (tiny)", "knn_accuracy")}

@@ -19,7 +19,9 @@ from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.exports.plots import embedding_plot, few_shot_plot, metric_bars
 from insitu.exports.report import markdown_table, write_report
 from insitu.heads import few_shot_accuracy, knn_accuracy
+from insitu.heads.stats import seed_interval, verdict
 from insitu.io import claim_folder, write_csv, write_json
+from insitu.pipelines.downstream import MAIN_METRIC
 from insitu.pipelines.finetune import FinetuneResult, build_model, downstream_of, encode, fit_and_score, model_name, prepare, summarize
 from insitu.privacy import shown_weights
 
@@ -36,6 +38,8 @@ class EvalRow:
     seeds: list[FinetuneResult] = field(default_factory=list)
     knn: float | None = None
     few_shot: list[tuple[int, float, float]] = field(default_factory=list)
+    # main metric, this row − the first row, paired by seed: (mean, t-interval low, high, verdict)
+    delta: tuple[float, float, float, str] | None = None
 
 
 def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path | None = None, overwrite: bool = False) -> list[EvalRow]:
@@ -64,6 +68,8 @@ def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path |
             embeddings[row.name] = (x_te, y_te, test.class_names)
         elif ds.task == "segmentation":
             samples[row.name] = (test.images[:4], test.targets[:4], logits[:4].argmax(1))
+        if rows:
+            row.delta = paired_delta(rows[0], row, MAIN_METRIC[ds.task])
         rows.append(row)
     write_results(rows, out_dir)
     write_evaluate_report(cfg, rows, embeddings, samples, out_dir)
@@ -71,15 +77,23 @@ def evaluate(cfg: RunConfig, adapters: list[Path] | None = None, out_dir: Path |
     return rows
 
 
+def paired_delta(base: EvalRow, row: EvalRow, metric: str) -> tuple[float, float, float, str]:
+    """``row`` − ``base`` on ``metric``, paired by seed, with the Student-t 95 % interval over seeds and its verdict."""
+    ref = {r.seed: r.metrics[metric] for r in base.seeds}
+    mean, low, high = seed_interval([r.metrics[metric] - ref[r.seed] for r in row.seeds if r.seed in ref])
+    return mean, low, high, verdict(low, high) if low == low else "one seed: no interval"
+
+
 def table_rows(rows: list[EvalRow]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells of the comparison table: metric mean ± std over seeds, params, sizes."""
+    """Headers and cells of the comparison table: metric mean ± std over seeds, Δ to the first row, params, sizes."""
     metrics = list(rows[0].metrics)
-    headers = ["model", *metrics, "kNN acc", "trainable params", "train/test"]
+    headers = ["model", *metrics, "Δ vs first row [95 % CI]", "kNN acc", "trainable params", "train/test"]
     cells = []
     for r in rows:
         knn = f"{r.knn:.3f}" if r.knn is not None else "-"
         values = [f"{m:.3f} ± {s:.3f}" for m, s in (r.metrics[k] for k in metrics)]
-        cells.append([r.name, *values, knn, f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"])
+        delta = "-" if r.delta is None else f"{r.delta[0]:+.3f} [{r.delta[1]:+.3f}, {r.delta[2]:+.3f}] {r.delta[3]}"
+        cells.append([r.name, *values, delta, knn, f"{r.trainable_params:,}", f"{r.n_train}/{r.n_test}"])
     return headers, cells
 
 
@@ -121,7 +135,7 @@ def write_evaluate_report(
     ds = downstream_of(cfg)
     dump_config(cfg, out_dir / "config.yaml")
     headers, cells = table_rows(rows)
-    main_metric = {"segmentation": "mIoU", "multilabel": "mAP"}.get(ds.task, "accuracy")
+    main_metric = MAIN_METRIC[ds.task]
     figures = [
         ("main metric over seeds", metric_bars([(r.name, *r.metrics[main_metric]) for r in rows], main_metric, out_dir / "metric.png"))
     ]

@@ -130,6 +130,8 @@ def num_classes_of(ds: DownstreamConfig, train: Labelled, test: Labelled) -> int
         return int(train.targets.shape[1])
     values = torch.cat([train.targets.flatten(), test.targets.flatten()])
     values = values[values != ds.ignore_index]
+    if ds.task == "segmentation":  # classes are the mask values; folder names label the images, not the pixels
+        return max(2, int(values.max()) + 1)
     return max(2, int(values.max()) + 1, len(train.class_names))
 
 

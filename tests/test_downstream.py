@@ -125,3 +125,24 @@ def test_two_process_gloo_ddp_finetune(tmp_path, shapes_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     model, meta, _ = load_head(tmp_path / "m")
     assert meta["num_classes"] == 4 and any(v.abs().sum() > 0 for v in model.adapted.adapters.state_dict().values())
+
+
+def test_segmentation_classes_come_from_mask_values_not_image_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("benign", "malignant", "normal"):  # three image classes, binary masks (as in BUSI)
+        for i in range(4):
+            (tmp_path / "img" / cls).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "msk" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "img" / cls / f"{cls}{i}.png")
+            mask = np.zeros((32, 32), np.uint8)
+            mask[8:20, 8:20] = 255 if cls != "normal" else 0
+            Image.fromarray(mask).save(tmp_path / "msk" / cls / f"{cls}{i}.png")
+    data = {"domain": "images", "root": str(tmp_path / "img"), "image_size": 32, "options": {"channels": 1, "masks": str(tmp_path / "msk")}}
+    raw = tiny_config(tmp_path / "img", tmp_path / "runs", data=data, backbone={"in_chans": 1}, probe={"test_fraction": 0.3})
+    raw["downstream"] = {"task": "segmentation", "head": "linear", "steps": 1, "batch_size": 4, "val_fraction": 0}
+    finetune(load_config(raw), out_dir=tmp_path / "m")
+    _, meta, _ = load_head(tmp_path / "m")
+    assert meta["num_classes"] == 2 and meta["class_names"] == ["benign", "malignant", "normal"]

@@ -3,7 +3,10 @@
 #   1. every objective, one step on CUDA (tests/test_devices.py::test_objective_step_on_cuda);
 #   2. bench_train for ViT-S/16 and ViT-B/16 at 224 px in bf16 autocast: every training mode, the DINO
 #      and GLARE pretraining steps, MFU against a bf16 matmul peak measured in the same run;
-#   3. one short GLARE pretraining (PneumoniaMNIST config, 200 steps) with the probe and the report.
+#   3. one short GLARE pretraining (PneumoniaMNIST config, 200 steps) with the probe and the report;
+#   4. the downstream table of bench_downstream (BUSI segmentation with linear / smp FPN / smp UPerNet
+#      heads, BUSI and PolypGen cross-centre classification; head only vs adapters + head; 3 seeds),
+#      the same table the CPU run measured, on the GPU in bf16.
 # Assumes insitu is installed with the dev extras (pip install -e ".[dev]") and ../shared/data is present.
 # Results go to $OUT (default: a new temporary folder).
 set -euo pipefail
@@ -18,4 +21,6 @@ python benchmarks/bench_train.py --models vit_small_patch16_224 vit_base_patch16
   --batch 64 --steps 10 --workers 8 --csv "$OUT/bench_train.csv" 2>&1 | tee "$OUT/bench_train.txt"
 insitu --quiet pretrain -c configs/medical/pneumoniamnist_glare.yaml --probe \
   --set out_dir="$OUT/runs" --set train.max_steps=200 --set trainer.accelerator=gpu 2>&1 | tee "$OUT/glare.txt"
+python benchmarks/bench_downstream.py --accelerator gpu --seeds 0 1 2 --steps 200 --out "$OUT/downstream" 2>&1 \
+  | grep -v -E "Warning|warn|Tip|available|configured" | tee "$OUT/downstream.txt"
 echo "results in $OUT"

@@ -146,3 +146,22 @@ def test_segmentation_classes_come_from_mask_values_not_image_folders(tmp_path):
     finetune(load_config(raw), out_dir=tmp_path / "m")
     _, meta, _ = load_head(tmp_path / "m")
     assert meta["num_classes"] == 2 and meta["class_names"] == ["benign", "malignant", "normal"]
+
+
+def test_splits_larger_than_the_memory_budget_stream_from_disk_to_the_same_result(tmp_path, shapes_dir, monkeypatch):
+    from insitu.pipelines import labelled
+    from insitu.pipelines.finetune import prepare
+
+    cfg = _cfg(shapes_dir, tmp_path, checkpoint_every=None)
+    finetune(cfg, out_dir=tmp_path / "memory")
+    monkeypatch.setattr(labelled, "IN_MEMORY_MB", 0)
+    data = prepare(cfg, None)
+    assert isinstance(data.train.images, labelled.LazyImages) and isinstance(data.test.images, labelled.LazyImages)
+    monkeypatch.setattr(labelled, "IN_MEMORY_MB", 2048)
+    ref = prepare(cfg, None)
+    assert torch.is_tensor(ref.train.images) and torch.equal(data.train.images[0 : len(ref.train.images)], ref.train.images)
+    monkeypatch.setattr(labelled, "IN_MEMORY_MB", 0)
+    finetune(cfg, out_dir=tmp_path / "streamed")
+    a, b = load_file(tmp_path / "memory" / "head.safetensors"), load_file(tmp_path / "streamed" / "head.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

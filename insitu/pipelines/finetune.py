@@ -24,15 +24,14 @@ from torch import nn
 from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import ViTBackbone, create_backbone
-from insitu.config import DataConfig, DownstreamConfig, RunConfig
+from insitu.config import DownstreamConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
-from insitu.domains.near_duplicates import stratified_split
-from insitu.errors import ConfigError, DataError
+from insitu.errors import ConfigError
 from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
 from insitu.io import claim_folder, is_secondary_rank
-from insitu.pipelines.data import ScannedData, collate
 from insitu.pipelines.downstream import DownstreamTask, Features, LabelledData, LabelledItems, downstream_trainer
+from insitu.pipelines.labelled import Labelled, labelled_splits, load_labelled
 from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
 from insitu.sharing.signing import trust_of
 
@@ -61,16 +60,6 @@ class DownstreamModel(nn.Module):
 
 
 @dataclass
-class Labelled:
-    """Every labelled item of one split, loaded and normalised into tensors."""
-
-    images: torch.Tensor
-    targets: torch.Tensor
-    class_names: list[str] = field(default_factory=list)
-    item_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
 class FinetuneResult:
     name: str
     seed: int
@@ -86,41 +75,6 @@ class FinetuneResult:
 def downstream_of(cfg: RunConfig) -> DownstreamConfig:
     """The run's downstream section (defaults when absent)."""
     return cfg.downstream or DownstreamConfig()
-
-
-def labelled_splits(cfg: RunConfig) -> tuple[ScannedData, list[ManifestItem], ScannedData, list[ManifestItem]]:
-    """(train data, train items, test data, test items): ``probe.train``/``probe.test``, or a split of one side
-    by group (``probe.group_near_duplicates``: stratified per class, near-duplicates grouped by hash)."""
-    train_cfg: DataConfig = cfg.probe.train or cfg.data
-    train = ScannedData.scan(train_cfg)
-    if cfg.probe.test is not None:
-        test = ScannedData.scan(cfg.probe.test)
-        return train, train.manifest.items, test, test.manifest.items
-    if cfg.probe.group_near_duplicates:  # per class, near-duplicate images never straddle the split
-        train_items, test_items = stratified_split(train.manifest.items, cfg.probe.test_fraction, cfg.seed)
-        return train, train_items, train, test_items
-    parts = split_by_group(train.manifest.items, {"train": 1 - cfg.probe.test_fraction, "test": cfg.probe.test_fraction}, seed=cfg.seed)
-    if not parts["train"] or not parts["test"]:
-        raise DataError(f"{train_cfg.root}: too few groups to split into train and test; set probe.train and probe.test.")
-    return train, parts["train"], train, parts["test"]
-
-
-def load_labelled(data: ScannedData, items: list[ManifestItem], prep: Preprocessing, task: str, where: str) -> Labelled:
-    """Load every item through the preprocessing contract; the targets the task needs must be there."""
-    dataset = prep.dataset(data, items)
-    batch = collate([dataset[i] for i in range(len(items))])
-    if not batch["item_id"]:
-        raise DataError(f"no item of {where} could be loaded; see the warnings above for each file.")
-    key = {"segmentation": "mask", "multilabel": "multilabel"}.get(task, "label")
-    targets = batch.get(key)
-    if targets is None or (key == "label" and bool((targets < 0).any())):
-        hint = {
-            "mask": "image/mask pairs (images/ + masks/ folders, label rasters)",
-            "multilabel": "multi-label tags (e.g. BigEarthNet metadata)",
-            "label": "integer labels for every item (class subfolders or *_labels arrays)",
-        }[key]
-        raise DataError(f"downstream task '{task}' needs {hint}, but items of {where} have none.")
-    return Labelled(batch["image"], targets, list(data.manifest.class_names), batch["item_id"])
 
 
 def num_classes_of(ds: DownstreamConfig, train: Labelled, test: Labelled) -> int:

@@ -62,7 +62,7 @@ def _model(bands: int):  # noqa: ANN202 - a DownstreamModel (imported in the chi
 
 def _child(mode: str, scene: str, bands: int, tile: int, out: str, queue: mp.Queue) -> None:
     from insitu.domains.geotiff import GeoTiffDomain
-    from insitu.domains.geotiff_write import predict_scene
+    from insitu.domains.geotiff.write import predict_scene
     from insitu.pipelines.predict import make_predictor
 
     model = _model(bands)

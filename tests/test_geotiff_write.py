@@ -9,7 +9,7 @@ import torch
 
 from insitu.domains import IGNORE_INDEX
 from insitu.domains.geotiff import GeoTiffDomain
-from insitu.domains.geotiff_write import predict_scene, tent_weights
+from insitu.domains.geotiff.write import predict_scene, tent_weights
 from tests.conftest import shared
 from tests.data.geotiff_fixtures import write_scene
 
@@ -45,6 +45,12 @@ def test_cog_output_on_real_landsat_scene(tmp_path):
         nodata = (src.read() == 0).any(axis=0)  # a pixel is nodata when any of its bands is
         classes = pred.read(1)
     assert (classes[nodata] == IGNORE_INDEX).all() and set(np.unique(classes[~nodata])) <= {0, 1}
+
+
+def test_documented_import_path_still_works():
+    from insitu.domains.geotiff_write import predict_scene as documented  # README and docs/remote_sensing.md
+
+    assert documented is predict_scene
 
 
 def test_tent_weights_positive_and_centred():

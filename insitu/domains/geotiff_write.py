@@ -1,8 +1,5 @@
-"""The old import path of `insitu.domains.geotiff.write` (whole-scene prediction) and the demo scene writer."""
+"""The documented import path of `insitu.domains.geotiff.write.predict_scene` (README, docs/remote_sensing.md)."""
 
-from __future__ import annotations
+from insitu.domains.geotiff.write import predict_scene
 
-from insitu.domains.geotiff.demo import DEMO_SPECTRA, write_demo_scene
-from insitu.domains.geotiff.write import Predictor, predict_scene, tent_weights
-
-__all__ = ["DEMO_SPECTRA", "Predictor", "predict_scene", "tent_weights", "write_demo_scene"]
+__all__ = ["predict_scene"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from insitu.domains import create_domain
 from insitu.domains.geotiff import grid_offsets
-from insitu.domains.geotiff_write import tent_weights
+from insitu.domains.geotiff.write import tent_weights
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
@@ -138,7 +138,7 @@ def _seg_only(meta: dict[str, Any], what: str) -> None:
 @WRITERS.register("geotiff")
 def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
     """Whole scenes to georeferenced uint8 class maps (+ float probabilities), tile row by tile row."""
-    from insitu.domains.geotiff_write import predict_scene
+    from insitu.domains.geotiff.write import predict_scene
 
     _seg_only(meta, "GeoTIFF prediction")
     tile = opts.pop("_tile")

@@ -40,7 +40,9 @@ from insitu.backbones import create_backbone
 from insitu.config import load_config, validate_config
 from insitu.objectives.views import random_resized_crop_box
 from insitu.pipelines.data import ScannedData, fit_normalizer
-from insitu.pipelines.probe import Model, ProbeResult, classification_results, dense_results
+from insitu.pipelines.probe import classification_results
+from insitu.pipelines.probe_dense import dense_results
+from insitu.pipelines.probe_plan import Model, ProbeResult
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medical"

@@ -27,7 +27,8 @@ from insitu.heads.stats import (
     verdict,
 )
 from insitu.pipelines import probe as probe_mod
-from insitu.pipelines.probe import evaluation_plan, run_probe
+from insitu.pipelines.probe import run_probe
+from insitu.pipelines.probe_plan import evaluation_plan
 from tests.conftest import shared, tiny_config
 
 

@@ -19,7 +19,8 @@ from insitu.objectives import create_objective
 from insitu.pipelines import view_cache
 from insitu.pipelines.data import SampleDataset, ScannedData, fit_normalizer
 from insitu.pipelines.pretrain import pretrain
-from insitu.pipelines.probe import ProbeResult, ProbeRow
+from insitu.pipelines.probe import ProbeRow
+from insitu.pipelines.probe_plan import ProbeResult
 from insitu.pipelines.quickstart import verdict_text
 from tests.conftest import TINY_BACKBONE, tiny_config
 

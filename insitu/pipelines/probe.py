@@ -26,7 +26,7 @@ from insitu.heads.stats import accuracy_from_counts
 from insitu.io import write_csv, write_json
 from insitu.pipelines.data import SampleDataset, collate
 from insitu.pipelines.preprocess import Preprocessing, Stored, package_preprocessing, resolve_comparison
-from insitu.pipelines.probe_dense import dense_results, score_dense, stored_of, token_maps
+from insitu.pipelines.probe_dense import dense_results, stored_of
 from insitu.pipelines.probe_plan import (
     Model,
     Pool,
@@ -34,16 +34,9 @@ from insitu.pipelines.probe_plan import (
     Split,
     classification_pool,
     evaluation_plan,
-    probe_splits,
     summarise,
 )
 from insitu.sharing.signing import trust_of
-
-__all__ = [  # the protocol's pieces live in probe_plan / probe_dense; these names stay importable from here
-    "Model", "Pool", "ProbeResult", "ProbeRow", "Split", "build_models", "classification_pool", "classification_results",
-    "dense_results", "evaluation_plan", "extract_features", "load_models", "pool_features", "probe_splits", "probe_table", "result_rows",
-    "run_probe", "score_classification", "score_dense", "summarise", "token_maps", "write_probe_outputs",
-]  # fmt: skip
 
 
 @dataclass

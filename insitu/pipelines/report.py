@@ -18,8 +18,9 @@ from insitu.exports import report_html
 from insitu.exports.plots import embedding_plot
 from insitu.exports.report import markdown_table
 from insitu.pipelines.preprocess import resolve_comparison
-from insitu.pipelines.probe import PROBE_NOTE, extract_features, probe_splits
+from insitu.pipelines.probe import PROBE_NOTE, extract_features
 from insitu.pipelines.probe import probe_table as probe_cells
+from insitu.pipelines.probe_plan import probe_splits
 
 log = logging.getLogger("insitu")
 

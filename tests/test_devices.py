@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.backbones import create_backbone
 from insitu.objectives import OBJECTIVES, create_objective
-from insitu.objectives.views import gaussian_blur
+from insitu.objectives.augment import gaussian_blur
 from tests.conftest import TINY_BACKBONE
 
 FAKE = torch.device("meta")  # what an accelerator tensor reports; its data stays on the CPU

@@ -13,10 +13,10 @@ from insitu.config import load_config
 from insitu.objectives import create_objective
 from insitu.objectives.graph_matching import (
     GCN,
+    BoxedCropPair,
     GraphMatchingOptions,
     IMLEMatching,
     PairViewOptions,
-    PairViews,
     SolverClock,
     crop_view,
     edge_affinity,
@@ -81,7 +81,7 @@ def test_view_meta_from_the_transform_locates_every_patch():
     torch.manual_seed(0)
     torch.manual_seed(0)
     image = ramp_image()
-    views = PairViews(32, PairViewOptions(scale=(0.2, 0.8), blur_prob=0.0, intensity=0.0))
+    views = BoxedCropPair(32, PairViewOptions(scale=(0.2, 0.8), blur_prob=0.0, intensity=0.0))
     flips = set()
     for _ in range(6):
         pair, meta = views(image)
@@ -232,7 +232,7 @@ def test_training_step_reaches_adapters_and_heads():
     torch.manual_seed(3)
     student = tiny_student()
     obj = objective(noise_scale=0.5).train()
-    views, metas = PairViews(32, PairViewOptions()), []
+    views, metas = BoxedCropPair(32, PairViewOptions()), []
     pairs = []
     for _ in range(8):
         v, m = views(torch.randn(1, 48, 48))

@@ -32,8 +32,8 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from insitu.objectives.augment import gaussian_blur
 from insitu.objectives.dino import DinoObjective, DinoOptions, feature_std, health_logs, make_head_norm
-from insitu.objectives.views import gaussian_blur
 from insitu.registry import OBJECTIVES
 
 

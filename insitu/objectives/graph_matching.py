@@ -59,8 +59,7 @@ from insitu.registry import OBJECTIVES
 
 EDGE_EPS = 1e-6  # floor on the mean degree when normalising edge affinities
 
-# view_meta columns, per view: crop box in original-image pixels, the original size, and the flip
-META_FIELDS = ("top", "left", "height", "width", "image_height", "image_width", "flipped")
+# view_meta columns, per view: top, left, height, width (the crop box in original-image pixels), image_height, image_width, flipped
 
 
 class PairViewOptions(BaseModel):
@@ -121,9 +120,6 @@ class BoxedCropPair(ViewRecipe):
         if self.opts.intensity > 0:
             x = augment.gain_offset(x, self.opts.intensity, self.generator)
         return x
-
-
-PairViews = BoxedCropPair  # the name tests import
 
 
 # ---------------------------------------------------------------- geometry: patch correspondence

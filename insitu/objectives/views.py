@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from insitu.objectives import augment as aug
-from insitu.objectives.augment import ViewRecipe, gaussian_blur
-
-__all__ = ["MAX_CROPS", "MultiCrop", "MultiCropOptions", "gaussian_blur", "random_resized_crop_box", "resize_square"]
+from insitu.objectives.augment import ViewRecipe
 
 MAX_CROPS = 32  # every crop is one more forward pass per image; more is a typo, not a recipe
 BLUR_SIGMA = (0.1, 1.5)  # σ range of the random blur, in pixels of the resized view

@@ -44,6 +44,36 @@ MODES = {
 }
 
 
+LEVERS = {
+    "baseline": "fp32 on a CPU (bf16 autocast on a GPU), eager, AdamW (foreach)",
+    "bf16": "bf16 autocast on the CPU too (trainer.precision: bf16-mixed)",
+    "fused_adamw": "AdamW(fused=True) (train.fused_optimizer: true)",
+    "compile": "torch.compile(mode='default') of the forward (and loss)",
+    "compile_max_autotune": "torch.compile(mode='max-autotune') of the forward (and loss)",
+    "channels_last": "input and weights in channels-last layout",
+}
+
+
+def autocast_of(device: Any, lever: str) -> Any:
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or lever == "bf16")
+
+
+def optimizer_of(params: list, lever: str) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=1e-4, fused=True if lever == "fused_adamw" else None)
+
+
+def maybe_compile(fn: Any, lever: str) -> Any:
+    import torch
+
+    if lever.startswith("compile"):
+        return torch.compile(fn, mode="max-autotune" if lever.endswith("autotune") else "default")
+    return fn
+
+
 def device_of(args: argparse.Namespace) -> Any:
     import torch
 
@@ -114,21 +144,35 @@ def mode_row(model: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     head = torch.nn.Linear(backbone.embed_dim, 10).to(device)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     params += list(adapters.parameters()) if adapters is not None else []
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = optimizer_of(params, args.lever)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.lever == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        backbone.to(memory_format=torch.channels_last)
+    amp = autocast_of(device, args.lever)
+
+    def loss_of() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(backbone.forward_tokens(x, adapters)[0]).float(), y)
+
+    flops = counted_flops(make_step(loss_of, opt, amp))  # the model's math, counted eagerly
+    times = timed_steps(make_step(maybe_compile(loss_of, args.lever), opt, amp), device, args.steps)
+    return {"trainable": sum(p.numel() for p in params), "flops": flops, "times": times, "memory_mib": memory_mib(device)}
+
+
+def make_step(loss_of: Any, opt: Any, amp: Any, after: Any = None) -> Any:
+    """forward under ``amp`` + backward + optimizer step (+ ``after``, e.g. the EMA update)."""
 
     def step() -> None:
         with amp:
-            loss = torch.nn.functional.cross_entropy(head(backbone.forward_tokens(x, adapters)[0]).float(), y)
+            loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after is not None:
+            after()
 
-    flops = counted_flops(step)
-    times = timed_steps(step, device, args.steps)
-    return {"trainable": sum(p.numel() for p in params), "flops": flops, "times": times, "memory_mib": memory_mib(device)}
+    return step
 
 
 def write_pngs(folder: Path, n: int, size: int) -> Path:
@@ -177,21 +221,25 @@ def pretrain_row(model: str, objective: str, args: argparse.Namespace) -> dict[s
         batch = next(iter(loader))
         batch["views"] = [v.to(device) for v in batch["views"]]
         params = module.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        opt = optimizer_of(params, args.lever)
+        amp = autocast_of(device, args.lever)
 
-        def step() -> None:
-            with amp:
-                loss = module.objective(batch, module.student_model(), module.teacher_model())["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def loss_of() -> torch.Tensor:
+            return module.objective(batch, module.student_model(), module.teacher_model())["loss"]
+
+        def ema() -> None:
             update_momentum(module.student, module.teacher, 0.996)
             module.objective.update_teacher(0.996)
 
-        flops = counted_flops(step)
-        times = timed_steps(step, device, args.steps)
-    return {"trainable": sum(p.numel() for p in params), "flops": flops, "times": times, "memory_mib": memory_mib(device), "loader_ips": loader_ips}
+        flops = counted_flops(make_step(loss_of, opt, amp, ema))
+        times = timed_steps(make_step(maybe_compile(loss_of, args.lever), opt, amp, ema), device, args.steps)
+    return {
+        "trainable": sum(p.numel() for p in params),
+        "flops": flops,
+        "times": times,
+        "memory_mib": memory_mib(device),
+        "loader_ips": loader_ips,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -203,6 +251,34 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
+def run_row(model: str, row: str, lever: str, flags: list[str], peak: dict[str, Any], batch: int) -> dict[str, Any]:
+    """One row in its own process; a lever that fails (e.g. torch.compile without a compiler) is a row saying so."""
+    cmd = [sys.executable, __file__, "--row", row, "--model-name", model, "--lever", lever, *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    name = f"{row.upper()} pretraining step (adapters, all blocks)" if row in PRETRAIN_ROWS else row
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
+        print(f"[{model} / {name} / {lever}: failed: {reason}]", file=sys.stderr, flush=True)
+        return {"model": model, "row": name, "lever": lever, "failed": reason}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    step_s = sum(out["times"]) / len(out["times"])
+    print(f"[{model} / {name} / {lever}: {step_s:.3f} s/step]", file=sys.stderr, flush=True)
+    return {
+        "model": model,
+        "row": name,
+        "lever": lever,
+        "trainable": out["trainable"],
+        "gflop_per_step": out["flops"] / 1e9,
+        "step_s": step_s,
+        "images_per_s": batch / step_s,
+        "gflops": out["flops"] / step_s / 1e9,
+        "mfu": out["flops"] / step_s / peak["peak_flops"],
+        "memory_mib": out["memory_mib"],
+        "loader_images_per_s": out.get("loader_ips"),
+        "device": out["device"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224", "vit_small_patch16_224"])
@@ -212,6 +288,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the dino row's loader")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    p.add_argument("--levers", nargs="+", default=["baseline"], choices=list(LEVERS), help="run every row once per lever")
+    p.add_argument("--lever", default="baseline", help=argparse.SUPPRESS)
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--row", help=argparse.SUPPRESS)
     p.add_argument("--model-name", help=argparse.SUPPRESS)
@@ -227,41 +305,29 @@ def main() -> None:
     rows = []
     for model in args.models:
         for row in args.rows:
-            cmd = [sys.executable, __file__, "--row", row, "--model-name", model, *flags]
-            out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            step_s = sum(out["times"]) / len(out["times"])
-            rows.append(
-                {
-                    "model": model,
-                    "row": f"{row.upper()} pretraining step (adapters, all blocks)" if row in PRETRAIN_ROWS else row,
-                    "trainable": out["trainable"],
-                    "gflop_per_step": out["flops"] / 1e9,
-                    "step_s": step_s,
-                    "images_per_s": args.batch / step_s,
-                    "gflops": out["flops"] / step_s / 1e9,
-                    "mfu": out["flops"] / step_s / peak["peak_flops"],
-                    "memory_mib": out["memory_mib"],
-                    "loader_images_per_s": out.get("loader_ips"),
-                    "device": out["device"],
-                }
-            )
-            print(f"[{model} / {rows[-1]['row']}: {step_s:.3f} s/step]", file=sys.stderr, flush=True)
-    memory = "peak CUDA MiB" if "cpu" not in rows[0]["device"] else "peak RSS MiB"
+            for lever in args.levers:
+                rows.append(run_row(model, row, lever, flags, peak, args.batch))
+    done = [r for r in rows if "failed" not in r]
+    memory = "peak CUDA MiB" if done and "cpu" not in done[0]["device"] else "peak RSS MiB"
+    device = done[0]["device"] if done else "?"
     print(
-        f"\n{rows[0]['device']}, torch {torch.__version__}; peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s ({peak['peak_kind']}, this run); "
+        f"\n{device}, torch {torch.__version__}; peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s ({peak['peak_kind']}, this run); "
         f"{args.size} px, batch {args.batch}, mean of {args.steps} steps after 1 warm-up\n"
     )
-    print(f"| model | row | trainable | GFLOP/step | s/step | images/s | GFLOP/s | MFU | {memory} | loader alone, images/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | row | lever | trainable | GFLOP/step | s/step | images/s | GFLOP/s | MFU | {memory} | loader alone, images/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "failed" in r:
+            print(f"| {r['model']} | {r['row']} | {r['lever']} | failed: {r['failed']} |||||||| ")
+            continue
         loader = "—" if r["loader_images_per_s"] is None else f"{r['loader_images_per_s']:.0f}"
         print(
-            f"| {r['model']} | {r['row']} | {r['trainable']:,} | {r['gflop_per_step']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | "
-            f"{r['gflops']:.0f} | {r['mfu']:.0%} | {r['memory_mib']:.0f} | {loader} |"
+            f"| {r['model']} | {r['row']} | {r['lever']} | {r['trainable']:,} | {r['gflop_per_step']:.1f} | {r['step_s']:.3f} | "
+            f"{r['images_per_s']:.1f} | {r['gflops']:.0f} | {r['mfu']:.0%} | {r['memory_mib']:.0f} | {loader} |"
         )
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(next((r for r in rows if "failed" not in r), rows[0])) + ["failed"], restval="")
             writer.writeheader()
             writer.writerows(rows)
 

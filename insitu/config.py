@@ -61,7 +61,8 @@ class ObjectiveConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Optimisation: steps, batch, learning rate, EMA, checkpoints, non-finite policy."""
+    """Optimisation: steps, batch, lr, EMA, checkpoints, non-finite policy; levers ``compile`` (the objective's forward
+    through torch.compile) and ``fused_optimizer`` (fused AdamW), measured by benchmarks/bench_train.py --levers."""
 
     max_steps: int = Field(100, gt=0, le=MAX_STEPS, strict=True)
     batch_size: int = Field(32, gt=0, le=1_000_000, strict=True)
@@ -82,6 +83,8 @@ class TrainConfig(Strict):
     # K > 0: cache the frozen prefix's output for K pre-drawn views per image and view position (short runs on small
     # data; needs adapters after block 0 and an objective that does not change pixels in a step; insitu.pipelines.view_cache)
     cached_views: int = Field(0, ge=0, le=64, strict=True)
+    compile: Literal["none", "default", "max-autotune"] = "none"
+    fused_optimizer: bool = False
 
     @field_validator("max_steps", "batch_size", "warmup_steps", "accumulate_grad_batches", "checkpoint_every", "log_every", mode="before")
     @classmethod
@@ -192,9 +195,8 @@ class DownstreamConfig(Strict):
     head only (backbone and adapters frozen), ``adapters`` trains adapters and head (fresh
     zero-initialised adapters from the ``adapter`` section when no package is given). The labelled
     data comes from ``probe.train``/``probe.test`` (or a group split of ``data``); ``val_fraction``
-    of the training groups validate every ``val_every`` steps (the best weights on them are kept;
-    ``early_stopping``: stop after that many validations without a gain). ``augment``: an
-    albumentations preset (``none``, ``medical_grey``, ``multispectral``, ``endoscopy``).
+    of the training groups validate every ``val_every`` steps (the best weights on them are kept; ``early_stopping``:
+    stop after that many validations without a gain). ``augment``: an albumentations preset (insitu.pipelines.downstream_aug).
     """
 
     task: Literal["classification", "multilabel", "segmentation"] = "classification"

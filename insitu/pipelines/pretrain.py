@@ -57,6 +57,10 @@ class PretrainModule(L.LightningModule):
             cfg.objective.options,
             cfg.train.max_steps,
         )
+        # train.compile: the objective's forward (views -> loss, student and teacher passes) through torch.compile;
+        # the module and its state_dict stay as they are (checkpoints and packages are unchanged)
+        compile_mode = cfg.train.compile
+        self.objective_fn = self.objective if compile_mode == "none" else torch.compile(self.objective, mode=compile_mode)
         self.fingerprint = self.backbone.fingerprint
         self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
         self.skipped_batches = 0
@@ -98,7 +102,7 @@ class PretrainModule(L.LightningModule):
         self.objective.step = self.global_step + self.step_offset
         # objectives may update buffers in forward (DINO's centre); undo that on a bad batch
         buffers = {k: v.clone() for k, v in self.objective.named_buffers()}
-        out = self.objective(batch, self.student_model(), self.teacher_model())
+        out = self.objective_fn(batch, self.student_model(), self.teacher_model())
         loss = out["loss"]
         if not torch.isfinite(loss):
             self.objective.load_state_dict(buffers, strict=False)
@@ -163,6 +167,7 @@ class PretrainModule(L.LightningModule):
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.train.lr,
+            fused=True if self.cfg.train.fused_optimizer else None,
         )
         warmup, total, offset = self.cfg.train.warmup_steps, self.cfg.train.max_steps, self.step_offset
 

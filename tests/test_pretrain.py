@@ -132,3 +132,14 @@ def test_skip_policy_fails_the_run_past_its_budget(tmp_path):
     with pytest.raises(NonFiniteLossError, match="more than train.max_skipped_fraction=0.1 allows"):
         pretrain(cfg, quiet=True)
     assert not (cfg.run_dir / "adapter" / "insitu.json").exists()  # nothing diverged is packaged
+
+
+@pytest.mark.slow
+def test_performance_levers_train_the_same_model(tmp_path, shapes_dir):
+    """train.fused_optimizer and train.compile change how a step runs, not what it computes."""
+    losses = {}
+    for name, extra in {"eager": {}, "fused": {"fused_optimizer": True}, "compiled": {"compile": "default"}}.items():
+        cfg = load_config(tiny_config(shapes_dir, tmp_path / name, train={"max_steps": 2, "batch_size": 4, **extra}))
+        losses[name] = pretrain(cfg, quiet=True).final_loss
+    assert losses["fused"] == pytest.approx(losses["eager"], abs=1e-5)
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from insitu.backbones import create_backbone, packaged_bases, packaged_card
+from insitu.backbones import create_backbone
 from insitu.cli import main
 from insitu.config import load_config
 from insitu.domains.fractals import FractalStream, SystemBank, fractal_images, labelled_fractal_images, render, sample_systems
 from insitu.errors import ConfigError
+from insitu.weights import shipped_bases, shipped_card
 from tests.conftest import tiny_config
 
 
@@ -81,16 +82,16 @@ def test_base_pretrain_tiny_writes_fp16_weights_and_card(tmp_path, capsys):
 
 
 def test_shipped_base_loads_and_is_reproducible():
-    bases = packaged_bases()
+    bases = shipped_bases()
     assert "fractal_vit_tiny" in bases, "the embedded base must ship inside the package"
-    card = packaged_card("fractal_vit_tiny")
+    card = shipped_card("fractal_vit_tiny")
     assert card["steps"] > 0 and card["device"] and card["command"].startswith("insitu base pretrain")
     assert bases["fractal_vit_tiny"].stat().st_size < 12 * 2**20
     grey = create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1})
     assert grey.source == "insitu:fractal_vit_tiny" and grey.native_size == 64
     assert create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1}).fingerprint == grey.fingerprint
     with pytest.raises(ConfigError, match="is not a shipped base"):
-        packaged_card("nope")
+        shipped_card("nope")
 
 
 def test_config_can_name_the_shipped_base(tmp_path, shapes_dir):
@@ -201,7 +202,7 @@ def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path
     assert main(args) == 0
     weights = tmp_path / "ct" / "ct.safetensors"
     card = json.loads(weights.with_suffix(".json").read_text())
-    shipped = packaged_card("fractal_vit_tiny")
+    shipped = shipped_card("fractal_vit_tiny")
     assert card["init"] == "insitu:fractal_vit_tiny" and "continued from insitu:fractal_vit_tiny" in card["training"]
     assert card["images_seen"] == 8 and card["images_seen_total"] == shipped["images_seen"] + 8
     assert "hue classes" in card["data"] and 0.0 <= card["final_texture_acc"] <= 1.0

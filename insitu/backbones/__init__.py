@@ -27,12 +27,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from insitu.backbones.loaders import fit_state_dict, hf_dinov2_config, hf_dinov2_state_dict, is_hf_dinov2_folder, read_state_dict
-from insitu.backbones.vit import ViTBackbone, state_fingerprint
+from insitu.backbones.vit import ViTBackbone
 from insitu.config import BackboneConfig
 from insitu.errors import ConfigError
-from insitu.weights import PACKAGED
-from insitu.weights import shipped_bases as packaged_bases
-from insitu.weights import shipped_card as packaged_card
+from insitu.weights import PACKAGED, shipped_bases, shipped_card
 
 log = logging.getLogger("insitu")
 
@@ -63,11 +61,11 @@ def create_backbone(cfg: BackboneConfig | dict[str, Any]) -> ViTBackbone:
 
 
 def _with_packaged_architecture(cfg: BackboneConfig, name: str) -> BackboneConfig:
-    arch = packaged_card(name)["architecture"]
+    arch = shipped_card(name)["architecture"]
     if cfg.kwargs and cfg.kwargs != arch["kwargs"]:
         log.warning("backbone.kwargs %s ignored: %s%s fixes its own architecture %s", cfg.kwargs, PACKAGED, name, arch["kwargs"])
     return cfg.model_copy(
-        update={"name": arch["name"], "patch_size": arch["patch_size"], "kwargs": arch["kwargs"], "weights": str(packaged_bases()[name])}
+        update={"name": arch["name"], "patch_size": arch["patch_size"], "kwargs": arch["kwargs"], "weights": str(shipped_bases()[name])}
     )
 
 
@@ -129,4 +127,4 @@ def _load_strict(vit: torch.nn.Module, state: dict[str, torch.Tensor], path: Pat
     vit.load_state_dict(state, strict=True)
 
 
-__all__ = ["PACKAGED", "ViTBackbone", "create_backbone", "packaged_bases", "packaged_card", "state_fingerprint"]
+__all__ = ["ViTBackbone", "create_backbone"]

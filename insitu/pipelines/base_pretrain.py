@@ -38,6 +38,7 @@ from insitu.domains.fractals import NUM_TEXTURES, FractalStream, SystemBank
 from insitu.errors import ConfigError
 from insitu.objectives.augment import worker_seed
 from insitu.objectives.views import MultiCrop, MultiCropOptions
+from insitu.weights import PACKAGED, shipped_card
 
 FRACTAL_MEAN, FRACTAL_STD = [0.40, 0.40, 0.40], [0.25, 0.25, 0.25]
 
@@ -336,9 +337,7 @@ def _metric(trainer: L.Trainer, name: str) -> float | None:
 
 def _init_images(weights: str | None) -> int:
     """Images an embedded base the run started from had already seen (0 for random init or a file)."""
-    from insitu.backbones import PACKAGED, packaged_card
-
     if weights and weights.startswith(PACKAGED):
-        card = packaged_card(weights[len(PACKAGED) :])
+        card = shipped_card(weights[len(PACKAGED) :])
         return int(card.get("images_seen_total", card.get("images_seen", 0)))
     return 0

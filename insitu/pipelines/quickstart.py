@@ -20,6 +20,7 @@ from insitu.io import claim_folder, read_owner, write_json
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
 from insitu.privacy import shown_weights
+from insitu.weights import shipped_card
 
 log = logging.getLogger("insitu")
 
@@ -123,9 +124,7 @@ def describe_backbone(cfg: RunConfig) -> str:
     """One honest paragraph on where the backbone's weights came from."""
     bb = cfg.backbone
     if bb.weights and bb.weights.startswith("insitu:"):
-        from insitu.backbones import packaged_card
-
-        card = packaged_card(bb.weights.removeprefix("insitu:"))
+        card = shipped_card(bb.weights.removeprefix("insitu:"))
         return (
             f"`{bb.weights}`: insitu's embedded base, a {card['architecture']['name']} ({card['architecture']['kwargs']}, "
             f"patch {card['architecture']['patch_size']}) pretrained on generated fractal images only, by {card['training']} "

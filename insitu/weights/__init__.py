@@ -1,8 +1,7 @@
 """The bases shipped inside the package (``backbone.weights: insitu:<name>``): safetensors + a JSON card each.
 
 This is the lowest layer that knows them, so a config can be checked (:mod:`insitu.config`)
-without importing the backbones (``insitu.backbones.packaged_bases``/``packaged_card`` are these
-functions under their older names).
+without importing the backbones.
 """
 
 from __future__ import annotations

@@ -170,22 +170,27 @@ def main() -> None:
         print(table([json.loads(line) for line in args.from_runs.read_text().splitlines() if line.strip()]))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = []
+    log = args.out / "runs.jsonl"
+    # a run already in --out's runs.jsonl (same task, head, mode) is kept, not repeated: an interrupted benchmark continues
+    runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    done = {(r["task"], r["head"], r["mode"]) for r in runs}
     for task in args.tasks:
         heads = ["linear", *[h for h in TASK_HEADS[task] if h != "linear" and (args.heads is None or h in args.heads)]]
         for head in heads:  # the baseline (linear, head only) always runs, first
             for mode in ["head", *[m for m in args.modes if m != "head"]] if head == "linear" else args.modes:
+                if (task, head, mode) in done:
+                    continue
                 raw = task_config(task, head, mode, args, args.out / "runs")
                 result = in_child(run_job, raw) | {"task": task, "head": head, "mode": mode}
                 runs.append(result)
-                with open(args.out / "runs.jsonl", "a") as f:
+                with open(log, "a") as f:
                     f.write(json.dumps(result) + "\n")
                 s = result["seeds"]
                 print(
                     f"{result['name']}: " + ", ".join(f"s{x['seed']} {x['metrics']}" for x in s) + f" ({sum(x['fit_s'] for x in s):.0f} s)",
                     flush=True,
                 )
-    print(table(runs))
+    print(table([r for r in runs if r["task"] in args.tasks]))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from insitu.adapters.base import AdapterSet, resolve_blocks
-from insitu.adapters.bottleneck import BottleneckAdapters
 from insitu.adapters.lora import LoRAAdapters, merge_lora
-from insitu.adapters.sequential import SequentialAdapters
 from insitu.backbones.vit import ViTBackbone
 from insitu.errors import AdapterFormatError
 from insitu.package_format import adapter_section
@@ -147,12 +145,10 @@ __all__ = [
     "ADAPTERS",
     "AdaptedBackbone",
     "AdapterSet",
-    "BottleneckAdapters",
     "LoRAAdapters",
     "MultiAdapterBackbone",
-    "SequentialAdapters",
-    "merge_lora",
     "adapters_from_package",
     "create_adapters",
+    "merge_lora",
     "resolve_blocks",
 ]

@@ -10,12 +10,9 @@ from typing import Any
 
 from insitu.domains.base import (
     IGNORE_INDEX,
-    DemoData,
     Domain,
-    DomainOptions,
     Manifest,
     ManifestItem,
-    QuarantineItem,
     Sample,
     split_by_group,
     stable_id,
@@ -36,12 +33,9 @@ def create_domain(name: str, options: dict[str, Any] | None = None) -> Domain:
 __all__ = [
     "DOMAINS",
     "IGNORE_INDEX",
-    "DemoData",
     "Domain",
-    "DomainOptions",
     "Manifest",
     "ManifestItem",
-    "QuarantineItem",
     "Sample",
     "create_domain",
     "get_domain_class",

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from insitu.heads.classification import LinearHead, MLPHead, few_shot_accuracy, prototype_logits
-from insitu.heads.probe import dense_linear_probe, knn_accuracy, knn_predict, linear_probe_accuracy, linear_probe_predict
-from insitu.heads.segmentation import FPNHead, LinearSegHead, UPerNetHead
+from insitu.heads.classification import few_shot_accuracy, prototype_logits
+from insitu.heads.probe import knn_accuracy, linear_probe_accuracy
 from insitu.registry import CLASSIFICATION_HEADS, SEGMENTATION_HEADS
 
 
@@ -29,18 +28,10 @@ def create_head(task: str, name: str, in_dim: int, num_classes: int, **options: 
 
 __all__ = [
     "CLASSIFICATION_HEADS",
-    "FPNHead",
-    "LinearHead",
-    "LinearSegHead",
-    "MLPHead",
     "SEGMENTATION_HEADS",
-    "UPerNetHead",
     "create_head",
-    "dense_linear_probe",
     "few_shot_accuracy",
     "knn_accuracy",
-    "knn_predict",
     "linear_probe_accuracy",
-    "linear_probe_predict",
     "prototype_logits",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from insitu.objectives.base import Objective, ObjectiveOptions
+from insitu.objectives.base import Objective
 from insitu.registry import OBJECTIVES
 
 
@@ -18,4 +18,4 @@ def create_objective(name: str, embed_dim: int, patch_size: int, image_size: int
     return get_objective_class(name)(embed_dim, patch_size, image_size, options, max_steps)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveOptions", "create_objective", "get_objective_class"]
+__all__ = ["OBJECTIVES", "Objective", "create_objective", "get_objective_class"]

@@ -19,28 +19,9 @@ cache), ``demo`` (CT phantoms), ``domain`` (the `DicomDomain`).
 
 from __future__ import annotations
 
-from insitu.domains.dicom.demo import DEMO_CLASSES, DEMO_SLICES, write_ct_series
+from insitu.domains.dicom.demo import write_ct_series
 from insitu.domains.dicom.domain import DicomDomain
 from insitu.domains.dicom.geometry import Volume
-from insitu.domains.dicom.options import PLANES, WINDOWS, DicomError, DicomOptions
-from insitu.domains.dicom.records import NIFTI_SUFFIXES, OTHER_SUFFIXES, RECORD_VERSION, SEG_SOP_CLASS, read_record
-from insitu.domains.dicom.series import Unit, series_units
+from insitu.domains.dicom.options import DicomError
 
-__all__ = [
-    "DEMO_CLASSES",
-    "DEMO_SLICES",
-    "NIFTI_SUFFIXES",
-    "OTHER_SUFFIXES",
-    "PLANES",
-    "RECORD_VERSION",
-    "SEG_SOP_CLASS",
-    "WINDOWS",
-    "DicomDomain",
-    "DicomError",
-    "DicomOptions",
-    "Unit",
-    "Volume",
-    "read_record",
-    "series_units",
-    "write_ct_series",
-]
+__all__ = ["DicomDomain", "DicomError", "Volume", "write_ct_series"]

@@ -19,25 +19,17 @@ from __future__ import annotations
 
 from insitu.domains.geotiff.demo import DEMO_BANDS, DEMO_CLASSES
 from insitu.domains.geotiff.domain import GeoTiffDomain
-from insitu.domains.geotiff.options import BAND_FILE, PRESETS, RESAMPLING, SUFFIXES, BandPreset, GeoTiffError, GeoTiffOptions
+from insitu.domains.geotiff.options import GeoTiffError
 from insitu.domains.geotiff.read import fill_invalid, grid_offsets
-from insitu.domains.geotiff.scene import Scene, SceneRef, check_label_alignment, majority_bands
+from insitu.domains.geotiff.scene import SceneRef, check_label_alignment
 
 __all__ = [
-    "BAND_FILE",
     "DEMO_BANDS",
     "DEMO_CLASSES",
-    "PRESETS",
-    "RESAMPLING",
-    "SUFFIXES",
-    "BandPreset",
     "GeoTiffDomain",
     "GeoTiffError",
-    "GeoTiffOptions",
-    "Scene",
     "SceneRef",
     "check_label_alignment",
     "fill_invalid",
     "grid_offsets",
-    "majority_bands",
 ]

@@ -22,35 +22,24 @@ Modules: ``probe`` (finding and indexing sources), ``fov`` (text masking, field 
 
 from __future__ import annotations
 
-from insitu.domains.video.annotations import ANNOTATION_SUFFIXES, TOOL_SUFFIXES, read_phase_annotation, read_tool_table
 from insitu.domains.video.decode import _INFO as _INFO  # per-process caches, reset by tests and benchmarks
-from insitu.domains.video.decode import FrameCache, decode_frames
 from insitu.domains.video.decode import _frame_cache as _frame_cache
+from insitu.domains.video.decode import decode_frames
 from insitu.domains.video.demo import moving_shape_frames
 from insitu.domains.video.domain import VideoDomain
-from insitu.domains.video.fov import detect_fov, mask_text
-from insitu.domains.video.options import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, VideoOptions
-from insitu.domains.video.probe import VideoInfo, find_sources, probe_video, sample_at_fps
+from insitu.domains.video.fov import detect_fov
+from insitu.domains.video.options import VIDEO_SUFFIXES, VideoError
+from insitu.domains.video.probe import probe_video, sample_at_fps
 from insitu.domains.video.write import write_mp4, write_overlay, write_phase_csv
 
 __all__ = [
-    "ANNOTATION_SUFFIXES",
-    "FRAME_SUFFIXES",
-    "TOOL_SUFFIXES",
     "VIDEO_SUFFIXES",
-    "FrameCache",
     "VideoDomain",
     "VideoError",
-    "VideoInfo",
-    "VideoOptions",
     "decode_frames",
     "detect_fov",
-    "find_sources",
-    "mask_text",
     "moving_shape_frames",
     "probe_video",
-    "read_phase_annotation",
-    "read_tool_table",
     "sample_at_fps",
     "write_mp4",
     "write_overlay",

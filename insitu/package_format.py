@@ -399,10 +399,6 @@ def _head_namespace_ok(name: str) -> bool:
     return len(parts) > 2 and any(parts[1] == ns or parts[1].startswith(ns + "_") for ns in HEAD_NAMESPACES)
 
 
-def content_hash(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
 def write_package_folder(out_dir: str | Path, files: dict[str, bytes]) -> Path:
     """Write a package's ``files`` (name -> bytes) as the folder ``out_dir``, all at once.
 

@@ -18,7 +18,6 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
     "brain": (40.0, 80.0),
 }
-PLANES = ("acquisition", "axial", "coronal", "sagittal")
 
 
 class DicomError(DataError):

@@ -40,11 +40,9 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TOKENS = 4096  # (image_size / patch)^2 at inference: 1024 px at patch 16
 MAX_ABS_WEIGHT = 1e6  # trained adapter and head weights are O(1); larger is damage or an attack
 TENSOR_DTYPE = "F32"  # packages store float32; anything else would be cast silently
-# head tensors live under the namespace of the objective that trained them
-# (``head.<ns>.…`` where ``<ns>`` is one of these or starts with one and ``_``: dino, dino_input_norm, gm_gcn)
+# head tensors: ``head.<ns>.…``, <ns> the training objective's namespace or one starting with it and ``_`` (dino_input_norm)
 HEAD_NAMESPACES = ("dino", "glare", "gm", "convirt", "clip", "rsp", "cvrl", "simclr")
-# the preprocessing contract in ``input`` (insitu.pipelines.preprocess); packages written before it lack these keys
-RESIZE_POLICIES = ("square-antialias",)  # the first is the default: insitu.objectives.views.resize_square
+RESIZE_POLICIES = ("square-antialias",)  # input.resize (insitu.pipelines.preprocess); the first: views.resize_square
 MAX_BAND_NAME = 64
 
 
@@ -322,32 +320,20 @@ def check_fields(meta: PackageMeta, path: Path) -> AdapterInfo:
 
 
 def _input_problems(meta: PackageMeta) -> list[str]:
-    size, channels = meta.input.get("image_size"), meta.input.get("channels")
-    problems = []
-    if size is not None:
-        if type(size) is not int or size < meta.base.patch_size:
-            problems.append(f"input.image_size {size!r} is not a whole number of pixels >= the patch size")
-        elif (size // meta.base.patch_size) ** 2 > MAX_TOKENS:
-            problems.append(f"input.image_size {size} gives more than {MAX_TOKENS} tokens per image at patch {meta.base.patch_size}")
-    if channels is not None and channels != meta.base.in_chans:
-        problems.append(f"input.channels {channels!r} is not the base's in_chans {meta.base.in_chans}")
-    return problems + _contract_problems(meta.input, meta.base.in_chans)
-
-
-def _contract_problems(inp: dict[str, Any], in_chans: int) -> list[str]:
-    """The contract's keys, each checked only when present (older packages do not have them)."""
-    problems = []
-    if inp.get("in_chans") is not None and inp["in_chans"] != in_chans:
-        problems.append(f"input.in_chans {inp['in_chans']!r} is not the base's in_chans {in_chans}")
+    """The ``input`` section (the preprocessing contract); each key is checked only when present (older packages lack some)."""
+    inp, chans, patch = meta.input, meta.base.in_chans, meta.base.patch_size
+    size, bands, init = inp.get("image_size"), inp.get("bands"), inp.get("channel_init")
+    wrong = [k for k in ("channels", "in_chans") if inp.get(k) not in (None, chans)]
+    problems = [f"input.{k} {inp[k]!r} is not the base's in_chans {chans}" for k in wrong]
+    if size is not None and (type(size) is not int or size < patch or (size // patch) ** 2 > MAX_TOKENS):
+        problems.append(f"input.image_size {size!r} is not whole pixels from the patch size {patch} up to {MAX_TOKENS} tokens per image")
     if "resize" in inp and inp["resize"] not in RESIZE_POLICIES:
         problems.append(f"input.resize {inp['resize']!r} is not one of {list(RESIZE_POLICIES)}")
-    if inp.get("channel_init") is not None and not (isinstance(inp["channel_init"], str) and len(inp["channel_init"]) <= 32):
+    if init is not None and not (isinstance(init, str) and len(init) <= 32):
         problems.append("input.channel_init is not a short name")
-    bands = inp.get("bands")
-    if bands is not None:
-        names_ok = isinstance(bands, list) and all(isinstance(b, str) and 0 < len(b) <= MAX_BAND_NAME for b in bands)
-        if not names_ok or len(bands) != in_chans:
-            problems.append(f"input.bands must be {in_chans} band names of at most {MAX_BAND_NAME} characters, one per base channel")
+    names_ok = isinstance(bands, list) and len(bands) == chans and all(isinstance(b, str) and 0 < len(b) <= MAX_BAND_NAME for b in bands)
+    if bands is not None and not names_ok:
+        problems.append(f"input.bands must be {chans} band names of at most {MAX_BAND_NAME} characters, one per base channel")
     return problems
 
 

@@ -197,7 +197,7 @@ def downstream_trainer(
         callbacks.append(RichProgressBar(leave=False))
     return L.Trainer(
         max_steps=ds.steps,
-        max_epochs=-1,
+        max_epochs=1,  # one epoch = the StepBatchSampler's steps
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         strategy=cfg.trainer.strategy,

@@ -13,6 +13,12 @@ moved to the input's device). A view recipe (`ViewRecipe`) owns one; DataLoader 
 from their own seed (`worker_seed`, `reseed_views`, wired in `insitu.pipelines.data.seed_worker`),
 so a run is reproducible with a given seed and no two workers repeat each other's views. Passing
 ``generator=None`` draws from torch's default generator (tests, benchmarks).
+
+Why not torchvision's v2 transforms or kornia.augmentation: both draw from torch's global RNG and
+take no per-call generator (kornia/kornia#4427 says so for every kornia augmentation), so a
+recipe-owned, per-worker stream would mean saving and restoring global state around every call.
+Downstream augmentation of image + mask uses albumentations (`insitu.pipelines.downstream_aug`),
+which accepts private generators.
 """
 
 from __future__ import annotations

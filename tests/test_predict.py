@@ -191,3 +191,23 @@ def test_prediction_preprocesses_exactly_as_training(tmp_path):
     # the check can fail: a resize without antialiasing (what classification prediction did) differs
     plain = torch.nn.functional.interpolate(norm(image.float())[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
     assert not torch.allclose(plain, trained_on, atol=1e-3)
+
+
+def test_classification_predictions_csv_in_batches(tmp_path):
+    from tests.conftest import write_shapes
+
+    shapes = write_shapes(tmp_path / "shapes", 4)
+    cfg = tiny_config(shapes, tmp_path, probe={"test_fraction": 0.4}, downstream={"steps": 2, "batch_size": 8, "val_fraction": 0})
+    model_dir = finetune(load_config(cfg), out_dir=tmp_path / "model").out_dir
+    new = write_shapes(tmp_path / "new", 2, seed=3)  # 8 images, predicted 3 per pass
+    predict(model_dir, new, tmp_path / "out", "images", batch_size=3)
+    rows = [line.split(",") for line in (tmp_path / "out" / "predictions.csv").read_text().splitlines()]
+    files = sorted(p for p in new.rglob("*.png"))
+    assert rows[0] == ["item", "class_index", "class", "probability"] and [r[0] for r in rows[1:]] == [p.stem for p in files]
+    model, meta, norm = load_head(model_dir)
+    predictor = make_predictor(model, norm, meta["image_size"])
+    for row, path in zip(rows[1:], files, strict=True):  # each row is the model's own answer on that file alone
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).float() / 255.0
+        probs = predictor([image])[0]
+        assert int(row[1]) == int(probs.argmax()) and row[2] == meta["class_names"][int(row[1])]
+        assert float(row[3]) == pytest.approx(float(probs.max()), abs=1e-4)

@@ -8,8 +8,9 @@ DICOM-SEG referencing the source series, PNG masks and overlays, overlay MP4 + p
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +156,17 @@ def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs:
     return written
 
 
-def _images_of(inputs: Path, opts: dict) -> list[tuple[str, torch.Tensor]]:
+def _images_of(inputs: Path, opts: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, C×H×W image) per image file, read one at a time."""
     from PIL import Image
 
     from insitu.domains.images import IMAGE_SUFFIXES, pil_to_chw
 
     files = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     channels = int(opts.get("channels", 3))
-    out = []
     for path in files:
         with Image.open(path) as im:
-            out.append((path.stem, pil_to_chw(im, channels)))
-    return out
+            yield path.stem, pil_to_chw(im, channels)
 
 
 @WRITERS.register("images")
@@ -175,8 +175,10 @@ def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: 
     predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
     written: list[Path] = []
     images = _images_of(inputs, opts)
-    if meta["task"] != "segmentation":
-        rows = [(stem, *c) for stem, c in zip([s for s, _ in images], _classify(predictor, [im for _, im in images], meta), strict=True)]
+    if meta["task"] != "segmentation":  # read and classified one batch at a time
+        rows: list[tuple] = []
+        while batch := list(itertools.islice(images, meta["_batch"])):
+            rows += [(stem, *c) for (stem, _), c in zip(batch, _classify(predictor, [im for _, im in batch], meta), strict=True)]
         return [_write_rows(out / "predictions.csv", ["item", "class_index", "class", "probability"], rows)] if rows else []
     for stem, image in images:
         classes = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"], meta["_batch"]).argmax(0).numpy()

@@ -159,6 +159,31 @@ def test_reslice_planes_and_square_pixels(tmp_path):
     np.testing.assert_allclose(img[0, 0].item(), vol[-1, 16, 0], atol=1)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reslice_matches_monai_orientation_for_every_axis_aligned_direction():
+    """insitu reslices with array views (O(slice) per item); MONAI's Orientation is the reference."""
+    import itertools
+
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    from insitu.domains.dicom.geometry import Volume, reslice
+
+    codes = {"axial": "SPL", "coronal": "PIL", "sagittal": "LIP"}  # slice, down, right; radiological view
+    rng = np.random.default_rng(0)
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            direction = np.zeros((3, 3))
+            direction[list(perm), [0, 1, 2]] = signs
+            vol = Volume(rng.normal(size=(5, 2, 6, 7)).astype(np.float32), direction, (0.7, 0.8, 2.5))
+            affine = np.eye(4)
+            affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction * np.asarray(vol.spacing)  # LPS -> RAS
+            x = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol.array.transpose(1, 3, 2, 0))), affine=torch.as_tensor(affine))
+            for plane, axcodes in codes.items():
+                expected = torch.as_tensor(Orientation(axcodes=axcodes)(x)).permute(1, 0, 2, 3).numpy()
+                np.testing.assert_array_equal(reslice(vol, plane)[0], expected, err_msg=f"{perm} {signs} {plane}")
+
+
 def test_groups_keep_patients_apart(tmp_path):
     from insitu.domains import split_by_group
 

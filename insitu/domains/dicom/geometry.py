@@ -1,4 +1,11 @@
-"""Patient-space geometry: the decoded Volume, reslicing to axial/coronal/sagittal, square pixels."""
+"""Patient-space geometry: the decoded Volume, reslicing to axial/coronal/sagittal, square pixels.
+
+Why reslicing is not MONAI's ``Orientation`` (which ``nifti.crop3d`` does use): it gives the same
+arrays (tests/test_dicom.py checks all 48 axis-aligned directions × 3 planes against it), but it
+copies the whole volume on every call, and a 2-D item needs one slice: on a 300×512×512 CT one
+coronal slice took 1.5 s through ``Orientation`` and 1.4 ms through the views below. The slice count
+per plane is also needed at scan time from the geometry alone (``plane_axes``), before any decode.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cached views (``train.cached_views``), the SimCLR objective and the quickstart's scanner demo."""
+"""Cached views (``train.cached_views``), the SimCLR objective and the quickstart's land-cover demo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from insitu.adapters import create_adapters
 from insitu.backbones import create_backbone
 from insitu.config import validate_config
-from insitu.domains.synthetic import TISSUE_CLASSES, write_scanner_folders
+from insitu.domains.synthetic import LAND_COLOURS, LAND_COVER, write_land_cover_folders
 from insitu.errors import ConfigError
 from insitu.heads.stats import GAIN, LOSS, UNRESOLVED
 from insitu.objectives import create_objective
@@ -125,20 +125,25 @@ def test_simclr_refuses_more_than_two_views():
         create_objective("simclr", 48, 8, 32, {"views": {"global_crops": 2, "local_crops": 2}}, 10)
 
 
-def test_scanner_demo_writes_16bit_grey_class_folders(tmp_path):
-    scanners = write_scanner_folders(tmp_path, seed=3, n_per_class=2, size=32)
-    assert len(scanners) == 4
-    for split in ("train", "test"):
-        files = sorted((tmp_path / split).rglob("*.png"))
-        assert len(files) == 2 * len(TISSUE_CLASSES)
+def test_land_cover_demo_writes_rgb_class_folders_that_differ_in_colour(tmp_path):
+    write_land_cover_folders(tmp_path, seed=3, n_per_class=6, size=32)
+    means = []
+    for name in LAND_COVER:
+        files = sorted((tmp_path / "train" / name).glob("*.png"))
+        assert len(files) == 6 and len(list((tmp_path / "test" / name).glob("*.png"))) == 6
         with Image.open(files[0]) as im:
-            assert im.mode.startswith("I;16") and im.size == (32, 32)
-    # seeded: the same seed writes the same pixels, another seed does not
+            assert im.mode == "RGB" and im.size == (32, 32)
+        rgb = np.stack([np.asarray(Image.open(f), dtype=np.float64) / 255 for f in files])
+        means.append(rgb.mean((0, 1, 2)))
+    # each class's mean colour is nearest to its own reference colour (hue carries the class)
+    chroma = lambda c: c / c.sum(-1, keepdims=True)  # noqa: E731
+    nearest = np.abs(chroma(np.array(means))[:, None] - chroma(LAND_COLOURS)[None]).sum(-1).argmin(1)
+    assert nearest.tolist() == list(range(len(LAND_COVER)))
+    # seeded: the same seed writes the same pixels
     again = tmp_path / "again"
-    write_scanner_folders(again, seed=3, n_per_class=2, size=32)
+    write_land_cover_folders(again, seed=3, n_per_class=6, size=32)
     first = sorted((tmp_path / "train").rglob("*.png"))[0]
-    same = again / first.relative_to(tmp_path)
-    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(same)))
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again / first.relative_to(tmp_path))))
 
 
 def _row(name, results):

@@ -23,7 +23,7 @@ from insitu.domains.base import (
     stable_id,
 )
 from insitu.domains.masks import read_binary_mask
-from insitu.domains.synthetic import TISSUE_CLASSES, write_scanner_folders
+from insitu.domains.synthetic import LAND_COVER, write_land_cover_folders
 from insitu.errors import DataError, EmptyDatasetError
 from insitu.registry import DOMAINS
 
@@ -148,17 +148,22 @@ class ImageFolderDomain(Domain):
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
-        """Grey tissue scans from four simulated scanners (4 texture classes) as 16-bit PNG class folders."""
-        write_scanner_folders(out_dir, seed, n_per_class, size)
+        """Aerial RGB tiles of four land-cover classes that differ in colour, not texture, as 8-bit PNG class folders."""
+        write_land_cover_folders(out_dir, seed, n_per_class, size)
         return DemoData.split_folders(
             out_dir,
             "images",
             size,
-            in_chans=1,
-            options={"channels": 1},
+            in_chans=3,
+            options={"channels": 3},
             description=(
-                f"grey tissue scans of {len(TISSUE_CLASSES)} texture classes ({', '.join(TISSUE_CLASSES)}) from 4 simulated "
-                f"scanners (gain, offset, gamma, bias field, blur, noise), {size} px 16-bit PNG"
+                f"aerial RGB tiles of {len(LAND_COVER)} land-cover classes ({', '.join(LAND_COVER).replace('_', ' ')}) that differ "
+                f"in colour while sharing the same textures, under per-tile illumination and haze ({size} px PNG). The embedded "
+                "base was pretrained on fractals painted in random colours: its features carry colour, but shape, texture and "
+                "brightness dominate them, so nearest neighbours and a probe with few labels miss it. Two views of one tile "
+                "share its colour and other tiles differ in it, so contrastive adaptation on the unlabelled tiles can make "
+                "colour count; a base pretrained on natural images (DINOv2) already weights colour, so it would start "
+                "higher and gain less here"
             ),
         )
 

@@ -3,8 +3,8 @@
 - Textured shapes on textured backgrounds (the image-text, video and downstream demos, tests): each
   image holds one shape whose class is its outline; texture, colour, size, position and rotation
   vary, so the class is only recoverable from shape, not from a colour shortcut.
-- Grey tissue scans (the embedded quickstart, `write_scanner_folders`): four texture classes seen
-  through seeded scanner settings that do not depend on the class (docs/quickstart.md).
+- Aerial land-cover tiles (the embedded quickstart, `write_land_cover_folders`): four classes that
+  differ in colour, not texture, under per-tile illumination and haze (docs/quickstart.md).
 """
 
 from __future__ import annotations
@@ -108,27 +108,13 @@ def write_shape_pairs(root: Path, n: int = 24, size: int = 64, seed: int = 0) ->
     return Path(root)
 
 
-# ---------------------------------------------------------------- the scanner-shift demo
+# ---------------------------------------------------------------- the land-cover demo
 
-TISSUE_CLASSES = ("speckled", "striated", "nodular", "reticular")
-
-
-def scanner_settings(rng: np.random.Generator, n_scanners: int) -> list[dict[str, float]]:
-    """``n_scanners`` acquisition settings: gain, offset, gamma, bias field, blur and noise.
-
-    These are the nuisances a site's scanners add to every image; they do not depend on the class.
-    """
-    return [
-        {
-            "gain": float(rng.uniform(0.6, 1.0)),
-            "offset": float(rng.uniform(0.0, 0.2)),
-            "gamma": float(np.exp(rng.uniform(np.log(0.75), np.log(1.33)))),
-            "bias": float(rng.uniform(0.0, 0.3)),  # amplitude of a smooth multiplicative bias field
-            "blur": float(rng.uniform(0.0, 0.6)),
-            "noise": float(rng.uniform(0.01, 0.04)),
-        }
-        for _ in range(n_scanners)
-    ]
+TISSUE_CLASSES = ("speckled", "striated", "nodular", "reticular")  # texture families (shared by every land-cover class)
+LAND_COVER = ("water", "forest", "crops", "bare_soil")
+# mean RGB reflectance-like colour per class; water/forest and crops/bare soil pair up in brightness,
+# so a probe that sees brightness but not hue gets about half of them right
+LAND_COLOURS = np.array([(0.12, 0.22, 0.30), (0.13, 0.26, 0.12), (0.36, 0.44, 0.18), (0.44, 0.35, 0.26)])
 
 
 def tissue_texture(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
@@ -154,39 +140,29 @@ def tissue_texture(rng: np.random.Generator, label: int, size: int) -> np.ndarra
     return t
 
 
-def make_scan_image(rng: np.random.Generator, label: int, size: int, scanner: dict[str, float]) -> np.ndarray:
-    """One grey scan in [0, 1] (H×W): tissue of class ``label`` on a smooth background, seen through
-    ``scanner``'s gain, offset, gamma, bias field, blur and noise (each jittered per image)."""
-    background = 0.3 + 0.3 * smooth_noise(rng, size, int(rng.integers(2, 5)))
-    img = np.clip(background + rng.uniform(0.15, 0.35) * tissue_texture(rng, label, size), 0, 1)
-    jitter = rng.uniform(0.9, 1.1, 4)
-    bias = 1 + scanner["bias"] * jitter[0] * (smooth_noise(rng, size, 2) - 0.5) * 2
-    img = np.clip(img * bias, 0, 1) ** (scanner["gamma"] * jitter[1])
-    img = scanner["offset"] * jitter[2] + scanner["gain"] * jitter[3] * img
-    if scanner["blur"] > 0.05:
-        from scipy.ndimage import gaussian_filter
+def land_cover_tile(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """One RGB tile in [0, 1] (3×H×W) of land-cover class ``label``.
 
-        img = gaussian_filter(img, scanner["blur"])
-    img = img + rng.normal(0, scanner["noise"], img.shape)
-    return np.clip(img, 0, 1)
+    The class sets the colour (jittered ±15 % per channel and tile); the texture is one of the four
+    tissue textures drawn independently of the class, under a smooth brightness field, a per-tile
+    illumination gain (0.7-1.3), haze (an offset up to 0.08) and sensor noise."""
+    texture = tissue_texture(rng, int(rng.integers(len(TISSUE_CLASSES))), size)
+    colour = LAND_COLOURS[label] * rng.uniform(0.85, 1.15, 3)
+    field = 0.8 + 0.4 * smooth_noise(rng, size, int(rng.integers(2, 5)))
+    img = colour[:, None, None] * field[None] * (0.75 + 0.5 * texture[None])
+    img = img * rng.uniform(0.7, 1.3) + rng.uniform(0, 0.08)
+    return np.clip(img + rng.normal(0, 0.015, img.shape), 0, 1)
 
 
-def write_scanner_folders(out_dir: Path, seed: int, n_per_class: int, size: int, n_scanners: int = 4) -> list[dict[str, float]]:
-    """Tissue scans as 16-bit grey PNG class folders ``train/<class>/`` and ``test/<class>/`` (as many each).
-
-    Every image comes from one of ``n_scanners`` seeded scanner settings (the file name carries the
-    scanner, as a site's export would); returns the settings.
-    """
+def write_land_cover_folders(out_dir: Path, seed: int, n_per_class: int, size: int) -> None:
+    """Land-cover tiles as 8-bit RGB PNG class folders ``train/<class>/`` and ``test/<class>/`` (as many each)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    scanners = scanner_settings(rng, n_scanners)
     for split in ("train", "test"):
-        for label, shape in enumerate(TISSUE_CLASSES):
-            folder = out_dir / split / shape
+        for label, name in enumerate(LAND_COVER):
+            folder = out_dir / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n_per_class):
-                s = int(rng.integers(n_scanners))
-                img = make_scan_image(rng, label, size, scanners[s])
-                Image.fromarray((img * 65535).round().astype(np.uint16)).save(folder / f"scanner{s}_{shape}_{i:04d}.png")
-    return scanners
+                rgb = land_cover_tile(rng, label, size).transpose(1, 2, 0)
+                Image.fromarray((rgb * 255).round().astype(np.uint8)).save(folder / f"{name}_{i:04d}.png")

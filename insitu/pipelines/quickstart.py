@@ -185,8 +185,9 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
     where = "every block" if blocks == "all" else f"the last {blocks} blocks" if isinstance(blocks, int) else f"blocks {blocks}"
     verdict = (
         f"{cfg.adapter.kind.capitalize()} adapters in {where} of a frozen ViT (`{cfg.backbone.weights or cfg.backbone.name}`) were "
-        f"trained by `{cfg.objective.name}` self-supervision on {s['items']} unlabelled demo images ({demo}); then a "
+        f"trained by `{cfg.objective.name}` self-supervision on {s['items']} unlabelled demo images; then a "
         "linear and a kNN probe compared frozen and adapted features on held-out images.\n\n"
+        + f"The demo: {demo}.\n\n"
         + verdict_text(rows)
         + "\n\nWhat a real foundation model would change: "
         + (

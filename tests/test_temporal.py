@@ -196,7 +196,7 @@ def test_cvrl_pretrain_tiny(tmp_path, clip_videos):
 def test_quickstart_video_tiny(tmp_path):
     overrides = [o for o in TINY_QUICKSTART if not o.startswith("backbone.weights")]  # the video demo's own backbone
     summary = quickstart(tmp_path / "qs", domain="video", overrides=overrides, quiet=True)
-    assert (tmp_path / "qs" / "data" / "train" / "circle" / "circle_000.mp4").exists()
+    assert (tmp_path / "qs" / "data" / "train" / "inflamed" / "inflamed_000.mp4").exists()
     rows = summary["probe"]
     assert [r["name"].split(" (")[0] for r in rows] == ["frozen backbone", "+ adapters"]
     assert rows[0]["n_test"] > 0 and all(0.0 <= r["linear_acc"] <= 1.0 for r in rows)

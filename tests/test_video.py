@@ -235,3 +235,16 @@ def test_reading_in_order_decodes_each_gop_once(videos, monkeypatch):
     monkeypatch.setattr("insitu.domains.video.domain.decode_frames", lambda *a: calls.append(a[1]) or real(*a))
     got = [frame_index((dom.load(i, m)["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for i in case1]
     assert got == list(range(24)) and calls == [[0], [6], [12], [18]]
+
+
+def test_mucosa_demo_clips_pan_and_differ_in_colour():
+    from insitu.domains.video.demo import MUCOSA, MUCOSA_COLOURS, mucosa_frames
+
+    rng = np.random.default_rng(5)
+    chroma = lambda c: c / c.sum(-1, keepdims=True)  # noqa: E731
+    for label in range(len(MUCOSA)):
+        clips = np.stack([mucosa_frames(rng, label, 32, n_frames=4) for _ in range(6)]).astype(np.float64) / 255
+        assert clips.shape == (6, 4, 32, 32, 3)
+        assert not np.array_equal(clips[0, 0], clips[0, -1])  # the camera moves
+        mean = chroma(clips.mean((0, 1, 2, 3)))
+        assert np.abs(mean[None] - chroma(MUCOSA_COLOURS)).sum(-1).argmin() == label

@@ -10,10 +10,9 @@ from PIL import Image
 
 from insitu.domains.base import DemoData, Domain, Manifest, ManifestItem, QuarantineItem, Sample, stable_id
 from insitu.domains.masks import read_binary_mask
-from insitu.domains.synthetic import SHAPES
 from insitu.domains.video.annotations import annotation_file, frame_phases, read_tool_table, tool_file
 from insitu.domains.video.decode import _INFO, _frame_cache, decode_frames
-from insitu.domains.video.demo import moving_shape_frames
+from insitu.domains.video.demo import MUCOSA, mucosa_frames
 from insitu.domains.video.fov import downsize
 from insitu.domains.video.options import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, VideoOptions
 from insitu.domains.video.probe import VideoInfo, find_sources, probe_video, sample_at_fps
@@ -223,22 +222,28 @@ class VideoDomain(Domain):
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
-        """Seeded H.264 MP4s of moving textured shapes: one shape per video, class = shape, group = video."""
+        """Seeded H.264 MP4s of an endoscope panning over mucosa: class = appearance (colour), group = video."""
         rng = np.random.default_rng(seed)
-        per_class = {"train": max(2, n_per_class // 8), "test": max(2, n_per_class // 16)}
+        per_class = {"train": max(2, n_per_class // 2), "test": max(2, n_per_class // 4)}  # 2 frames per clip
         for split, n_videos in per_class.items():
-            for label, shape in enumerate(SHAPES):
+            for label, name in enumerate(MUCOSA):
                 for v in range(n_videos):
-                    frames = moving_shape_frames(rng, label, size, n_frames=16)
-                    write_mp4(out_dir / split / shape / f"{shape}_{v:03d}.mp4", frames, fps=8)
-        options = {"labels": "folders", "fps": 4.0, "crop_fov": False, "decode_size": size}
+                    frames = mucosa_frames(rng, label, size, n_frames=8)
+                    write_mp4(out_dir / split / name / f"{name}_{v:03d}.mp4", frames, fps=8)
+        options = {"labels": "folders", "fps": 2.0, "crop_fov": False, "decode_size": size}
         return DemoData.split_folders(
             out_dir,
             "video",
             size,
             options=options,
             in_chans=3,
-            description=f"H.264 videos of moving textured shapes ({', '.join(SHAPES)}), {size}px, 2 s at 8 fps",
+            description=(
+                f"H.264 clips (1 s at 8 fps, 2 frames sampled per clip, {size} px) of an endoscope panning over mucosa of {len(MUCOSA)} appearances "
+                f"({', '.join(MUCOSA).replace('_', ' ')}) that differ in colour while sharing the same textures, under a "
+                "vignette and per-clip illumination. The embedded base was pretrained on fractals painted in random "
+                "colours, so colour counts for little in its features; contrastive adaptation on the unlabelled frames "
+                "can make it count"
+            ),
         )
 
 

@@ -51,6 +51,8 @@ LEVERS = {
     "compile": "torch.compile(mode='default') of the forward (and loss)",
     "compile_max_autotune": "torch.compile(mode='max-autotune') of the forward (and loss)",
     "channels_last": "input and weights in channels-last layout",
+    "device_views": "pretraining rows only: views built from whole batches on the training device "
+    "(objective.options.views.device: true); the loader only decodes, normalises and resizes",
 }
 
 
@@ -212,19 +214,26 @@ def pretrain_row(model: str, objective: str, args: argparse.Namespace) -> dict[s
         module = PretrainModule(cfg).to(device)
         data = ScannedData.scan(cfg.data)
         items = data.manifest.items
-        dataset = SampleDataset(data, items, fit_normalizer(data, items), module.objective.view_transform(), args.size)
+        recipe = module.objective.view_transform()
+        on_device = args.lever == "device_views"  # the step builds its views from the batch's images
+        if on_device:
+            recipe.opts = recipe.opts.model_copy(update={"device": True})
+        dataset = SampleDataset(data, items, fit_normalizer(data, items), None if on_device else recipe, args.size)
         loader = PretrainDataModule(dataset, args.batch, args.workers).train_dataloader()
         batches, start = 0, time.perf_counter()
         for _ in loader:  # the loader alone
             batches += 1
         loader_ips = batches * args.batch / (time.perf_counter() - start)
         batch = next(iter(loader))
-        batch["views"] = [v.to(device) for v in batch["views"]]
+        images = batch.pop("image").to(device) if on_device else None
+        batch["views"] = [] if on_device else [v.to(device) for v in batch["views"]]
         params = module.trainable_parameters()
         opt = optimizer_of(params, args.lever)
         amp = autocast_of(device, args.lever)
 
         def loss_of() -> torch.Tensor:
+            if images is not None:
+                batch["views"] = recipe.batch(images)
             return module.objective(batch, module.student_model(), module.teacher_model())["loss"]
 
         def ema() -> None:
@@ -306,6 +315,8 @@ def main() -> None:
     for model in args.models:
         for row in args.rows:
             for lever in args.levers:
+                if lever == "device_views" and row not in PRETRAIN_ROWS:
+                    continue  # no views in a supervised step
                 rows.append(run_row(model, row, lever, flags, peak, args.batch))
     done = [r for r in rows if "failed" not in r]
     memory = "peak CUDA MiB" if done and "cpu" not in done[0]["device"] else "peak RSS MiB"

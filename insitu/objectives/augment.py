@@ -152,6 +152,19 @@ def random_rotate(x: torch.Tensor, max_degrees: float, generator: torch.Generato
     return rotate(x, angles)
 
 
+def resized_crops(x: torch.Tensor, boxes: Sequence[Box], size: int) -> torch.Tensor:
+    """One crop per image of a batch x (B×C×H×W), each resized to size×size, in one call on x's device.
+
+    torchvision's ``roi_align`` (bilinear, pixel-aligned): where a box is not larger than ``size`` it
+    gives `resized_crop`'s bilinear values, except that the outermost output pixels read the image
+    beyond the box where `resized_crop` repeats the box's edge; a larger box averages ceil(box / size)
+    samples per output pixel (an area filter, where `resized_crop` uses an antialiasing triangle filter)."""
+    from torchvision.ops import roi_align
+
+    rois = torch.tensor([[i, left, top, left + w, top + h] for i, (top, left, h, w) in enumerate(boxes)], dtype=x.dtype, device=x.device)
+    return roi_align(x, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
 # ---------------------------------------------------------------- intensities
 
 
@@ -166,6 +179,20 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     y = F.conv2d(y, k.view(1, 1, 1, -1))
     y = F.conv2d(y, k.view(1, 1, -1, 1))
     return y.reshape(x.shape)
+
+
+def gaussian_blur_each(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur of each image of x (B×C×H×W) with its own σ (B; 0 = unchanged), reflect-padded, in one call."""
+    b, c, h, w = x.shape
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    s = _like(sigma, x).clamp_min(1e-6)[:, None]
+    k = torch.exp(-0.5 * (offsets[None] / s) ** 2)
+    k = torch.where(_like(sigma, x)[:, None] > 0, k / k.sum(1, keepdim=True), (offsets[None] == 0).to(x.dtype))
+    k = k.repeat_interleave(c, 0)  # one kernel per plane
+    y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
+    return y.reshape(b, c, h, w)
 
 
 def random_blur(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from insitu.errors import ConfigError
 from insitu.objectives import augment as aug
 from insitu.objectives.augment import ViewRecipe
 
@@ -31,6 +32,9 @@ class MultiCropOptions(BaseModel):
     blur_prob: float = Field(0.2, ge=0, le=1)
     intensity: float = Field(0.2, ge=0, allow_inf_nan=False)
     channel_jitter: float = Field(0.0, ge=0, allow_inf_nan=False, description="per-channel gain 1 ± j and offset ± j, normalised units")
+    # build the views from whole batches on the training device (GPU batch augmentation): the loader
+    # only decodes, normalises and resizes to data.image_size, and crops are cut from that image
+    device: bool = False
 
     @field_validator("global_crops", "local_crops", mode="before")
     @classmethod
@@ -58,9 +62,40 @@ class MultiCrop(ViewRecipe):
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         o = self.opts
+        if o.device:
+            raise ConfigError(
+                "views.device: true builds views from whole batches on the training device, but this objective asked for "
+                "them one image at a time (it wraps its views, e.g. self_distill); set views.device: false."
+            )
         views = [self._view(image, self.size, o.global_scale) for _ in range(o.global_crops)]
         views += [self._view(image, self.local_size, o.local_scale) for _ in range(o.local_crops)]
         return views
+
+    def batch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The same recipe for a whole batch (B×C×H×W, on any device): one list of B×C×s×s views.
+
+        Every random draw is per image, from this recipe's generator (on the CPU), in one order:
+        crop boxes, flips, blur, intensity, channel jitter; the pixel work runs batched on the images' device."""
+        o = self.opts
+        views = [self._views(images, self.size, o.global_scale) for _ in range(o.global_crops)]
+        views += [self._views(images, self.local_size, o.local_scale) for _ in range(o.local_crops)]
+        return views
+
+    def _views(self, images: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
+        o, g, n = self.opts, self.generator, images.shape[0]
+        boxes = [aug.crop_box(images.shape[-2], images.shape[-1], scale, g) for _ in range(n)]
+        x = aug.resized_crops(images, boxes, size)
+        if o.flip:
+            x, _ = aug.random_flip(x, g, batch_dims=1)
+        blurred = aug.uniform(0.0, 1.0, g, (n,)) < o.blur_prob
+        sigma = torch.where(blurred, aug.uniform(*BLUR_SIGMA, g, (n,)), torch.zeros(n))
+        if blurred.any():
+            x = aug.gaussian_blur_each(x, sigma, max(1, int(3 * BLUR_SIGMA[1])))
+        if o.intensity > 0:
+            x = aug.gain_offset(x, o.intensity, g, batch_dims=1)
+        if o.channel_jitter > 0:
+            x = aug.channel_jitter(x, o.channel_jitter, g, batch_dims=1)
+        return x
 
     def _view(self, image: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
         o, g = self.opts, self.generator

@@ -167,6 +167,17 @@ class PretrainDataModule(L.LightningDataModule):
         super().__init__()
         self.dataset, self.num_workers = dataset, num_workers
         self.batch_size = min(batch_size, len(dataset))
+        self.device_views: Any = None  # views.device: a MultiCrop that builds the views after the transfer
+        self.view_seed = 0
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if self.device_views is not None and "image" in batch:
+            trainer = self.trainer
+            step = trainer.global_step + getattr(trainer.lightning_module, "step_offset", 0)
+            # a function of (seed, step, rank), so a resumed run draws the same views
+            self.device_views.reseed((self.view_seed * 1_000_003 + step) * 1_009 + trainer.global_rank)
+            batch["views"] = self.device_views.batch(batch.pop("image"))
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.sampler()

@@ -30,6 +30,7 @@ from insitu.config import RunConfig, dump_config
 from insitu.errors import ConfigError, NonFiniteLossError
 from insitu.io import OutputExistsError, OwnedFolder, claim_folder, is_secondary_rank, read_owner, write_json
 from insitu.objectives import create_objective
+from insitu.objectives.views import MultiCrop
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData
 from insitu.pipelines.health import HealthMonitor
 from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
@@ -283,7 +284,13 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     items = data.manifest.items
     prep = resolve_preprocessing(None, data, items, cfg.data.image_size, cfg.backbone)  # normaliser fitted on the items
     module = PretrainModule(cfg)
-    dm = _data_module(cfg, module, prep.dataset(data, items, module.objective.view_transform()))
+    recipe, device_views = module.objective.view_transform(), None
+    if isinstance(recipe, MultiCrop) and recipe.opts.device:
+        if cfg.train.cached_views:
+            raise ConfigError("views.device: true and train.cached_views build views in two different places; set one of them off.")
+        device_views, recipe = recipe, None
+    dm = _data_module(cfg, module, prep.dataset(data, items, recipe))
+    dm.device_views, dm.view_seed = device_views, cfg.seed
     trainer = build_trainer(cfg, ckpt_dir, quiet)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)

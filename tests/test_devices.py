@@ -276,3 +276,12 @@ def test_objective_step_on_cuda(case: str, tmp_path_factory: pytest.TempPathFact
     obj.update_teacher(0.9)
     assert out["loss"].device.type == "cuda" and torch.isfinite(out["loss"])
     assert all(t.device.type == "cuda" for t in [*obj.parameters(), *obj.buffers()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it on a GPU)")
+def test_device_views_on_cuda() -> None:
+    from insitu.objectives.views import MultiCrop, MultiCropOptions
+
+    crop = MultiCrop(32, 8, MultiCropOptions(global_crops=2, local_crops=2, blur_prob=0.5, channel_jitter=0.1, device=True))
+    views = crop.batch(torch.rand(8, 3, 32, 32, device="cuda"))
+    assert all(v.is_cuda and torch.isfinite(v).all() for v in views)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from insitu.adapters import AdaptedBackbone
 from insitu.backbones import create_backbone
 from insitu.config import load_config, validate_config
+from insitu.heads.stats import format_delta
 from insitu.objectives.views import random_resized_crop_box
 from insitu.pipelines.data import ScannedData, fit_normalizer
 from insitu.pipelines.probe import classification_results
@@ -134,7 +135,7 @@ def print_probe(dataset: str, rows: list[ProbeResult], reference: str) -> None:
     print("| backbone | probe | labels | metric | mean ± std | Δ vs reference [CI] | verdict |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        delta = "—" if r.delta is None else f"{r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        delta = "—" if r.delta is None else format_delta(r.delta, r.ci_low, r.ci_high)
         print(f"| {r.model} | {r.probe} | {r.labels:.0%} | {r.metric} | {r.mean:.3f} ± {r.std:.3f} | {delta} | {r.verdict or '—'} |")
 
 

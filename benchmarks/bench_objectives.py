@@ -247,6 +247,8 @@ def run_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def probe_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    from insitu.heads.stats import format_delta
+
     headers = ["dataset", "objective", "seed", "probe", "labels", "metric", "frozen", "adapted", "Δ adapted − frozen [95% CI]", "verdict"]
     cells = []
     for r in runs:
@@ -257,7 +259,7 @@ def probe_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
                 [
                     r["dataset"], r["objective"], str(r["seed"]), p["probe"], f"{p['labels']:.0%}", p["metric"],
                     f"{f['mean']:.3f} ± {f['std']:.3f}", f"{p['mean']:.3f} ± {p['std']:.3f}",
-                    f"{p['delta']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]", p["verdict"],
+                    format_delta(p["delta"], p["ci_low"], p["ci_high"]), p["verdict"],
                 ]
             )  # fmt: skip
     return headers, cells
@@ -276,7 +278,8 @@ def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for (dataset, objective, steps, probe, labels, metric), rows in groups.items():
         deltas = [p["delta"] for _, p in rows]
         mean, low, high = seed_interval(deltas)
-        gains, losses = sum(p["ci_low"] > 0 for _, p in rows), sum(p["ci_high"] < 0 for _, p in rows)
+        gains = sum(p["ci_low"] is not None and p["ci_low"] > 0 for _, p in rows)
+        losses = sum(p["ci_high"] is not None and p["ci_high"] < 0 for _, p in rows)
         interval = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(rows) > 1 else f"{mean:+.3f} (1 seed)"
         cells.append(
             [

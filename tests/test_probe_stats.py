@@ -17,6 +17,7 @@ from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_co
 from insitu.heads.stats import (
     GAIN,
     LOSS,
+    MIN_UNITS,
     UNRESOLVED,
     accuracy_from_counts,
     group_folds,
@@ -106,9 +107,12 @@ def test_paired_bootstrap_on_constructed_differences():
     assert delta == 0.0 and lo < 0 < hi and verdict(lo, hi) == UNRESOLVED
     # the standard error of a mean of ±1 over 50 items is ~0.141: the 95 % CI is about ±0.28
     assert 0.2 < hi < 0.36 and -0.36 < lo < -0.2
-    # units: items of one group are resampled together; two groups of opposite sign give a wide CI
-    d, lo, hi = paired_bootstrap(adapted, frozen, accuracy_from_counts, units=np.arange(n) % 2, n_boot=500)
-    assert d == 0.0 and lo == -1.0 and hi == 1.0
+    # units: items of one group are resampled together; six groups, three gaining and three losing on every item
+    d, lo, hi = paired_bootstrap(adapted, frozen, accuracy_from_counts, units=np.arange(n) % 6, n_boot=2000)
+    assert d == pytest.approx(0.0, abs=0.05) and lo < -0.5 and hi > 0.5
+    # fewer than MIN_UNITS groups (all test tiles from one scene, say): no CI rather than a degenerate one
+    d, lo, hi = paired_bootstrap(right, wrong, accuracy_from_counts, units=np.zeros(n), n_boot=500)
+    assert d == 1.0 and np.isnan(lo) and np.isnan(hi) and MIN_UNITS == 5
     assert verdict(-0.3, -0.1) == LOSS
     # repeats (R × N × C): repeat 0 gains on every item, repeat 1 loses on every item. Pooled Δ = 0;
     # resampling items alone would give CI [0, 0], resampling repeats too gives [-1, 1]

@@ -14,6 +14,8 @@ import numpy as np
 from scipy.stats import t as student_t
 
 GAIN, LOSS, UNRESOLVED = "resolved gain", "resolved loss", "not resolved (CI spans 0)"
+NO_CI = "not resolved (too few independent groups for a CI)"
+MIN_UNITS = 5  # a bootstrap over fewer groups has a handful of distinct resamples: no CI is given
 
 
 def group_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int = 0) -> np.ndarray:
@@ -95,7 +97,7 @@ def paired_bootstrap(
         np.add.at(a_u[r], inverse, a[r])
         np.add.at(f_u[r], inverse, f[r])
     delta = float(metric(a_u.sum((0, 1))) - metric(f_u.sum((0, 1))))
-    if n_boot <= 0:
+    if n_boot <= 0 or n_units < MIN_UNITS:  # e.g. every test tile from one scene: one group, no CI
         return delta, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     diffs = []
@@ -130,3 +132,10 @@ def verdict(low: float, high: float) -> str:
     if high < 0:
         return LOSS
     return UNRESOLVED
+
+
+def format_delta(delta: float, low: float | None, high: float | None) -> str:
+    """'+0.025 [+0.010, +0.040]', or '+0.025 (no CI)' where there is no interval."""
+    if low is None or high is None or np.isnan(low) or np.isnan(high):
+        return f"{delta:+.3f} (no CI)"
+    return f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"

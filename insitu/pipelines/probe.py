@@ -22,7 +22,7 @@ from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import create_backbone
 from insitu.config import ProbeConfig, RunConfig
 from insitu.heads.probe import knn_predict, linear_probe_predict
-from insitu.heads.stats import accuracy_from_counts
+from insitu.heads.stats import accuracy_from_counts, format_delta
 from insitu.io import write_csv, write_json
 from insitu.pipelines.data import SampleDataset, collate
 from insitu.pipelines.preprocess import Preprocessing, Stored, package_preprocessing, resolve_comparison
@@ -217,7 +217,7 @@ def probe_table(rows: list[Any]) -> tuple[list[str], list[list[str]]]:
     names = {"linear": "linear", "knn": "kNN", "dense": "dense", "accuracy": "acc"}
     cells = []
     for r in sorted(result_rows(rows), key=lambda r: (order.get(r["probe"], 3), -r["labels"], r["metric"], models.index(r["model"]))):
-        delta = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if r["delta"] is not None else "—"
+        delta = format_delta(r["delta"], r["ci_low"], r["ci_high"]) if r["delta"] is not None else "—"
         probe = f"{names.get(r['probe'], r['probe'])} {names.get(r['metric'], r['metric'])}"
         size = f"{r['n_train']}/{r['n_test']} × {r['evaluations']}"
         cells.append([r["model"], probe, f"{r['labels']:.0%}", f"{r['mean']:.3f} ± {r['std']:.3f}", delta, r["verdict"] or "—", size])

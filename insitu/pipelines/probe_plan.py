@@ -14,7 +14,7 @@ from insitu.config import DataConfig, ProbeConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
 from insitu.domains.normalize import Normalizer
 from insitu.errors import DataError
-from insitu.heads.stats import group_folds, label_subset, mean_std, paired_bootstrap, verdict
+from insitu.heads.stats import NO_CI, group_folds, label_subset, mean_std, paired_bootstrap, verdict
 from insitu.pipelines.data import ScannedData
 
 
@@ -179,6 +179,8 @@ def summarise(
                     d, lo, hi = paired_bootstrap(
                         entry["counts"][:, seen], frozen["counts"][:, seen], fn, units[seen], probe.bootstrap, seed, probe.confidence
                     )
-                    row.delta, row.ci_low, row.ci_high, row.verdict = d, lo, hi, verdict(lo, hi) if probe.bootstrap else ""
+                    no_ci = bool(np.isnan(lo))  # no bootstrap asked, or too few groups among the test items
+                    row.delta, row.ci_low, row.ci_high = d, None if no_ci else lo, None if no_ci else hi
+                    row.verdict = "" if not probe.bootstrap else NO_CI if no_ci else verdict(lo, hi)
                 out[name].append(row)
     return out

@@ -15,7 +15,7 @@ from insitu.config import RunConfig, apply_override, validate_config
 from insitu.domains import get_domain_class
 from insitu.domains.base import DemoData
 from insitu.exports import markdown_table, plot_loss_curve, write_report
-from insitu.heads.stats import GAIN, LOSS
+from insitu.heads.stats import GAIN, LOSS, format_delta
 from insitu.io import claim_folder, read_owner, write_json
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
@@ -154,7 +154,7 @@ def verdict_text(rows: list[ProbeRow]) -> str:
         what = f"{r.probe} probe, {r.labels:.0%} of the labels ({r.n_train} images)"
         lines.append(
             f"- {what}: {f.mean:.3f} ± {f.std:.3f} frozen → {r.mean:.3f} ± {r.std:.3f} adapted, "
-            f"Δ {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]: {r.verdict}."
+            f"Δ {format_delta(r.delta, r.ci_low, r.ci_high)}: {r.verdict}."
         )
     gains = [r for r in results if r.verdict == GAIN]
     losses = [r for r in results if r.verdict == LOSS]

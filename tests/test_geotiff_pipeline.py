@@ -39,7 +39,7 @@ def test_remote_sensing_config_runs_tiny(tmp_path, monkeypatch, name, max_items,
 
 def test_demo_scene_is_real_geotiff_with_balanced_tile_labels(tmp_path):
     demo = GeoTiffDomain.make_demo(tmp_path, seed=0, n_per_class=4, size=16)
-    with rasterio.open(tmp_path / "train" / "scene.tif") as src:
+    with rasterio.open(tmp_path / "train" / "scene00.tif") as src:
         assert src.crs.to_epsg() == 32633 and src.descriptions == DEMO_BANDS and src.nodata == 0
     dom = GeoTiffDomain(demo.data["options"])
     manifest = dom.scan(tmp_path / "train")

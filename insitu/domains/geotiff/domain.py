@@ -234,10 +234,13 @@ class GeoTiffDomain(Domain):
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
-        """Two seeded 6-band UTM scenes (train/test) of 4 land-cover classes with label rasters."""
+        """Seeded 6-band UTM scenes of 4 land-cover classes with label rasters: 40 tiles per training scene,
+        8 per test scene, so the probe's bootstrap has independent scenes to resample (one per group)."""
         n_tiles = len(DEMO_CLASSES) * n_per_class
-        for split, k in (("train", 0), ("test", 1)):
-            write_demo_scene(out_dir / split / "scene.tif", seed * 2 + k, n_tiles if k == 0 else max(8, n_tiles // 2), size)
+        for split, total, per_scene in (("train", n_tiles, 40), ("test", max(8, n_tiles // 2), 8)):
+            for k in range(max(1, total // per_scene)):
+                scene_seed = int(np.random.default_rng([seed, split == "test", k]).integers(1 << 31))
+                write_demo_scene(out_dir / split / f"scene{k:02d}.tif", scene_seed, min(per_scene, total), size)
         options = {"tile_size": size, "scale": 1e-4, "max_nodata_fraction": 0.5, "class_names": list(DEMO_CLASSES)}
         return DemoData.split_folders(
             out_dir,

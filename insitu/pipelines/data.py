@@ -173,9 +173,11 @@ class PretrainDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if self.device_views is not None and "image" in batch:
             trainer = self.trainer
-            step = trainer.global_step + getattr(trainer.lightning_module, "step_offset", 0)
-            # a function of (seed, step, rank), so a resumed run draws the same views
-            self.device_views.reseed((self.view_seed * 1_000_003 + step) * 1_009 + trainer.global_rank)
+            # a function of (seed, earlier rounds' steps, batch index, rank): every micro-batch of an accumulated
+            # step draws its own views, and a resumed run (whose loop progress is restored) draws the same ones
+            batch_index = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            offset = getattr(trainer.lightning_module, "step_offset", 0)
+            self.device_views.reseed(((self.view_seed * 1_000_003 + offset) * 1_000_003 + batch_index) * 1_009 + trainer.global_rank)
             batch["views"] = self.device_views.batch(batch.pop("image"))
         return batch
 

@@ -193,6 +193,8 @@ def t_interval(diffs: list[float]) -> str:
 
 
 def report(results: list[dict[str, Any]]) -> None:
+    from insitu.heads.stats import format_delta
+
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         runs = [r for r in results if r["dataset"] == dataset]
         models = list(runs[0]["scores"])
@@ -214,7 +216,7 @@ def report(results: list[dict[str, Any]]) -> None:
             frozen = [r["scores"]["frozen"][key][0] for r in runs]
             alone = [np.mean([r["scores"][s][key][0] for s in sites]) for r in runs]
             pooled = [r["scores"]["pooled"][key][0] for r in runs]
-            within = ", ".join(f"[{r['scores']['federated'][key][2]:+.3f}, {r['scores']['federated'][key][3]:+.3f}]" for r in runs)
+            within = ", ".join(format_delta(*r["scores"]["federated"][key][1:]) for r in runs)
             print(
                 f"| {key} | {t_interval([a - b for a, b in zip(fed, frozen, strict=True)])} | "
                 f"{t_interval([a - b for a, b in zip(fed, alone, strict=True)])} | {t_interval([a - b for a, b in zip(fed, pooled, strict=True)])} | {within} |"

@@ -123,7 +123,7 @@ def test_geotiff_prediction_keeps_georeferencing(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, data=demo.data, backbone=backbone, downstream={**DS, "head": "linear"})
     cfg["probe"] = {"train": demo.probe_train, "test": demo.probe_test}
     model_dir = finetune(load_config(cfg), out_dir=tmp_path / "model").out_dir
-    scene = tmp_path / "geo" / "test" / "scene.tif"
+    scene = tmp_path / "geo" / "test" / "scene00.tif"
     out = predict(model_dir, scene, tmp_path / "out")[0]
     with rasterio.open(scene) as src, rasterio.open(out) as dst:
         assert (dst.crs, dst.transform, dst.width, dst.height) == (src.crs, src.transform, src.width, src.height)

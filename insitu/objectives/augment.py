@@ -185,9 +185,9 @@ def gaussian_blur_each(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     """Separable Gaussian blur of each image of x (B×C×H×W) with its own σ (B; 0 = unchanged), reflect-padded, in one call."""
     b, c, h, w = x.shape
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    s = _like(sigma, x).clamp_min(1e-6)[:, None]
-    k = torch.exp(-0.5 * (offsets[None] / s) ** 2)
-    k = torch.where(_like(sigma, x)[:, None] > 0, k / k.sum(1, keepdim=True), (offsets[None] == 0).to(x.dtype))
+    s = _like(sigma, x)[:, None]
+    k = torch.exp(-0.5 * (offsets[None] / s.clamp_min(1e-6)) ** 2)
+    k = torch.where(s > 0, k / k.sum(1, keepdim=True), (offsets[None] == 0).to(x.dtype))
     k = k.repeat_interleave(c, 0)  # one kernel per plane
     y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)

@@ -196,7 +196,7 @@ def test_colour_texture_labels_are_seeded_and_carry_colour_and_texture():
 
 def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path):
     args = ["--quiet", "base", "pretrain", "--set", f"out_dir={tmp_path}", "--set", "objective=mip", "--set", "name=ct"]
-    for o in ("steps=2", "batch_size=4", "num_workers=0", "num_systems=8", "grey_prob=0.5", "hue_bins=4", "backbone.img_size=32"):
+    for o in ("steps=2", "batch_size=4", "num_workers=0", "num_systems=8", "grey_prob=0.5", "hue_bins=4", "backbone.img_size=32", "colour_layout=2"):
         args += ["--set", o]
     args += ["--set", "backbone.weights=insitu:fractal_vit_tiny"]
     assert main(args) == 0
@@ -206,8 +206,31 @@ def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path
     assert card["init"] == "insitu:fractal_vit_tiny" and "continued from insitu:fractal_vit_tiny" in card["training"]
     assert card["images_seen"] == 8 and card["images_seen_total"] == shipped["images_seen"] + 8
     assert "hue classes" in card["data"] and 0.0 <= card["final_texture_acc"] <= 1.0
+    assert "colour on a 2x2 grid" in card["training"] and card["final_layout_mse"] > 0.0
     state = load_file(str(weights))
-    assert not any("head" in k for k in state)  # the system, hue and texture classifiers stay behind
+    assert not any("head" in k for k in state)  # the system, hue, texture and colour-layout heads stay behind
     # the continued weights differ from the shipped ones: training touched them
     start = create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 32})
     assert not torch.equal(state["blocks.0.attn.qkv.weight"].float(), start.vit.blocks[0].attn.qkv.weight.detach().half().float())
+
+
+def test_colour_layout_target_is_the_inputs_own_pooled_colour():
+    from insitu.pipelines.base_pretrain import BasePretrainConfig, MIPModule
+
+    cfg = BasePretrainConfig(objective="mip", num_systems=4, colour_layout=2, colour_layout_weight=0.5, grey_prob=0.0)
+    cfg.backbone.img_size = 32
+    module = MIPModule(cfg)
+    assert module.layout_head.out_features == 3 * 2 * 2
+    # a head that predicts the exact pooled colour gives zero layout error: zero the head, use an image whose
+    # 2x2 pooled colour is 0 everywhere and is unchanged by a flip (so the random flip cannot matter)
+    torch.nn.init.zeros_(module.layout_head.weight), torch.nn.init.zeros_(module.layout_head.bias)
+    x = torch.zeros(2, 3, 32, 32)
+    labels = torch.zeros(2, 4)
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    module.training_step([x, labels], 0)
+    assert logged["train/layout_mse"] == 0.0
+    # a colour the head does not predict: the error is the mean square of the pooled colours (hand-computed)
+    x[:, 0] = 1.0  # red everywhere: pooled target is 1 on the 4 red cells, 0 on the 8 others
+    module.training_step([x, labels], 0)
+    assert abs(logged["train/layout_mse"] - 4 / 12) < 1e-6

@@ -72,6 +72,10 @@ class BasePretrainConfig(Strict):
     hue_bins: int = Field(
         0, ge=0, le=64, description="mip: > 0 also predicts each instance's hue class (of this many) and the background's texture class"
     )
+    colour_layout: int = Field(
+        0, ge=0, le=16, description="mip: > 0 also regresses the image's colour on this g x g grid (its average pool), keeping colour in the features"
+    )
+    colour_layout_weight: float = Field(1.0, gt=0.0, description="mip: weight of the colour-layout MSE against the system BCE")
     num_workers: int = 1
     export_every: int = Field(100, gt=0)
     accelerator: str = "auto"
@@ -165,6 +169,9 @@ class MIPModule(_Optimizer, L.LightningModule):
             )
             self.hue_head = torch.nn.Linear(2 * self.student.embed_dim, cfg.hue_bins)
             self.texture_head = torch.nn.Linear(2 * self.student.embed_dim, NUM_TEXTURES)
+        if cfg.colour_layout:
+            self.training_text += f" + the image's colour on a {cfg.colour_layout}x{cfg.colour_layout} grid (MSE)"
+            self.layout_head = torch.nn.Linear(2 * self.student.embed_dim, 3 * cfg.colour_layout**2)
 
     @property
     def exported(self) -> ViTBackbone:
@@ -189,6 +196,11 @@ class MIPModule(_Optimizer, L.LightningModule):
             loss = loss + hue_loss + texture_loss
             self.log("train/hue_loss", hue_loss, batch_size=x.shape[0])
             self.log("train/texture_acc", (texture_logits.argmax(1) == texture).float().mean(), prog_bar=True, batch_size=x.shape[0])
+        if self.cfg.colour_layout:  # the (flipped, maybe grey) input's own colours: no label, keeps colour in the features
+            target = torch.nn.functional.adaptive_avg_pool2d(x, self.cfg.colour_layout).flatten(1)
+            layout_mse = torch.nn.functional.mse_loss(self.layout_head(pooled), target)
+            loss = loss + self.cfg.colour_layout_weight * layout_mse
+            self.log("train/layout_mse", layout_mse, prog_bar=True, batch_size=x.shape[0])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.global_step}; lower lr")
         with torch.no_grad():  # exact-set accuracy over the images' top-k systems (k = instances present)
@@ -323,6 +335,7 @@ def export_base(module: MIPModule | BasePretrainModule, cfg: BasePretrainConfig,
         "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "final_set_acc": _metric(trainer, "train/set_acc"),
         "final_texture_acc": _metric(trainer, "train/texture_acc"),
+        "final_layout_mse": _metric(trainer, "train/layout_mse"),
         "command": " ".join(shlex.quote(a) for a in ["insitu", *sys.argv[1:]]),
         "config": json.loads(cfg.model_dump_json()),
         "insitu_version": __import__("insitu").__version__,

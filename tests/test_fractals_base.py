@@ -196,7 +196,16 @@ def test_colour_texture_labels_are_seeded_and_carry_colour_and_texture():
 
 def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path):
     args = ["--quiet", "base", "pretrain", "--set", f"out_dir={tmp_path}", "--set", "objective=mip", "--set", "name=ct"]
-    for o in ("steps=2", "batch_size=4", "num_workers=0", "num_systems=8", "grey_prob=0.5", "hue_bins=4", "backbone.img_size=32", "colour_layout=2"):
+    for o in (
+        "steps=2",
+        "batch_size=4",
+        "num_workers=0",
+        "num_systems=8",
+        "grey_prob=0.5",
+        "hue_bins=4",
+        "backbone.img_size=32",
+        "colour_layout=2",
+    ):
         args += ["--set", o]
     args += ["--set", "backbone.weights=insitu:fractal_vit_tiny"]
     assert main(args) == 0

@@ -73,7 +73,10 @@ class BasePretrainConfig(Strict):
         0, ge=0, le=64, description="mip: > 0 also predicts each instance's hue class (of this many) and the background's texture class"
     )
     colour_layout: int = Field(
-        0, ge=0, le=16, description="mip: > 0 also regresses the image's colour on this g x g grid (its average pool), keeping colour in the features"
+        0,
+        ge=0,
+        le=16,
+        description="mip: > 0 also regresses the image's colour on this g x g grid (its average pool), keeping colour in the features",
     )
     colour_layout_weight: float = Field(1.0, gt=0.0, description="mip: weight of the colour-layout MSE against the system BCE")
     num_workers: int = 1

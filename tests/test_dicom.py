@@ -243,3 +243,17 @@ def test_cli_scan_exit_codes(tmp_path, capsys):
     empty.mkdir()
     (empty / "a.dcm").write_bytes(b"x")
     assert main(["scan", str(empty), "--domain", "dicom", "--out", str(tmp_path / "o2"), "--option", f"cache_dir={tmp_path / 'c'}"]) == 1
+
+
+def test_demo_class_is_carried_only_by_the_livers_attenuation():
+    from insitu.domains.dicom.demo import DEMO_LIVER_HU, demo_volume
+
+    normal = demo_volume(np.random.default_rng(7), 0, 64)
+    fatty = demo_volume(np.random.default_rng(7), 1, 64)  # same draws, other class
+    diff = normal - fatty
+    changed = np.abs(diff) > 1e-3
+    # the class moves one region by the difference of the class means and leaves every other voxel alone
+    assert 0.03 < changed.mean() < 0.3
+    assert np.allclose(diff[changed], DEMO_LIVER_HU[0] - DEMO_LIVER_HU[1], atol=1e-3)
+    # the normal liver is above and the fatty liver below the usual steatosis threshold of about 40 HU
+    assert np.median(normal[changed]) > 45 and np.median(fatty[changed]) < 35

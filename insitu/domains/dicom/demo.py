@@ -6,25 +6,43 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_CLASSES = ("sphere", "box")
+DEMO_CLASSES = ("normal", "fatty")
 DEMO_SLICES = 4
+DEMO_LIVER_HU = (65.0, 20.0)  # mean liver attenuation per class; hepatic steatosis is read below about 40 HU
+
+
+def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
+    return (u / rx) ** 2 + (v / ry) ** 2 < 1
 
 
 def demo_volume(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """HU volume S×H×W: a fatty body in air holding a soft-tissue ball (0) or a bony hollow box (1)."""
+    """HU volume S×H×W of an abdominal slab: body, fat, muscle, a liver of normal (0) or fatty (1) attenuation.
+
+    Only the liver's mean attenuation carries the class; everything else (body and liver shape, a spleen,
+    vessels, an incidental cyst, a per-scan calibration offset, noise) is drawn independently of it."""
     z, y, x = np.mgrid[0:DEMO_SLICES, 0:size, 0:size].astype(np.float32)
-    c = size / 2 + rng.uniform(-size / 10, size / 10, 2)
+    s = float(size)
     hu = np.full((DEMO_SLICES, size, size), -1000.0, np.float32)
-    body = ((y - size / 2) / (0.45 * size)) ** 2 + ((x - size / 2) / (0.4 * size)) ** 2 < 1
-    hu[body] = -100.0
-    r = size * rng.uniform(0.12, 0.2)
-    if label == 0:
-        inside = (y - c[0]) ** 2 + (x - c[1]) ** 2 + ((z - DEMO_SLICES / 2) * 2) ** 2 < r**2
-        hu[inside] = 50.0
-    else:
-        outer = np.maximum(np.abs(y - c[0]), np.abs(x - c[1])) < r
-        inner = np.maximum(np.abs(y - c[0]), np.abs(x - c[1])) < r * 0.6
-        hu[outer & ~inner] = 500.0
+    by, bx = s * rng.uniform(0.36, 0.46), s * rng.uniform(0.38, 0.47)
+    hu[_ellipse(y, x, s / 2, s / 2, by, bx, 0.0)] = -100.0  # subcutaneous fat
+    hu[_ellipse(y, x, s / 2, s / 2, by - s * rng.uniform(0.04, 0.08), bx - s * rng.uniform(0.04, 0.08), 0.0)] = 45.0  # muscle, bowel
+    cy, cx = s / 2 + s * rng.uniform(-0.08, 0.08), s / 2 - s * rng.uniform(0.08, 0.16)  # the patient's right: image left
+    liver = _ellipse(y, x, cy, cx, s * rng.uniform(0.16, 0.26), s * rng.uniform(0.14, 0.22), rng.uniform(0, np.pi))
+    hu[liver] = DEMO_LIVER_HU[label] + rng.normal(0, 6)
+    spleen = _ellipse(y, x, s / 2 + s * rng.uniform(-0.1, 0.1), s / 2 + s * 0.2, s * 0.08, s * 0.06, rng.uniform(0, np.pi))
+    hu[spleen] = 50.0
+    for _ in range(int(rng.integers(1, 4))):  # contrast-filled vessels crossing the liver
+        a, off = rng.uniform(0, np.pi), rng.uniform(-0.1, 0.1) * s
+        line = np.abs((x - cx) * np.sin(a) - (y - cy) * np.cos(a) - off) < rng.uniform(0.6, 1.4)
+        hu[line & liver] = 160.0
+    if rng.random() < 0.5:  # an incidental cyst, in either class
+        r = s * rng.uniform(0.03, 0.06)
+        hu[((y - cy - rng.uniform(-4, 4)) ** 2 + (x - cx - rng.uniform(-4, 4)) ** 2 + ((z - DEMO_SLICES / 2) * 2) ** 2 < r**2) & liver] = (
+            5.0
+        )
+    hu[hu > -1000] += rng.normal(0, 6)  # scanner calibration differs per scan
     return hu + rng.normal(0, 15, hu.shape).astype(np.float32)
 
 

@@ -274,9 +274,9 @@ class DicomDomain(Domain):
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
-        """Tiny CT volumes of two phantom classes (sphere vs. hollow box) as real DICOM series."""
+        """Tiny abdominal CT volumes, normal vs. fatty liver (only the liver's attenuation differs), as real DICOM series."""
         rng = np.random.default_rng(seed)
-        n_patients = max(2, n_per_class // DEMO_SLICES)
+        n_patients = max(2, 2 * n_per_class // DEMO_SLICES)  # twice the slices of the other demos: more patients
         for split, n in (("train", n_patients), ("test", max(2, n_patients // 2))):
             for label, name in enumerate(DEMO_CLASSES):
                 for p in range(n):
@@ -284,14 +284,14 @@ class DicomDomain(Domain):
                     write_ct_series(
                         out_dir / split / name / f"case{p:03d}", hu, patient_id=f"DEMO-{split}-{name}-{p}", seed=int(rng.integers(1 << 30))
                     )
-        options = {"windows": ["lung", "mediastinum", "bone"], "labels": "folders", "cache_dir": str(out_dir / "cache")}
+        options = {"windows": ["lung", "abdomen", "bone"], "labels": "folders", "cache_dir": str(out_dir / "cache")}
         return DemoData.split_folders(
             out_dir,
             "dicom",
             size,
             options=options,
             in_chans=3,
-            description=f"CT phantoms ({' vs '.join(DEMO_CLASSES)}), {DEMO_SLICES}-slice DICOM series at {size} px, 3 HU windows as channels",
+            description=f"abdominal CT phantoms (liver {' vs '.join(DEMO_CLASSES)}), {DEMO_SLICES}-slice DICOM series at {size} px, 3 HU windows as channels",
         )
 
 

@@ -103,9 +103,9 @@ def test_quickstart_defaults_to_the_shipped_base(tmp_path, capsys):
         args += ["--set", o]
     assert main(args) == 0
     report = (out / "report.md").read_text()
-    assert "insitu:fractal_vit_tiny" in report and "randomly initialised" not in report
+    assert "insitu:colour_vit_tiny" in report and "randomly initialised" not in report
     meta = json.loads((out / "adapter" / "insitu.json").read_text())
-    assert "insitu:fractal_vit_tiny" in json.dumps(meta)
+    assert "insitu:colour_vit_tiny" in json.dumps(meta)
 
 
 def test_cli_config_error_exit_code(tmp_path, shapes_dir, capsys):

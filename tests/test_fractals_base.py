@@ -81,15 +81,19 @@ def test_base_pretrain_tiny_writes_fp16_weights_and_card(tmp_path, capsys):
     assert torch.isfinite(bb.forward_tokens(torch.randn(1, 3, 32, 32))[0]).all()
 
 
-def test_shipped_base_loads_and_is_reproducible():
+@pytest.mark.parametrize("name", ["fractal_vit_tiny", "colour_vit_tiny"])
+def test_shipped_base_loads_and_is_reproducible(name):
     bases = shipped_bases()
-    assert "fractal_vit_tiny" in bases, "the embedded base must ship inside the package"
-    card = shipped_card("fractal_vit_tiny")
+    assert name in bases, "the embedded bases must ship inside the package"
+    card = shipped_card(name)
     assert card["steps"] > 0 and card["device"] and card["command"].startswith("insitu base pretrain")
-    assert bases["fractal_vit_tiny"].stat().st_size < 12 * 2**20
-    grey = create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1})
-    assert grey.source == "insitu:fractal_vit_tiny" and grey.native_size == 64
-    assert create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1}).fingerprint == grey.fingerprint
+    assert sum(p.stat().st_size for p in bases.values()) < 25 * 2**20  # every shipped base together
+    grey = create_backbone({"weights": f"insitu:{name}", "img_size": 64, "in_chans": 1})
+    assert grey.source == f"insitu:{name}" and grey.native_size == 64
+    assert create_backbone({"weights": f"insitu:{name}", "img_size": 64, "in_chans": 1}).fingerprint == grey.fingerprint
+    if name == "colour_vit_tiny":  # continued from the first base, which stays loadable by name
+        assert card["init"] == "insitu:fractal_vit_tiny" and card["config"]["colour_layout"] > 0
+        assert grey.fingerprint != create_backbone({"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": 1}).fingerprint
     with pytest.raises(ConfigError, match="is not a shipped base"):
         shipped_card("nope")
 

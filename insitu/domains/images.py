@@ -159,11 +159,10 @@ class ImageFolderDomain(Domain):
             description=(
                 f"aerial RGB tiles of {len(LAND_COVER)} land-cover classes ({', '.join(LAND_COVER).replace('_', ' ')}) that differ "
                 f"in colour while sharing the same textures, under per-tile illumination and haze ({size} px PNG). The embedded "
-                "base was pretrained on fractals painted in random colours: its features carry colour, but shape, texture and "
-                "brightness dominate them, so nearest neighbours and a probe with few labels miss it. Two views of one tile "
-                "share its colour and other tiles differ in it, so contrastive adaptation on the unlabelled tiles can make "
-                "colour count; a base pretrained on natural images (DINOv2) already weights colour, so it would start "
-                "higher and gain less here"
+                "base was pretrained on generated fractals and taught to keep their colours (colour_vit_tiny), so its frozen "
+                "features already carry the classes' colours. Two views of one tile share its colour and other tiles differ "
+                "in it, so contrastive adaptation on the unlabelled tiles can make colour count for more, which matters most "
+                "when few labels are available; a base pretrained on natural images (DINOv2) would start higher and gain less"
             ),
         )
 

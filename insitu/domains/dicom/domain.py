@@ -295,8 +295,8 @@ class DicomDomain(Domain):
                 f"abdominal CT phantoms ({DEMO_SLICES}-slice DICOM series at {size} px; lung, abdomen and bone HU windows as "
                 f"channels) of a liver that is {' or '.join(DEMO_CLASSES)} (about {DEMO_LIVER_HU[0]:.0f} vs {DEMO_LIVER_HU[1]:.0f} HU). "
                 "Only the liver's attenuation carries the class; body and liver shape, vessels, an incidental cyst, a per-scan "
-                "calibration offset and noise do not. The embedded base was pretrained on fractals, where brightness says "
-                "nothing about class, so a small HU difference over part of the image counts for little in its features"
+                "calibration offset and noise do not. The embedded base was pretrained on generated fractals, not on CT, "
+                "so a small HU difference over part of the image may count for little in its features"
             ),
         )
 

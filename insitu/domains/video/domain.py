@@ -240,9 +240,8 @@ class VideoDomain(Domain):
             description=(
                 f"H.264 clips (1 s at 8 fps, 2 frames sampled per clip, {size} px) of an endoscope panning over mucosa of {len(MUCOSA)} appearances "
                 f"({', '.join(MUCOSA).replace('_', ' ')}) that differ in colour while sharing the same textures, under a "
-                "vignette and per-clip illumination. The embedded base was pretrained on fractals painted in random "
-                "colours, so colour counts for little in its features; contrastive adaptation on the unlabelled frames "
-                "can make it count"
+                "vignette and per-clip illumination. The embedded base was pretrained on generated fractals, not on "
+                "endoscopy; contrastive adaptation on the unlabelled frames can make the mucosa's colour count for more"
             ),
         )
 

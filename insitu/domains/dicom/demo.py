@@ -39,9 +39,8 @@ def demo_volume(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
         hu[line & liver] = 160.0
     if rng.random() < 0.5:  # an incidental cyst, in either class
         r = s * rng.uniform(0.03, 0.06)
-        hu[((y - cy - rng.uniform(-4, 4)) ** 2 + (x - cx - rng.uniform(-4, 4)) ** 2 + ((z - DEMO_SLICES / 2) * 2) ** 2 < r**2) & liver] = (
-            5.0
-        )
+        dy, dx = cy + rng.uniform(-4, 4), cx + rng.uniform(-4, 4)
+        hu[((y - dy) ** 2 + (x - dx) ** 2 + ((z - DEMO_SLICES / 2) * 2) ** 2 < r**2) & liver] = 5.0
     hu[hu > -1000] += rng.normal(0, 6)  # scanner calibration differs per scan
     return hu + rng.normal(0, 15, hu.shape).astype(np.float32)
 

@@ -68,6 +68,9 @@ class BasePretrainConfig(Strict):
         )
     )
     num_systems: int = Field(100, ge=2, description="mip: size of the IFS system bank (the classes)")
+    bank_seed: int | None = Field(
+        None, description="mip: seed of the IFS system bank (default: seed); keep a continued base's bank while varying seed"
+    )
     grey_prob: float = Field(0.0, ge=0.0, le=1.0, description="mip: share of images turned grey (helps 1-band users)")
     hue_bins: int = Field(
         0, ge=0, le=64, description="mip: > 0 also predicts each instance's hue class (of this many) and the background's texture class"
@@ -272,13 +275,18 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def system_bank(cfg: BasePretrainConfig) -> SystemBank:
+    """The IFS systems that are the classes: seeded by ``bank_seed``, else by ``seed``."""
+    return SystemBank(cfg.num_systems, seed=cfg.seed if cfg.bank_seed is None else cfg.bank_seed)
+
+
 def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
     """Train the base and write ``<out_dir>/<name>.safetensors`` (fp16) + ``<name>.json`` card."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module: MIPModule | BasePretrainModule
     if cfg.objective == "mip":
         module = MIPModule(cfg)
-        bank = SystemBank(cfg.num_systems, seed=cfg.seed)
+        bank = system_bank(cfg)
         data: IterableDataset = _Labelled(FractalStream(cfg.backbone.img_size, cfg.seed, bank=bank, hue_bins=cfg.hue_bins))
         loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     else:

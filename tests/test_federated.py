@@ -127,6 +127,26 @@ def test_strategy_drops_bad_sites_and_the_round_completes(tmp_path: Path) -> Non
     np.testing.assert_allclose(common.parameters_to_ndarrays(params)[0], good[0])
 
 
+def test_a_simulated_round_waits_for_every_launched_site(tmp_path: Path) -> None:
+    from insitu.federated.flower import initial_state, make_strategy
+
+    cfg = _fed_config(tmp_path, _sites(tmp_path, 1))
+    state, _ = initial_state(cfg)
+
+    class OneSiteSoFar:  # a client manager on which only the first of three sites has registered yet
+        def num_available(self) -> int:
+            return 1
+
+        def sample(self, num_clients: int, min_num_clients: int) -> list[str]:
+            asked.append((num_clients, min_num_clients))
+            return ["site"] * num_clients
+
+    asked: list[tuple[int, int]] = []
+    assert len(make_strategy(cfg, state, expected_sites=3).configure_fit(1, None, OneSiteSoFar())) == 3
+    make_strategy(cfg, state).configure_fit(1, None, OneSiteSoFar())  # a server: whoever is there, at least min_sites
+    assert asked == [(3, 3), (max(1, cfg.federated.min_sites), cfg.federated.min_sites)]
+
+
 @pytest.mark.slow
 def test_three_site_simulation_on_flower(tmp_path: Path) -> None:
     """`insitu federate simulate`, 3 sites, one of which fails every round: the rounds complete without it."""
@@ -151,7 +171,11 @@ def test_three_site_simulation_on_flower(tmp_path: Path) -> None:
     init, _ = initial_state(cfg)
     assert pkg.meta.base.fingerprint == init.fingerprint and pkg.meta.normalizer is None
     state = pkg.adapter_state()
-    assert any(not np.allclose(state[n.removeprefix("student.")].numpy(), a) for n, a in zip(init.names, init.arrays, strict=True) if n.startswith("student."))
+    assert any(
+        not np.allclose(state[n.removeprefix("student.")].numpy(), a)
+        for n, a in zip(init.names, init.arrays, strict=True)
+        if n.startswith("student.")
+    )
     written = " ".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".csv", ".md"))
     ids = [p.stem for r in roots for p in r.rglob("*.png")]
     assert "patient_DOE" not in written and str(tmp_path) not in written
@@ -198,7 +222,10 @@ def test_server_and_two_sites_over_grpc(tmp_path: Path) -> None:
                     break
             assert procs[0].poll() is None, tails()
             time.sleep(0.5)
-        procs += [start(["site", "-c", str(tmp_path / "site.yaml"), "--set", f"data.root={r}"], log) for r, log in zip(roots, logs[1:], strict=True)]
+        procs += [
+            start(["site", "-c", str(tmp_path / "site.yaml"), "--set", f"data.root={r}"], log)
+            for r, log in zip(roots, logs[1:], strict=True)
+        ]
         codes = [p.wait(timeout=300) for p in procs]
     finally:
         for p in procs:

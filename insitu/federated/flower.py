@@ -90,8 +90,11 @@ def require_flower() -> Any:
     return common
 
 
-def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
-    """A Flower strategy that sends the global tensors to every site and averages the checked replies."""
+def make_strategy(cfg: RunConfig, state: FederationState, expected_sites: int = 0) -> Any:
+    """A Flower strategy that sends the global tensors to every site and averages the checked replies.
+
+    ``expected_sites`` (a simulation knows how many it launched): every round waits until that many
+    have registered, so an early round never runs on whichever sites happened to start first."""
     from flwr.server.strategy import Strategy
 
     common = require_flower()
@@ -107,8 +110,9 @@ def make_strategy(cfg: RunConfig, state: FederationState) -> Any:
 
         def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
             self._started = time.perf_counter()
-            wanted = max(fed.min_sites, client_manager.num_available())
-            clients = client_manager.sample(num_clients=wanted, min_num_clients=fed.min_sites)
+            need = max(fed.min_sites, expected_sites)
+            wanted = max(need, client_manager.num_available())
+            clients = client_manager.sample(num_clients=wanted, min_num_clients=need)
             config = {
                 "round": server_round,
                 "step_offset": (server_round - 1) * fed.local_steps,
@@ -255,7 +259,7 @@ def simulate(cfg: RunConfig, state: FederationState, sites: int | None = None) -
     from flwr.simulation import run_simulation
 
     plan = site_configs(cfg, sites)
-    strategy = make_strategy(cfg, state)
+    strategy = make_strategy(cfg, state, expected_sites=len(plan))
     fed = cfg.federated
     threads = fed.site_threads
 

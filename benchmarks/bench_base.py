@@ -21,6 +21,8 @@ retrieval the per-seed differences.
     python benchmarks/bench_base.py                  # from the repository root, ../shared/data present
     python benchmarks/bench_base.py --bases fractal_vit_tiny insitu-runs/base/procedural_vit_tiny/procedural_vit_tiny.safetensors
     python benchmarks/bench_base.py --repeats 1 --pneumonia-items 400   # quicker
+    python benchmarks/bench_base.py --bases fractal_vit_tiny a.safetensors b.safetensors c.safetensors --seed-group colour
+                                   # a, b, c = one recipe trained with three seeds: also pooled over seeds
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from insitu.adapters import AdaptedBackbone
 from insitu.backbones import create_backbone
 from insitu.config import load_config, validate_config
-from insitu.heads.stats import format_delta
+from insitu.heads.stats import format_delta, seed_interval, verdict
 from insitu.objectives.views import random_resized_crop_box
 from insitu.pipelines.data import ScannedData, fit_normalizer
 from insitu.pipelines.probe import classification_results
@@ -151,6 +153,31 @@ def print_landsat(rows: dict[str, list[float]], tiles: int, reference: str) -> N
         print(f"| {name} | {', '.join(f'{x:.3f}' for x in v)} | {v.mean():.3f} ± {v.std(ddof=1):.3f} | {diff} |")
 
 
+def seed_groups(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Backbones pooled over seeds: ``--seed-group`` names the candidate bases (all but the first), plus random init."""
+    names = [name for name, _ in backbones(args.bases, args.init_seeds, 1)]
+    groups = {"random init": [n for n in names if n.startswith("random init")]}
+    if args.seed_group and len(args.bases) > 1:
+        groups[args.seed_group] = names[1 : len(args.bases)]
+    return {k: v for k, v in groups.items() if v}
+
+
+def print_seed_summary(values: dict[str, dict[str, float]], reference: str, groups: dict[str, list[str]]) -> None:
+    """Per group: mean ± std over its seeds, and the mean Δ vs the reference with a Student-t interval over seeds.
+
+    ``values`` maps a row key (probe, labels, metric) to {backbone: mean}.
+    """
+    print(f"\n#### pooled over seeds: mean ± std of the per-seed means; Δ vs {reference}, Student-t 95 % CI over seeds\n")
+    print("| backbone (seeds) | row | mean ± std | Δ vs reference [t-CI] | verdict |")
+    print("|---|---|---|---|---|")
+    for key, per_model in values.items():
+        for label, members in groups.items():
+            v = np.array([per_model[m] for m in members])
+            mean, lo, hi = seed_interval(v - per_model[reference])
+            std = v.std(ddof=1) if len(v) > 1 else float("nan")
+            print(f"| {label} ({len(v)}) | {key} | {v.mean():.3f} ± {std:.3f} | {format_delta(mean, lo, hi)} | {verdict(lo, hi) if len(v) > 1 else '—'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -168,6 +195,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--dense-steps", type=int, default=100)
     parser.add_argument("--view-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--seed-group", default="", help="label for the candidate bases (all but the first) when they are seeds of one recipe"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     reference = args.bases[0]
@@ -176,8 +206,14 @@ def main() -> None:
         if dataset == "landsat":
             rows, tiles = landsat_rows(args)
             print_landsat(rows, tiles, reference)
+            values = {"retrieval top-1": {name: float(np.mean(v)) for name, v in rows.items()}}
         else:
-            print_probe(dataset, probe_rows(dataset, args), reference)
+            probe_results = probe_rows(dataset, args)
+            print_probe(dataset, probe_results, reference)
+            values = {}
+            for r in probe_results:
+                values.setdefault(f"{r.probe} {r.labels:.0%} {r.metric}", {})[r.model] = r.mean
+        print_seed_summary(values, reference, seed_groups(args))
         print(f"\n({dataset}: {time.perf_counter() - start:.0f} s)")
 
 

@@ -137,3 +137,17 @@ def test_no_identifying_value_reaches_any_output(tmp_path, caplog, capsys):
         leaked = [n for n in needles if n.lower() in text.lower()]
         assert not leaked, leaked
     assert _sha(root) == before
+
+
+def test_quickstart_dicom_views_keep_hu_and_set_wins(tmp_path):
+    from insitu.pipelines.quickstart import quickstart_config
+
+    cfg, _ = quickstart_config(tmp_path / "ct", "dicom")
+    views = cfg.objective.options["views"]
+    # the CT recipe replaces the intensity jitter and the crop range and keeps the quickstart's other view settings
+    assert views["intensity"] == 0.0 and list(views["global_scale"]) == [0.7, 1.0] and views["global_crops"] == 2
+    assert cfg.objective.options["temperature"] == 0.2
+    cfg, _ = quickstart_config(tmp_path / "set", "dicom", ["objective.options.views.intensity=0.3"])
+    assert cfg.objective.options["views"]["intensity"] == 0.3 and list(cfg.objective.options["views"]["global_scale"]) == [0.7, 1.0]
+    cfg, _ = quickstart_config(tmp_path / "rgb", "images")
+    assert cfg.objective.options["views"]["intensity"] == 0.6  # other demos keep the image recipe

@@ -133,15 +133,25 @@ class DemoData:
     probe_test: dict[str, Any] | None = None
     in_chans: int = 3
     description: str = ""
+    # config keys this demo sets over the quickstart's defaults (nested, e.g. the objective's views for CT);
+    # `--set` overrides still win
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def split_folders(
-        cls, out_dir: Path, domain: str, size: int, in_chans: int, description: str, options: dict[str, Any] | None = None
+        cls,
+        out_dir: Path,
+        domain: str,
+        size: int,
+        in_chans: int,
+        description: str,
+        options: dict[str, Any] | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> DemoData:
         """A demo written as ``out_dir/train`` and ``out_dir/test``: pretrain and probe on train, test on test."""
         train = {"domain": domain, "root": str(Path(out_dir) / "train"), "image_size": size, "options": options or {}}
         test = {**train, "root": str(Path(out_dir) / "test")}
-        return cls(data=train, probe_train=train, probe_test=test, in_chans=in_chans, description=description)
+        return cls(data=train, probe_train=train, probe_test=test, in_chans=in_chans, description=description, recipe=recipe or {})
 
 
 class Domain(ABC):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict
@@ -32,6 +33,7 @@ def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | 
         apply_override(raw, override)
     size = int(raw["data"].get("image_size", 64))
     demo = get_domain_class(domain).make_demo(out / "data", seed=int(raw.get("seed", 0)), size=size)
+    merge_into(raw, demo.recipe)
     raw["data"] = {**raw["data"], **demo.data}
     raw["probe"] = {**raw.get("probe", {}), "train": demo.probe_train, "test": demo.probe_test}
     raw["backbone"]["in_chans"] = demo.in_chans
@@ -39,6 +41,15 @@ def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | 
     for override in overrides or []:  # overrides win over the demo's defaults too
         apply_override(raw, override)
     return validate_config(raw, "quickstart"), demo
+
+
+def merge_into(raw: dict[str, Any], update: dict[str, Any]) -> None:
+    """Set ``update``'s keys in ``raw``, descending into mappings present in both (a demo's recipe over the defaults)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            merge_into(raw[key], value)
+        else:
+            raw[key] = copy.deepcopy(value)  # the demo's constants stay untouched by later overrides
 
 
 def quickstart(

@@ -22,7 +22,7 @@ from insitu.domains.dicom.cache import (
     write_array_cache,
     write_json,
 )
-from insitu.domains.dicom.demo import DEMO_CLASSES, DEMO_LIVER_HU, DEMO_SLICES, demo_volume, write_ct_series
+from insitu.domains.dicom.demo import DEMO_CLASSES, DEMO_LIVER_HU, DEMO_SLICES, DEMO_VIEWS, demo_volume, write_ct_series
 from insitu.domains.dicom.geometry import Volume, plane_axes, reslice, square_pixels
 from insitu.domains.dicom.options import DicomError, DicomOptions
 from insitu.domains.dicom.pixels import decode_unit
@@ -290,13 +290,15 @@ class DicomDomain(Domain):
             "dicom",
             size,
             options=options,
+            recipe={"objective": {"options": {"views": DEMO_VIEWS}}},
             in_chans=3,
             description=(
                 f"abdominal CT phantoms ({DEMO_SLICES}-slice DICOM series at {size} px; lung, abdomen and bone HU windows as "
                 f"channels) of a liver that is {' or '.join(DEMO_CLASSES)} (about {DEMO_LIVER_HU[0]:.0f} vs {DEMO_LIVER_HU[1]:.0f} HU). "
                 "Only the liver's attenuation carries the class; body and liver shape, vessels, an incidental cyst, a per-scan "
                 "calibration offset and noise do not. The embedded base was pretrained on generated fractals, not on CT, "
-                "so a small HU difference over part of the image may count for little in its features"
+                "so a small HU difference over part of the image may count for little in its features. The views keep what CT "
+                "measures: no intensity jitter (a view keeps its HU) and crops of at least 70 % of the slice"
             ),
         )
 

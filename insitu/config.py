@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from insitu.errors import ConfigError
+from insitu.raw_config import apply_override
 from insitu.registry import ADAPTERS, DOMAINS, OBJECTIVES, AdapterOptions, adapter_options, closest_field, config_error, validate_options
 from insitu.weights import PACKAGED, shipped_card
 
@@ -321,28 +322,6 @@ def validate_config(raw: dict[str, Any], where: str = "<dict>", check_paths: boo
     if check_paths:
         _check_paths(cfg, where)
     return cfg
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, true, [1,2] work)."""
-    if "=" not in override:
-        raise ConfigError(f"Override {override!r} must look like key.sub=value (for example train.max_steps=10).")
-    key, value = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"Override {override!r}: {part!r} is a value, not a section.")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        detail = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"Override {key.strip()!r}: the value {value!r} is not plain YAML ({detail}). Pass a number, true/false, "
-            "a string, [a, list] or {a: mapping}; tags such as !!python/object are never loaded."
-        ) from None
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from insitu.config import apply_override, dump_config, load_config
+from insitu.config import dump_config, load_config
 from insitu.errors import ConfigError
+from insitu.raw_config import apply_override, deep_merge
 from tests.conftest import tiny_config
 
 
@@ -73,3 +74,14 @@ def test_resolved_config_round_trips(tmp_path, shapes_dir):
     dump_config(cfg, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     assert again == cfg
+
+
+def test_deep_merge_descends_copies_and_keeps_leaves_whole():
+    base = {"a": {"x": 1, "y": 2}, "kwargs": {"p": 1, "q": 2}, "keep": 3}
+    extra = {"a": {"y": 20, "z": [1]}, "kwargs": {"p": 10}}
+    out = deep_merge(base, extra, leaves={"kwargs"})
+    assert out == {"a": {"x": 1, "y": 20, "z": [1]}, "kwargs": {"p": 10}, "keep": 3}
+    assert base == {"a": {"x": 1, "y": 2}, "kwargs": {"p": 1, "q": 2}, "keep": 3}  # inputs untouched
+    out["a"]["z"].append(2)
+    assert extra["a"]["z"] == [1]  # the result does not share extra's values
+    assert deep_merge(base, extra)["kwargs"] == {"p": 10, "q": 2}  # without leaves every mapping merges

@@ -56,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser, help: str) -> None:  # noqa: A0
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     """``--option KEY=VALUE`` flags as a (nested) dict, parsed like config overrides."""
-    from insitu.config import apply_override
+    from insitu.raw_config import apply_override
 
     options: dict[str, Any] = {}
     for pair in pairs:

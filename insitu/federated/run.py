@@ -36,7 +36,8 @@ class FederationResult:
 
 def load_federation_config(path: Path, overrides: list[str], role: str) -> RunConfig:
     """A run config with a ``federated`` section. The server reads no data, so its copy may omit ``data``."""
-    from insitu.config import apply_override, read_yaml, validate_config
+    from insitu.config import read_yaml, validate_config
+    from insitu.raw_config import apply_override
 
     raw = read_yaml(Path(path))
     for override in overrides:

@@ -33,11 +33,12 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from insitu.backbones import ViTBackbone, create_backbone
-from insitu.config import BackboneConfig, Strict, apply_override
+from insitu.config import BackboneConfig, Strict
 from insitu.domains.fractals import NUM_TEXTURES, FractalStream, SystemBank
 from insitu.errors import ConfigError
 from insitu.objectives.augment import worker_seed
 from insitu.objectives.views import MultiCrop, MultiCropOptions
+from insitu.raw_config import apply_override, deep_merge
 from insitu.weights import PACKAGED, shipped_card
 
 FRACTAL_MEAN, FRACTAL_STD = [0.40, 0.40, 0.40], [0.25, 0.25, 0.25]
@@ -259,20 +260,15 @@ class BasePretrainModule(_Optimizer, L.LightningModule):
 
 def load_base_config(path: Path | None, overrides: list[str]) -> BasePretrainConfig:
     # start from the defaults so that overriding one backbone key keeps the others
-    raw: dict[str, Any] = _merge(BasePretrainConfig().model_dump(mode="json"), yaml.safe_load(Path(path).read_text()) if path else {})
+    raw: dict[str, Any] = deep_merge(
+        BasePretrainConfig().model_dump(mode="json"), yaml.safe_load(Path(path).read_text()) if path else {}, leaves={"kwargs"}
+    )
     for o in overrides:
         apply_override(raw, o)
     try:
         return BasePretrainConfig.model_validate(raw)
     except Exception as exc:  # noqa: BLE001 - pydantic errors become one typed message
         raise ConfigError(f"Invalid base-pretrain config {path}: {exc}") from None
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs" else v
-    return out
 
 
 def system_bank(cfg: BasePretrainConfig) -> SystemBank:

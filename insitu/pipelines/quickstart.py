@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict
@@ -12,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from insitu.config import RunConfig, apply_override, validate_config
+from insitu.config import RunConfig, validate_config
 from insitu.domains import get_domain_class
 from insitu.domains.base import DemoData
 from insitu.exports import markdown_table, plot_loss_curve, write_report
@@ -21,6 +20,7 @@ from insitu.io import claim_folder, read_owner, write_json
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
 from insitu.privacy import shown_weights
+from insitu.raw_config import apply_override, deep_merge
 from insitu.weights import shipped_card
 
 log = logging.getLogger("insitu")
@@ -33,7 +33,7 @@ def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | 
         apply_override(raw, override)
     size = int(raw["data"].get("image_size", 64))
     demo = get_domain_class(domain).make_demo(out / "data", seed=int(raw.get("seed", 0)), size=size)
-    merge_into(raw, demo.recipe)
+    raw = deep_merge(raw, demo.recipe)
     raw["data"] = {**raw["data"], **demo.data}
     raw["probe"] = {**raw.get("probe", {}), "train": demo.probe_train, "test": demo.probe_test}
     raw["backbone"]["in_chans"] = demo.in_chans
@@ -41,15 +41,6 @@ def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | 
     for override in overrides or []:  # overrides win over the demo's defaults too
         apply_override(raw, override)
     return validate_config(raw, "quickstart"), demo
-
-
-def merge_into(raw: dict[str, Any], update: dict[str, Any]) -> None:
-    """Set ``update``'s keys in ``raw``, descending into mappings present in both (a demo's recipe over the defaults)."""
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            merge_into(raw[key], value)
-        else:
-            raw[key] = copy.deepcopy(value)  # the demo's constants stay untouched by later overrides
 
 
 def quickstart(

@@ -38,6 +38,7 @@ import csv
 import json
 import multiprocessing as mp
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -268,12 +269,25 @@ def probe_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
 def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Per (dataset, objective, steps, probe, labels, metric): each seed's Δ, their mean and t-interval."""
     from insitu.heads.stats import seed_interval, verdict
+
     groups: dict[tuple, list[tuple[int, dict[str, Any]]]] = {}
     for r in runs:
         for p in r["probe"][1]["results"]:
             key = (r["dataset"], r["objective"], r["steps"], p["probe"], p["labels"], p["metric"])
             groups.setdefault(key, []).append((r["seed"], p))
-    headers = ["dataset", "objective", "steps", "probe", "labels", "metric", "seeds", "Δ per seed", "runs resolved +/−", "mean Δ [95% t-interval over seeds]", "verdict"]
+    headers = [
+        "dataset",
+        "objective",
+        "steps",
+        "probe",
+        "labels",
+        "metric",
+        "seeds",
+        "Δ per seed",
+        "runs resolved +/−",
+        "mean Δ [95% t-interval over seeds]",
+        "verdict",
+    ]
     cells = []
     for (dataset, objective, steps, probe, labels, metric), rows in groups.items():
         deltas = [p["delta"] for _, p in rows]
@@ -325,10 +339,24 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 runs.append(run)
                 if args.out:  # each finished run at once: a stopped benchmark keeps what it measured
                     args.out.mkdir(parents=True, exist_ok=True)
+                    run["metrics_csv"] = keep_metrics(Path(trained["run_dir"]), args.out, f"{dataset}_{objective}_s{seed}")
                     with open(args.out / "runs.jsonl", "a") as f:
                         f.write(json.dumps(run, default=str) + "\n")
                 print(f"[{dataset}] {objective} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
     return runs
+
+
+def keep_metrics(run_dir: Path, out: Path, name: str) -> str | None:
+    """Copy the run's per-step metrics.csv (the run folder is temporary) to ``out/metrics/``, never over a file."""
+    src = run_dir / "logs" / "metrics.csv"
+    if not src.is_file():
+        return None
+    dst, n = out / "metrics" / f"{name}.csv", 1
+    while dst.exists():  # a rerun into the same --out keeps the earlier run's file
+        dst, n = out / "metrics" / f"{name}_{n}.csv", n + 1
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return str(dst)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,8 +377,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")
     p.add_argument("--text-encoder", default=None, help="a local text encoder folder for ConVIRT (default: a tiny random BERT)")
     p.add_argument("--accelerator", default="auto")
-    p.add_argument("--from-runs", type=Path, nargs="+", default=None, help="runs.jsonl files of finished benchmarks: print their tables, train nothing")
-    p.add_argument("--out", type=Path, default=None, help="folder for runs.csv, probe.csv, results.json (default: print only)")
+    p.add_argument(
+        "--from-runs", type=Path, nargs="+", default=None, help="runs.jsonl files of finished benchmarks: print their tables, train nothing"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for runs.jsonl, runs.csv, probe.csv, seeds.csv, results.json and each run's metrics/*.csv (default: print only)",
+    )
     return p.parse_args(argv)
 
 
@@ -367,7 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     tables = {"runs": run_table(runs), "probe": probe_table(runs), "seeds": seed_table(runs)}
     print("\n### runs\n\n" + markdown(*tables["runs"]))
     print("\n### probe: adapted vs frozen (mean ± std over folds × repeats; paired bootstrap 95 % CI)\n\n" + markdown(*tables["probe"]))
-    print("\n### over seeds: Δ per seed, runs whose bootstrap CI is above/below 0, Student-t interval of the mean Δ\n\n" + markdown(*tables["seeds"]))
+    print(
+        "\n### over seeds: Δ per seed, runs whose bootstrap CI is above/below 0, Student-t interval of the mean Δ\n\n"
+        + markdown(*tables["seeds"])
+    )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, (headers, cells) in tables.items():

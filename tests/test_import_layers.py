@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "insitu.text",
             "insitu.checkpoints",
             "insitu.package_format",
+            "insitu.raw_config",
         ),
     ),
     ("domains", ("insitu.domains",)),

@@ -40,8 +40,9 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any], leaves: Collec
     """A new mapping: ``base`` with ``extra``'s keys set, descending into mappings present in both.
 
     Keys named in ``leaves`` (for example a component's free-form ``kwargs``) are replaced whole,
-    never merged. Neither input is changed, and values taken from ``extra`` are copied, so later
-    edits of the result leave ``extra`` (a shipped constant, say) untouched.
+    never merged. The merge changes neither input, and values taken from ``extra`` are copied, so
+    later edits of the result leave ``extra`` (a shipped constant, say) untouched; sub-mappings of
+    ``base`` that ``extra`` does not touch are shared with the result, not copied.
     """
     out = dict(base)
     for key, value in extra.items():

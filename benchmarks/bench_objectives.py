@@ -28,6 +28,10 @@ Full protocol (hours on a 2-core CPU; minutes on a GPU):
     python benchmarks/bench_objectives.py --datasets pneumoniamnist busi \\
         --objectives dino glare graph_matching convirt --seeds 0 1 2 --steps 300 --out bench-objectives
 
+A variant of an objective: ``--set objective.options.margin=3`` (dotted, repeatable) overrides every
+run's config, and the tables name those runs ``graph_matching [objective.options.margin=3]`` so they
+never pool with the default's.
+
 Smoke test (a minute): ``python benchmarks/bench_objectives.py --steps 2 --seeds 0 --max-items 64``.
 """
 
@@ -37,6 +41,7 @@ import argparse
 import csv
 import json
 import multiprocessing as mp
+import re
 import resource
 import shutil
 import sys
@@ -44,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from insitu.raw_config import apply_override
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.data.text_fixtures builds the offline tiny BERT for ConVIRT
@@ -329,21 +336,31 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         for objective in args.objectives:
             if (dataset in VIDEO_DATASETS) != (objective in VIDEO_OBJECTIVES):
                 continue  # image objectives on image sets, video objectives on PolypGen's sequences
+            label = variant_label(objective, args.set)
             for seed in args.seeds:
                 raw = run_config(args, dataset, objective, seed, tmp / "runs", text_encoder)
+                for override in args.set:
+                    apply_override(raw, override)
                 trained = in_child(pretrain_job, raw)
                 probed = in_child(probe_job, raw, trained["adapter"])
-                run = {"dataset": dataset, "objective": objective, "seed": seed, **trained, "probe_s": probed["probe_s"]}
+                run = {"dataset": dataset, "objective": label, "seed": seed, **trained, "probe_s": probed["probe_s"]}
+                run["overrides"] = list(args.set)
                 run["logs"] = first_last(Path(trained["run_dir"]))
                 run["probe"] = probed["rows"]
                 runs.append(run)
                 if args.out:  # each finished run at once: a stopped benchmark keeps what it measured
                     args.out.mkdir(parents=True, exist_ok=True)
-                    run["metrics_csv"] = keep_metrics(Path(trained["run_dir"]), args.out, f"{dataset}_{objective}_s{seed}")
+                    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}_{label}_s{seed}")
+                    run["metrics_csv"] = keep_metrics(Path(trained["run_dir"]), args.out, name)
                     with open(args.out / "runs.jsonl", "a") as f:
                         f.write(json.dumps(run, default=str) + "\n")
-                print(f"[{dataset}] {objective} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
+                print(f"[{dataset}] {label} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
     return runs
+
+
+def variant_label(objective: str, overrides: list[str]) -> str:
+    """The objective's name in every table; a run with ``--set`` overrides carries them, so its rows never pool with the default's."""
+    return f"{objective} [{', '.join(overrides)}]" if overrides else objective
 
 
 def keep_metrics(run_dir: Path, out: Path, name: str) -> str | None:
@@ -377,6 +394,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")
     p.add_argument("--text-encoder", default=None, help="a local text encoder folder for ConVIRT (default: a tiny random BERT)")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted override of every run's config, e.g. objective.options.margin=3 (repeatable); the tables label those runs with it",
+    )
     p.add_argument(
         "--from-runs", type=Path, nargs="+", default=None, help="runs.jsonl files of finished benchmarks: print their tables, train nothing"
     )

@@ -244,7 +244,9 @@ class FederatedConfig(Strict):
 
     Each round, every site trains the shared adapters and objective heads for ``local_steps`` on
     its own data and sends back only those tensors; the server averages them weighted by each
-    site's item count (``fedavg``), or sites add FedProx's proximal term ``proximal_mu / 2 *
+    site's item count (``fedavg``; a claim is clipped to ``max_site_items`` and no site's weight
+    exceeds ``max_site_share``, or ``1 / sites`` when that is larger; ``weighting: equal`` ignores
+    the counts), or sites add FedProx's proximal term ``proximal_mu / 2 *
     ||w - w_global||^2`` to their loss (``fedprox``, for sites whose data differ). The run's lr,
     warm-up and EMA schedules span ``rounds * local_steps`` steps (``train.max_steps`` is ignored).
     ``sites`` lists each site's data for ``insitu federate simulate``; a real site uses the
@@ -255,6 +257,10 @@ class FederatedConfig(Strict):
     local_steps: int = Field(10, gt=0, le=MAX_STEPS, strict=True)
     aggregation: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0)
+    # a site's item count is an unverifiable claim: it is clipped, and no site outweighs the others past a share
+    weighting: Literal["items", "equal"] = "items"
+    max_site_items: int = Field(1_000_000, gt=0, strict=True)  # a larger claim counts as this many items
+    max_site_share: float = Field(0.5, gt=0, le=1)  # the largest weight one site can have (or 1 / sites when larger)
     min_sites: int = Field(1, gt=0, strict=True)  # a round waits for this many sites and fails below it
     address: str = "127.0.0.1:8080"  # the server's host:port (server listens on it, sites connect to it)
     round_timeout_s: float | None = Field(None, gt=0)  # a site slower than this is dropped from the round

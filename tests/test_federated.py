@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from insitu.config import load_config
-from insitu.federated.aggregate import SiteUpdate, aggregate, check_update, weighted_average
+from insitu.federated.aggregate import SiteUpdate, WeightPolicy, aggregate, check_update, site_weights, weighted_average
 from tests.conftest import tiny_config, write_shapes
 
 FP = "a" * 64
@@ -42,19 +42,55 @@ def test_weighted_average_matches_hand_computation() -> None:
         (SiteUpdate("x", [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)], 5, FP), "wrong shape"),
         (SiteUpdate("x", [np.zeros((2, 3), np.float32)], 5, FP), "sent 1 tensors"),
         (SiteUpdate("x", [np.zeros((2, 3), np.int64), np.zeros(4, np.int64)], 5, FP), "non-floating"),
+        (_update("x", 1e30, 5), "above 1e+06"),  # finite but huge: could never be packaged
+        (SiteUpdate("x", [np.full((2, 3), 1e300), np.zeros(4)], 5, FP), "NaN or Inf as float32"),  # float64 that overflows float32
     ],
 )
 def test_bad_updates_are_dropped_with_a_reason(update: SiteUpdate, words: str) -> None:
     reason = check_update(update, SHAPES, FP)
     assert reason is not None and words in reason
-    avg, accepted, dropped = aggregate([_update("good1", 1.0, 10), update, _update("good2", 4.0, 30)], SHAPES, FP)
+    avg, accepted, dropped, clipped = aggregate([_update("good1", 1.0, 10), update, _update("good2", 4.0, 30)], SHAPES, FP)
     assert [u.site for u in accepted] == ["good1", "good2"] and set(dropped) == {"x"}
-    np.testing.assert_allclose(avg[1], np.full(4, (10 * 1.0 + 30 * 4.0) / 40))
+    # two sites: neither may hold more than half the weight, so 30 vs 10 items is capped to equal weights
+    np.testing.assert_allclose(avg[1], np.full(4, (1.0 + 4.0) / 2))
+    assert set(clipped) == {"good2"} and "capped at 0.500" in clipped["good2"]
 
 
 def test_all_dropped_gives_no_average() -> None:
-    avg, accepted, dropped = aggregate([_update("x", float("nan"), 3)], SHAPES, FP)
+    avg, accepted, dropped, _ = aggregate([_update("x", float("nan"), 3)], SHAPES, FP)
     assert avg is None and not accepted and "x" in dropped
+
+
+def test_a_huge_item_claim_cannot_replace_the_global_model() -> None:
+    """The audit's critical finding: one reply claiming 10^15 items made the average exactly the attacker's tensors."""
+    honest = [_update(f"h{i}", 1.0, 100) for i in range(3)]
+    attacker = _update("evil", 1000.0, 10**15)
+    avg, accepted, dropped, clipped = aggregate([*honest, attacker], SHAPES, FP)
+    assert len(accepted) == 4 and not dropped
+    # the claim is clipped to max_site_items, then the share to 0.5: the average is half honest, half attacker
+    np.testing.assert_allclose(avg[0], np.full(SHAPES[0], 0.5 * 1.0 + 0.5 * 1000.0))
+    assert "claimed 1000000000000000 items" in clipped["evil"] and "capped at 0.500" in clipped["evil"]
+    # with a tighter share (e.g. many sites), the attacker's say shrinks accordingly
+    weights, _ = site_weights([*honest, attacker], WeightPolicy(max_share=0.25))
+    np.testing.assert_allclose(weights, [0.25, 0.25, 0.25, 0.25])
+    # equal weighting ignores every claim
+    weights, notes = site_weights([*honest, attacker], WeightPolicy(weighting="equal"))
+    np.testing.assert_allclose(weights, [0.25] * 4)
+    assert not notes
+
+
+def test_site_weights_water_fill_the_capped_share() -> None:
+    sites = [_update("a", 0.0, 800), _update("b", 0.0, 150), _update("c", 0.0, 50)]
+    weights, notes = site_weights(sites, WeightPolicy(max_share=0.5))
+    # a is capped at 0.5; b and c share the other 0.5 in proportion 150:50
+    np.testing.assert_allclose(weights, [0.5, 0.375, 0.125])
+    assert set(notes) == {"a"} and "item share 0.800" in notes["a"]
+    # below every cap the weights are plain FedAvg, with nothing noted
+    weights, notes = site_weights(sites, WeightPolicy(max_share=0.9))
+    np.testing.assert_allclose(weights, [0.8, 0.15, 0.05])
+    assert not notes
+    # one site alone always has weight 1
+    np.testing.assert_allclose(site_weights(sites[:1], WeightPolicy(max_share=0.2))[0], [1.0])
 
 
 def _fed_config(tmp_path: Path, roots: list[Path], **federated: object) -> object:
@@ -118,11 +154,15 @@ def test_strategy_drops_bad_sites_and_the_round_completes(tmp_path: Path) -> Non
     wrong = [np.zeros((3, 3), np.float32)] + state.arrays[1:]
     results = [(None, res(good, 8, state.fingerprint)), (None, res(nan, 8, state.fingerprint)), (None, res(wrong, 8, state.fingerprint))]
     results.append((None, res(good, 8, "0" * 64)))
+    garbage = res(good, 8, state.fingerprint)
+    garbage.parameters = common.Parameters(tensors=[b"\x93NUMPY not an array"], tensor_type="numpy.ndarray")
+    results.append((None, garbage))  # bytes that do not decode: dropped, the server goes on
     params, _ = strategy.aggregate_fit(1, results, [RuntimeError("/data/patient_DOE/secret.dcm unreadable")])
     record = state.rounds[-1]
-    assert record.accepted == ["site-1"] and len(record.dropped) == 4
+    assert record.accepted == ["site-1"] and len(record.dropped) == 5
     reasons = " ".join(record.dropped.values())
     assert "NaN" in reasons and "wrong shape" in reasons and "another base" in reasons and "RuntimeError" in reasons
+    assert "did not decode" in reasons
     assert "patient_DOE" not in json.dumps(state.summary())
     np.testing.assert_allclose(common.parameters_to_ndarrays(params)[0], good[0])
 

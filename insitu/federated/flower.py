@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from insitu.config import RunConfig
-from insitu.federated.aggregate import SiteUpdate, aggregate
+from insitu.federated.aggregate import SiteUpdate, WeightPolicy, aggregate
 from insitu.federated.site import SiteTrainer, federated_config, get_arrays, shared_names
 from insitu.pipelines.pretrain import PretrainModule
 
@@ -45,6 +45,7 @@ class RoundRecord:
     mean_loss: float | None
     bytes_per_site: int  # the shared tensors one site sends (and receives) per round
     wall_s: float
+    clipped: dict[str, str] = field(default_factory=dict)  # sites whose claimed item count or weight share was capped
 
 
 @dataclass
@@ -123,7 +124,8 @@ def make_strategy(cfg: RunConfig, state: FederationState, expected_sites: int = 
             return [(c, common.FitIns(parameters, dict(config))) for c in clients]
 
         def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
-            record = aggregate_round(state, server_round, [res for _, res in results], failures, self._started)
+            policy = WeightPolicy(fed.weighting, fed.max_site_items, fed.max_site_share)
+            record = aggregate_round(state, server_round, [res for _, res in results], failures, self._started, policy)
             return common.ndarrays_to_parameters(state.arrays), {"sites": len(record.accepted), "dropped": len(record.dropped)}
 
         def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
@@ -138,10 +140,22 @@ def make_strategy(cfg: RunConfig, state: FederationState, expected_sites: int = 
     return InsituStrategy()
 
 
-def aggregate_round(state: FederationState, server_round: int, replies: list[Any], failures: list[Any], started: float) -> RoundRecord:
-    """Check and average one round's replies into ``state`` (unchanged when none passes); record and log the round."""
-    updates = [_update(i, res) for i, res in enumerate(replies)]
-    new, accepted, dropped = aggregate(updates, state.shapes, state.fingerprint)
+def aggregate_round(
+    state: FederationState, server_round: int, replies: list[Any], failures: list[Any], started: float, policy: WeightPolicy | None = None
+) -> RoundRecord:
+    """Check and average one round's replies into ``state`` (unchanged when none passes); record and log the round.
+
+    A reply whose bytes do not decode is dropped like any other bad reply: the server never dies of one site."""
+    updates, undecodable = [], {}
+    for i, res in enumerate(replies):
+        try:
+            updates.append(_update(i, res))
+        except Exception as exc:  # hostile or corrupt bytes: Flower would not catch this in aggregate_fit
+            undecodable[f"site-{i + 1}"] = f"its reply did not decode ({type(exc).__name__})"
+    new, accepted, dropped, clipped = aggregate(updates, state.shapes, state.fingerprint, policy)
+    dropped.update(undecodable)
+    for site, note in clipped.items():
+        log.warning("round %d: site %s: %s", server_round, site, note)
     for j, failure in enumerate(failures):  # the exception text may name a site's files: keep only its type
         kind = type(failure[1] if isinstance(failure, tuple) else failure).__name__
         dropped[f"failed-{j + 1}"] = f"the site failed, timed out or disconnected ({kind})"
@@ -156,10 +170,11 @@ def aggregate_round(state: FederationState, server_round: int, replies: list[Any
         server_round,
         [u.site for u in accepted],
         dropped,
-        sum(u.items for u in accepted),
+        sum(min(u.items, (policy or WeightPolicy()).max_items) for u in accepted),  # items as counted, after the clip
         float(np.mean(losses)) if losses else None,
         state.shared_bytes,
         round(time.perf_counter() - started, 3),
+        clipped,
     )
     state.rounds.append(record)
     log.info(

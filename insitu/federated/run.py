@@ -132,13 +132,14 @@ def write_outputs(cfg: RunConfig, state: FederationState, module: PretrainModule
 
 
 def _rounds_csv(state: FederationState) -> str:
-    header = ["round", "sites_averaged", "sites_dropped", "drop_reasons", "items", "mean_loss", "bytes_per_site", "wall_s"]
+    header = ["round", "sites_averaged", "sites_dropped", "drop_reasons", "weight_clips", "items", "mean_loss", "bytes_per_site", "wall_s"]
     return csv_text(header, [_round_row(r) for r in state.rounds])
 
 
 def _round_row(r: RoundRecord) -> list[Any]:
     reasons = "; ".join(f"{k}: {v}" for k, v in r.dropped.items())
-    return [r.round, len(r.accepted), len(r.dropped), reasons, r.items, r.mean_loss, r.bytes_per_site, r.wall_s]
+    clips = "; ".join(f"{k}: {v}" for k, v in r.clipped.items())
+    return [r.round, len(r.accepted), len(r.dropped), reasons, clips, r.items, r.mean_loss, r.bytes_per_site, r.wall_s]
 
 
 __all__ = ["FederationResult", "run_server", "run_simulation", "run_site", "write_outputs"]

@@ -12,7 +12,8 @@ all on real data from ``../shared/data``:
   ``busi_masks``.
 - Landsat 7 (a real 3-band scene cut into 64 px tiles; no labels): instance retrieval, two random
   crops/flips of every tile, top-1 = how often a view's nearest neighbour among all tiles' second
-  views is its own tile (chance = 1 / tiles); three view seeds.
+  views is its own tile (chance = 1 / tiles); three view seeds, each seed's views drawn once (one
+  `torch.Generator`) and shared by every backbone.
 
 Differences are paired against the first backbone listed (``fractal_vit_tiny``): for the probes a
 percentile bootstrap over test items and repeats (``insitu.heads.stats.paired_bootstrap``), for
@@ -28,7 +29,6 @@ retrieval the per-seed differences.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -100,23 +100,45 @@ def probe_rows(dataset: str, args: argparse.Namespace) -> list[ProbeResult]:
     return [r for m in models for r in results[m.name]]
 
 
-@torch.no_grad()
-def retrieval_top1(model: AdaptedBackbone, images: list[torch.Tensor], seed: int = 0) -> float:
-    """Top-1 instance retrieval between two random crops/flips of every image."""
-    random.seed(seed)
+def retrieval_views(images: list[torch.Tensor], seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random crops/flips of every image, N×C×size×size each, drawn from one ``torch.Generator`` seeded ``seed``.
+
+    Every random choice (crop box, flip) comes from that generator, never from torch's or Python's
+    global state, so the same seed gives the same views whatever ran before: drawn once per seed and
+    passed to every backbone, the retrieval comparison is paired (each backbone sees identical crops).
+    """
+    gen = torch.Generator().manual_seed(seed)
 
     def view(img: torch.Tensor) -> torch.Tensor:
-        top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], (0.5, 1.0))
-        x = F.interpolate(img[None, :, top : top + h, left : left + w], size=(64, 64), mode="bilinear", align_corners=False)[0]
-        return x.flip(-1) if random.random() < 0.5 else x
+        top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], (0.5, 1.0), generator=gen)
+        x = F.interpolate(img[None, :, top : top + h, left : left + w], size=(size, size), mode="bilinear", align_corners=False)[0]
+        return x.flip(-1) if float(torch.rand((), generator=gen)) < 0.5 else x
+
+    a = torch.stack([view(i) for i in images])
+    b = torch.stack([view(i) for i in images])
+    return a, b
+
+
+@torch.no_grad()
+def retrieval_top1(model: AdaptedBackbone, views: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Top-1 instance retrieval: how often a first view's nearest second view (cosine) is of its own image."""
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
-        cls, patches, _ = model.forward_tokens(batch)
-        return F.normalize(torch.cat([cls, patches.mean(1)], 1), dim=1)
+        out = [model.forward_tokens(batch[k : k + 64]) for k in range(0, len(batch), 64)]
+        return F.normalize(torch.cat([torch.cat([cls, patches.mean(1)], 1) for cls, patches, _ in out]), dim=1)
 
-    a = torch.cat([embed(torch.stack([view(i) for i in images[k : k + 64]])) for k in range(0, len(images), 64)])
-    b = torch.cat([embed(torch.stack([view(i) for i in images[k : k + 64]])) for k in range(0, len(images), 64)])
-    return float(((a @ b.T).argmax(1) == torch.arange(len(images))).float().mean())
+    a, b = embed(views[0]), embed(views[1])
+    return float(((a @ b.T).argmax(1) == torch.arange(len(a))).float().mean())
+
+
+def retrieval_rows(models: dict[str, Any], images: list[torch.Tensor], seeds: list[int]) -> dict[str, list[float]]:
+    """Per backbone, top-1 for each view seed; each seed's views are drawn once and shared by all backbones (paired)."""
+    out: dict[str, list[float]] = {name: [] for name in models}
+    for seed in seeds:
+        views = retrieval_views(images, seed)
+        for name, model in models.items():
+            out[name].append(retrieval_top1(model, views))
+    return out
 
 
 def landsat_rows(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]:
@@ -125,11 +147,9 @@ def landsat_rows(args: argparse.Namespace) -> tuple[dict[str, list[float]], int]
     items = data.manifest.items
     norm = fit_normalizer(data, items)
     images = [norm(data.domain.load(i, data.manifest)["image"].float()) for i in items]
-    out = {}
-    for name, spec in backbones(args.bases, args.init_seeds, images[0].shape[0]):
-        model = AdaptedBackbone(create_backbone(spec)).eval()
-        out[name] = [retrieval_top1(model, images, seed) for seed in args.view_seeds]
-    return out, len(images)
+    specs = backbones(args.bases, args.init_seeds, images[0].shape[0])
+    models = {name: AdaptedBackbone(create_backbone(spec)).eval() for name, spec in specs}
+    return retrieval_rows(models, images, args.view_seeds), len(images)
 
 
 def print_probe(dataset: str, rows: list[ProbeResult], reference: str) -> None:

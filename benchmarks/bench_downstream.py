@@ -54,7 +54,8 @@ def task_config(task: str, head: str, mode: str, args: argparse.Namespace, out: 
         chans = 1
     else:
         train, test = ("centre_A", "centre_B") if task.endswith("AB") else ("centre_B", "centre_A")
-        options = {"channels": 3, "labels": "folders", "group_pattern": r"^(seq\d+)_"}
+        # aspect crop: frame size gives the class away otherwise (docs/surgical_video.md, "Size and aspect shortcuts")
+        options = {"channels": 3, "labels": "folders", "group_pattern": r"^(seq\d+)_", "aspect": "crop"}
         side = {"domain": "images", "options": options, "image_size": args.size, "max_items": args.max_items}
         data = {**side, "root": str(POLYPGEN / train)}
         probe = {"train": data, "test": {**side, "root": str(POLYPGEN / test)}}

@@ -70,7 +70,9 @@ def polypgen_sites(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[list
             seq = f.parent.name if cls == "negative" else f"pos{i}"
             _link(f, probe / cls / f"{centre}_{seq}_{f.name}")
         sites.append(site)
-    side = {"domain": "images", "root": str(probe), "options": {"labels": "folders", "channels": 3, "group_pattern": r"^([AB]_(?:seq\d+_neg|pos\d+))"}}
+    # aspect crop: frame size gives the class away otherwise (docs/surgical_video.md, "Size and aspect shortcuts")
+    options = {"labels": "folders", "channels": 3, "group_pattern": r"^([AB]_(?:seq\d+_neg|pos\d+))", "aspect": "crop"}
+    side = {"domain": "images", "root": str(probe), "options": options}
     return sites, _probe(side, args, near_duplicates=True), 3
 
 
@@ -125,7 +127,12 @@ def run_config(name: str, seed: int, out: Path, data: Path, in_chans: int, steps
         "name": name,
         "seed": seed,
         "out_dir": str(out),
-        "data": {"domain": "images", "root": str(data), "options": {"labels": "none", "channels": in_chans}, "image_size": 64},
+        "data": {  # pretraining sees images squared as the probe's are
+            "domain": "images",
+            "root": str(data),
+            "options": {"labels": "none", "channels": in_chans, "aspect": probe["train"]["options"].get("aspect", "keep")},
+            "image_size": 64,
+        },
         "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": in_chans},
         "adapter": {"kind": "bottleneck", "blocks": 2, "bottleneck_dim": 64, "scale": 0.1},
         "objective": {
@@ -168,7 +175,7 @@ def one_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> di
     cfg = load_config(run_config("probe", seed, out, sites[0], chans, 1, probe))
     rows = run_probe(cfg, list(adapters.values()))
     names = ["frozen", *adapters]
-    scores = {n: {(r.probe, r.labels): r for r in row.results} for n, row in zip(names, rows, strict=True)}
+    scores = {n: {(r.probe, r.labels): r for r in row.results} for n, row in zip(names, rows[: len(names)], strict=True)}  # last: the PCA baseline
     return {
         "dataset": dataset,
         "seed": seed,

@@ -10,10 +10,18 @@ folds and label subsets), full labels, 10 % and 1 %, linear probe and kNN, and o
 linear 1×1 probe on patch tokens scored by mIoU and lesion Dice against ``busi_masks``; each
 adapted − frozen difference gets a paired bootstrap 95 % CI and a verdict.
 
-Data sides. PneumoniaMNIST: the train split pretrains (unlabelled); the probes cut a spread subset
-of ``--probe-items`` train images into folds. BUSI: all 622 images pretrain (unlabelled, the in-situ
-setting: adapt on the images you will evaluate on, never their labels); the probes fold all of them,
-near-duplicates grouped by a perceptual hash so none straddles a fold. ConVIRT needs text: none
+Data sides (inductive by default, insitu.pipelines.holdout). PneumoniaMNIST: the probe's pool is
+a spread subset of ``--probe-items`` train images; a group-disjoint, class-stratified third of it
+(``probe.split_seed`` 0: the same items for every seed) is the probe's test side, and pretraining
+runs on the rest of the train split. BUSI: a third of the 622 images (near-duplicate clusters kept
+together) is the test side; pretraining and the probe's training side share the other two thirds.
+``--transductive`` restores the in-situ setting (pretrain on every image, fold over all of them;
+the tables say so). Every probe scores the frozen backbone, frozen + PCA whitening (a label-free
+transform any user could apply), the student adapters and, for objectives with an EMA teacher,
+the teacher's adapters (exported with ``insitu.adapters.package.export_package(weights="teacher")``);
+the packages are kept under ``--out``/adapters/. The primary endpoint per dataset is ``PRIMARY``,
+declared in docs/objectives.md before the first run.
+ConVIRT needs text: none
 ships with this data, so each image is paired with SYNTHETIC report text written from its label
 (as in configs/medical/pneumoniamnist_convirt.yaml) and a tiny random-weight BERT (tests/data/
 text_fixtures.py) unless ``--text-encoder`` names a local one; the label leaks into pretraining
@@ -70,6 +78,9 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "cvrl": {"views": {"frames": 4}},
 }
 VIDEO_OBJECTIVES = {"rsp", "cvrl"}
+# the primary endpoint per dataset, declared in docs/objectives.md (commit 14985cf) before any run of this protocol
+PRIMARY = {"pneumoniamnist": "knn@0.1", "busi": "dense@1.0:mIoU", "polypgen_A": "knn@0.1", "polypgen_B": "knn@0.1"}
+BASELINE = "frozen + PCA whitening"
 REPORTS = {  # synthetic report text per class, for ConVIRT only
     "pneumoniamnist": {
         0: ["FINDINGS: Heart size is normal. The lungs are clear. IMPRESSION: No acute cardiopulmonary abnormality."],
@@ -90,7 +101,8 @@ def image_data(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     """The unlabelled pretraining side as an ``images`` data config (PolypGen: the probe centre's frames)."""
     if dataset in VIDEO_DATASETS:  # polyp / no-polyp folders; no-polyp frames grouped by sequence (seqN_imgK)
         probe_root = POLYPGEN / VIDEO_DATASETS[dataset][1]
-        options = {"channels": 3, "labels": "folders", "group_pattern": r"^(seq\d+)_"}
+        # aspect crop: centre B's no-polyp frames are all 384×216 and its polyp frames 384×284–307 (docs/surgical_video.md)
+        options = {"channels": 3, "labels": "folders", "group_pattern": r"^(seq\d+)_", "aspect": "crop"}
         return {"domain": "images", "root": str(probe_root), "options": options, "max_items": args.max_items}
     if dataset == "pneumoniamnist":
         return {"domain": "images", "root": str(PNEUMONIA), "options": {"split": "train", "channels": 1}, "max_items": args.max_items}
@@ -110,10 +122,16 @@ def probe_section(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
         "bootstrap": args.bootstrap,
         "knn_k": 20,
         "group_near_duplicates": dataset == "busi",
+        "transductive": args.transductive,
+        "test_fraction": 0.3,  # the inductive hold-out: round(1 / 0.3) = 3 group folds, the first is the test side
     }
     if dataset == "busi" and not args.no_dense:
         masks = {**side, "options": {**side["options"], "masks": str(BUSI_MASKS)}, "image_size": args.size}
         probe["dense"] = {"data": masks, "steps": args.dense_steps}
+    primary = PRIMARY.get(dataset, "knn@0.1")
+    if primary.startswith("dense") and "dense" not in probe:
+        primary = "knn@0.1"
+    probe["primary"] = primary
     return probe
 
 
@@ -191,23 +209,51 @@ def pretrain_job(raw: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     result = pretrain(load_config(raw), quiet=True, overwrite=True)
-    return {
+    out = {
         "adapter": str(result.adapter_dir),
         "run_dir": str(result.run_dir),
         "steps": result.steps,
         "wall_s": time.perf_counter() - start,
+        "items": result.items,
     }
+    teacher = export_teacher(Path(result.adapter_dir), Path(result.run_dir).parent / f"{Path(result.run_dir).name}_teacher" / "adapter")
+    if teacher is not None:
+        out["teacher_adapter"] = str(teacher)
+    return out
 
 
-def probe_job(raw: dict[str, Any], adapter: str) -> dict[str, Any]:
+def export_teacher(adapter: Path, dst: Path) -> Path | None:
+    """The EMA teacher's adapters as a package of their own (None for objectives without a teacher)."""
+    from insitu.adapters.package import export_package
+    from insitu.errors import ConfigError
+
+    try:
+        return export_package(adapter, dst, weights="teacher", overwrite=True)
+    except ConfigError:
+        return None
+
+
+def probe_job(raw: dict[str, Any], adapters: list[str]) -> dict[str, Any]:
+    """The probe of frozen, frozen + PCA whitening, the student adapters and (where there is one) the teacher's, in one plan."""
     from dataclasses import asdict
 
     from insitu.config import load_config
     from insitu.pipelines.probe import run_probe
 
     start = time.perf_counter()
-    rows = run_probe(load_config(raw), [Path(adapter)])
+    rows = run_probe(load_config(raw), [Path(a) for a in adapters])
     return {"rows": [asdict(r) for r in rows], "probe_s": time.perf_counter() - start}
+
+
+def model_role(name: str) -> str:
+    """frozen | whitened | student | teacher, from a probe row's model name."""
+    if name == BASELINE:
+        return "whitened"
+    if name.startswith("trivial statistics"):
+        return "shortcut"
+    if not name.startswith("+ adapters"):
+        return "frozen"
+    return "teacher" if name.rstrip(")").endswith("_teacher") else "student"
 
 
 def text_encoder_job(folder: str) -> dict[str, Any]:
@@ -254,61 +300,128 @@ def run_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return headers, cells
 
 
+def _p(value: Any) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
 def probe_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Every non-frozen model's rows per run: mean, Δ vs frozen [CI], Δ vs frozen + PCA whitening, p, Holm p, verdict."""
     from insitu.heads.stats import format_delta
 
-    headers = ["dataset", "objective", "seed", "probe", "labels", "metric", "frozen", "adapted", "Δ adapted − frozen [95% CI]", "verdict"]
+    headers = [
+        "dataset", "objective", "seed", "model", "probe", "labels", "metric", "primary", "frozen", "model mean",
+        "Δ vs frozen [95% CI]", "Δ vs whitened [95% CI]", "p", "p Holm", "verdict", "transductive",
+    ]  # fmt: skip
     cells = []
     for r in runs:
         frozen = {(p["probe"], p["labels"], p["metric"]): p for p in r["probe"][0]["results"]}
-        for p in r["probe"][1]["results"]:
-            f = frozen[(p["probe"], p["labels"], p["metric"])]
-            cells.append(
-                [
-                    r["dataset"], r["objective"], str(r["seed"]), p["probe"], f"{p['labels']:.0%}", p["metric"],
-                    f"{f['mean']:.3f} ± {f['std']:.3f}", f"{p['mean']:.3f} ± {p['std']:.3f}",
-                    format_delta(p["delta"], p["ci_low"], p["ci_high"]), p["verdict"],
-                ]
-            )  # fmt: skip
+        for model in r["probe"][1:]:
+            for p in model["results"]:
+                f = frozen.get((p["probe"], p["labels"], p["metric"]), {"mean": float("nan")})  # a shortcut row has no frozen twin
+                vs = format_delta(p["vs_baseline_delta"], p.get("vs_baseline_ci_low"), p.get("vs_baseline_ci_high")) if p.get("vs_baseline_delta") is not None else ""
+                probe = p["probe"] + (f" ({p['knn_features']})" if p.get("knn_features") else "")
+                cells.append(
+                    [
+                        r["dataset"], r["objective"], str(r["seed"]), model_role(model["name"]), probe, f"{p['labels']:.0%}", p["metric"],
+                        "yes" if p.get("primary") else "", f"{f['mean']:.3f}", f"{p['mean']:.3f} ± {p['std']:.3f}",
+                        format_delta(p["delta"], p["ci_low"], p["ci_high"]) if p["delta"] is not None else "", vs, _p(p.get("p_value")), _p(p.get("p_adjusted")),
+                        p["verdict"], str(p.get("transductive", "")),
+                    ]
+                )  # fmt: skip
     return headers, cells
 
 
-def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Per (dataset, objective, steps, probe, labels, metric): each seed's Δ, their mean and t-interval."""
-    from insitu.heads.stats import seed_interval, verdict
+def _summed(row: dict[str, Any]) -> Any:
+    """A probe row's per-repeat counts summed over repeats: N × C."""
+    import numpy as np
 
-    groups: dict[tuple, list[tuple[int, dict[str, Any]]]] = {}
+    return np.asarray(row["counts"], dtype=float).sum(0)
+
+
+def seed_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> tuple[list[str], list[list[str]]]:
+    """Per (dataset, objective, steps, model, probe, labels, metric) over seeds: Δ per seed and a two-way interval.
+
+    The interval resamples the test items' groups (the same weights for every seed) and the training
+    seeds together (`insitu.heads.stats.two_way_bootstrap`), so it covers both the images and the
+    retraining; the p-values of each (dataset, objective, steps) family's secondary rows are Holm-adjusted,
+    the declared primary endpoint of the student adapters is not."""
+    import numpy as np
+
+    from insitu.heads.metrics import fg_dice_from_counts, miou_from_counts
+    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, holm, percentile_interval, verdict
+
+    metric_fn = {"accuracy": accuracy_from_counts, "mIoU": miou_from_counts, "dice": fg_dice_from_counts}
+    groups: dict[tuple, list[tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] | None]]] = {}
     for r in runs:
-        for p in r["probe"][1]["results"]:
-            key = (r["dataset"], r["objective"], r["steps"], p["probe"], p["labels"], p["metric"])
-            groups.setdefault(key, []).append((r["seed"], p))
+        frozen = {(p["probe"], p["labels"], p["metric"]): p for p in r["probe"][0]["results"]}
+        base = next((m for m in r["probe"] if m["name"] == BASELINE), None)
+        based = {(p["probe"], p["labels"], p["metric"]): p for p in base["results"]} if base else {}
+        for model in r["probe"][1:]:
+            role = model_role(model["name"])
+            if role == "shortcut":  # listed per run in the probe table; not a comparison with the frozen model
+                continue
+            for p in model["results"]:
+                k = (p["probe"], p["labels"], p["metric"])
+                key = (r["dataset"], r["objective"], r["steps"], role, *k)
+                groups.setdefault(key, []).append((r["seed"], p, frozen[k], based.get(k) if role != "whitened" else None))
     headers = [
-        "dataset",
-        "objective",
-        "steps",
-        "probe",
-        "labels",
-        "metric",
-        "seeds",
-        "Δ per seed",
-        "runs resolved +/−",
-        "mean Δ [95% t-interval over seeds]",
-        "verdict",
-    ]
-    cells = []
-    for (dataset, objective, steps, probe, labels, metric), rows in groups.items():
-        deltas = [p["delta"] for _, p in rows]
-        mean, low, high = seed_interval(deltas)
-        gains = sum(p["ci_low"] is not None and p["ci_low"] > 0 for _, p in rows)
-        losses = sum(p["ci_high"] is not None and p["ci_high"] < 0 for _, p in rows)
-        interval = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(rows) > 1 else f"{mean:+.3f} (1 seed)"
-        cells.append(
-            [
-                dataset, objective, str(steps), probe, f"{labels:.0%}", metric, " ".join(str(s) for s, _ in rows),
-                ", ".join(f"{d:+.3f}" for d in deltas), f"{gains}/{losses}", interval, verdict(low, high) if len(rows) > 1 else "1 seed",
-            ]
+        "dataset", "objective", "steps", "model", "probe", "labels", "metric", "primary", "seeds", "Δ per seed",
+        "pooled Δ [two-way 95% CI: items × seeds]", "Δ vs whitened [two-way 95% CI]", "p", "p Holm", "verdict",
+    ]  # fmt: skip
+    rows = []
+    for key, entries in groups.items():
+        dataset, objective, steps, role, probe, labels, metric = key
+        fn = metric_fn[metric]
+        items = [e[2].get("items") for e in entries]
+        if any(it is None or it != items[0] for it in items) or any(e[1].get("counts") is None for e in entries):
+            continue  # runs from before per-item counts, or on different test items: no joint interval
+        units = entries[0][2]["units"]
+        adapted = np.stack([_summed(e[1]) for e in entries])
+        frozen = np.stack([_summed(e[2]) for e in entries])
+        delta, diffs = bootstrap_differences(adapted, frozen, fn, units, n_boot, 0)
+        lo, hi = percentile_interval(diffs)
+        vs = ""
+        if all(e[3] is not None for e in entries):
+            based = np.stack([_summed(e[3]) for e in entries])
+            d_b, diffs_b = bootstrap_differences(adapted, based, fn, units, n_boot, 0)
+            lo_b, hi_b = percentile_interval(diffs_b)
+            vs = f"{d_b:+.3f} [{lo_b:+.3f}, {hi_b:+.3f}]" if diffs_b is not None else f"{d_b:+.3f} (no CI)"
+        primary = role == "student" and bool(entries[0][1].get("primary"))
+        rows.append(
+            {
+                "family": (dataset, objective, steps),
+                "primary": primary,
+                "p": bootstrap_p_value(diffs) if diffs is not None else None,
+                "cells": [
+                    dataset, objective, str(steps), role, probe + (f" ({entries[0][1]['knn_features']})" if entries[0][1].get("knn_features") else ""),
+                    f"{labels:.0%}", metric, "yes" if primary else "", " ".join(str(e[0]) for e in entries),
+                    ", ".join(f"{e[1]['delta']:+.3f}" for e in entries),
+                    f"{delta:+.3f} [{lo:+.3f}, {hi:+.3f}]" if diffs is not None else f"{delta:+.3f} (no CI)", vs,
+                ],
+                "ci": (lo, hi) if diffs is not None else None,
+            }
         )  # fmt: skip
+    for family in {r["family"] for r in rows}:
+        secondary = [r for r in rows if r["family"] == family and not r["primary"] and r["p"] is not None]
+        for r, adj in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
+            r["p_adj"] = float(adj)
+    cells = []
+    for r in rows:
+        p_adj = r["p"] if r["primary"] else r.get("p_adj")
+        if r["ci"] is None:
+            word = "no CI"
+        elif r["primary"]:
+            word = verdict(*r["ci"])
+        else:
+            word = _holm_word(p_adj, r["ci"])
+        cells.append([*r["cells"], _p(r["p"]), _p(p_adj), word])
     return headers, cells
+
+
+def _holm_word(p_adj: float | None, ci: tuple[float, float]) -> str:
+    if p_adj is None or p_adj >= 0.05:
+        return "not resolved (Holm-adjusted)"
+    return "resolved gain" if ci[0] + ci[1] > 0 else "resolved loss"
 
 
 def markdown(headers: list[str], cells: list[list[str]]) -> str:
@@ -342,7 +455,8 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 for override in args.set:
                     apply_override(raw, override)
                 trained = in_child(pretrain_job, raw)
-                probed = in_child(probe_job, raw, trained["adapter"])
+                adapters = [trained["adapter"], *([trained["teacher_adapter"]] if "teacher_adapter" in trained else [])]
+                probed = in_child(probe_job, raw, adapters)
                 run = {"dataset": dataset, "objective": label, "seed": seed, **trained, "probe_s": probed["probe_s"]}
                 run["overrides"] = list(args.set)
                 run["logs"] = first_last(Path(trained["run_dir"]))
@@ -352,6 +466,7 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                     args.out.mkdir(parents=True, exist_ok=True)
                     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}_{label}_s{seed}")
                     run["metrics_csv"] = keep_metrics(Path(trained["run_dir"]), args.out, name)
+                    run["kept_adapters"] = keep_adapters(adapters, args.out / "adapters" / name)
                     with open(args.out / "runs.jsonl", "a") as f:
                         f.write(json.dumps(run, default=str) + "\n")
                 print(f"[{dataset}] {label} seed {seed}: {trained['wall_s']:.0f} s pretrain, {run['probe_s']:.0f} s probe", flush=True)
@@ -376,6 +491,18 @@ def keep_metrics(run_dir: Path, out: Path, name: str) -> str | None:
     return str(dst)
 
 
+def keep_adapters(adapters: list[str], dst: Path) -> list[str]:
+    """Copy the run's packages (student, teacher) out of the temporary run folder, never over a folder: they can be probed again."""
+    kept = []
+    for src in adapters:
+        target, n = dst / Path(src).parent.name, 1
+        while target.exists():
+            target, n = dst / f"{Path(src).parent.name}_{n}", n + 1
+        shutil.copytree(src, target)
+        kept.append(str(target))
+    return kept
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "busi"], choices=["pneumoniamnist", "busi", *VIDEO_DATASETS])
@@ -394,6 +521,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")
     p.add_argument("--text-encoder", default=None, help="a local text encoder folder for ConVIRT (default: a tiny random BERT)")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument(
+        "--transductive",
+        action="store_true",
+        help="probe on the pretraining images (the in-situ setting); default: a held-out third that pretraining never sees",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -423,11 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="insitu_bench_objectives_") as tmp:
             runs = run_all(args, Path(tmp))
-    tables = {"runs": run_table(runs), "probe": probe_table(runs), "seeds": seed_table(runs)}
+    tables = {"runs": run_table(runs), "probe": probe_table(runs), "seeds": seed_table(runs, args.bootstrap)}
     print("\n### runs\n\n" + markdown(*tables["runs"]))
     print("\n### probe: adapted vs frozen (mean ± std over folds × repeats; paired bootstrap 95 % CI)\n\n" + markdown(*tables["probe"]))
     print(
-        "\n### over seeds: Δ per seed, runs whose bootstrap CI is above/below 0, Student-t interval of the mean Δ\n\n"
+        "\n### over seeds: Δ per seed, pooled Δ with a two-way bootstrap interval (test items' groups × training seeds), Holm-adjusted secondaries\n\n"
         + markdown(*tables["seeds"])
     )
     if args.out:

@@ -163,6 +163,11 @@ class ProbeConfig(Strict):
     ``repeats`` times (only the label subsets change), unless ``pool_test`` folds train ∪ test. Each ``label_fractions`` entry below 1 trains
     on that stratified share of the training labels (at least one per class), the same items for
     every model. adapted − frozen gets a paired percentile bootstrap CI with ``bootstrap`` resamples.
+    ``knn_features``: kNN on features standardised by each evaluation's training items, or raw.
+    ``label_free_baseline``: add "frozen + PCA whitening" (no labels, no training) as a reference.
+    ``primary``: the pre-registered endpoint ``<probe>@<labels>[:<metric>]`` that alone decides the
+    verdict (None: linear at the largest label fraction); every other row is Holm-adjusted.
+    ``transductive``: the probe may test on images pretraining saw (copied to every result row).
     """
 
     train: DataConfig | None = None
@@ -178,7 +183,13 @@ class ProbeConfig(Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
     pool_test: bool = False
     group_near_duplicates: bool = False
+    shortcut_check: bool = True  # trivial statistics (size, aspect, intensity) on the same folds; a row when above chance
     dense: DenseProbeConfig | None = None
+    knn_features: Literal["standardised", "raw"] = "standardised"
+    label_free_baseline: Literal["whitened", "none"] = "whitened"
+    primary: str | None = None
+    transductive: bool = False
+    split_seed: int = Field(0, ge=0)  # seeds the inductive hold-out (the same for every training seed; insitu.pipelines.holdout)
 
     @field_validator("label_fractions")
     @classmethod
@@ -186,6 +197,40 @@ class ProbeConfig(Strict):
         if not value or any(not 0 < f <= 1 for f in value):
             raise ValueError("label fractions must be in (0, 1], e.g. [1.0, 0.1, 0.01]")
         return sorted(set(value), reverse=True)
+
+    @model_validator(mode="after")
+    def _primary_known(self) -> ProbeConfig:
+        self.primary_endpoint()  # raises ValueError naming probe.primary
+        return self
+
+    def primary_endpoint(self) -> tuple[str, float, str]:
+        """(probe, label share, metric) of ``primary``: ``<probe>@<labels>[:<metric>]``; None: linear at the largest share."""
+        if self.primary is None:
+            return "linear", max(self.label_fractions), "accuracy"
+        fix = "write probe.primary as <probe>@<labels>[:<metric>], e.g. linear@1.0, knn@0.1 or dense@1.0:mIoU"
+        probe, _, rest = self.primary.partition("@")
+        labels, _, metric = rest.partition(":")
+        metrics = {"linear": ("accuracy",), "knn": ("accuracy",), "dense": ("mIoU", "dice")}
+        if probe not in metrics:
+            raise ValueError(f"probe.primary {self.primary!r}: the probe must be linear, knn or dense; {fix}")
+        try:
+            share = float(labels)
+        except ValueError:
+            raise ValueError(f"probe.primary {self.primary!r}: {labels!r} is not a label share; {fix}") from None
+        allowed = [1.0] if probe == "dense" else self.label_fractions
+        if share not in allowed:
+            raise ValueError(f"probe.primary {self.primary!r}: labels must be one of {allowed} (probe.label_fractions; dense: 1.0); {fix}")
+        metric = metric or metrics[probe][0]
+        if metric not in metrics[probe]:
+            raise ValueError(f"probe.primary {self.primary!r}: the {probe} probe reports {', '.join(metrics[probe])}, not {metric!r}; {fix}")
+        if probe == "dense" and self.dense is None:
+            raise ValueError(f"probe.primary {self.primary!r} needs probe.dense (the dense probe's data); set it or pick linear/knn")
+        return probe, share, metric
+
+    def primary_name(self) -> str:
+        """The resolved primary endpoint as written in probe.json: ``<probe>@<labels>:<metric>``."""
+        probe, share, metric = self.primary_endpoint()
+        return f"{probe}@{share}:{metric}"
 
 
 class DownstreamConfig(Strict):

@@ -5,7 +5,8 @@ package folder or ``.zip`` with size caps *before* reading (a zip's declared siz
 reads are bounded too), parses ``insitu.json`` with a size cap, no NaN/Infinity tokens and a
 nesting limit, bounds every shape-bearing field, reads only the safetensors *header* to check tensor
 names, dtypes and shapes, and checks the content hash that ``insitu.json`` records for
-``adapter.safetensors``. It imports no torch, so ``insitu adapter inspect`` stays light and fast;
+``adapter.safetensors`` (and for ``teacher.safetensors``, the EMA teacher's adapters that packages
+of objectives with a teacher carry, under the same checks). It imports no torch, so ``insitu adapter inspect`` stays light and fast;
 ``insitu.adapters.package`` builds on it to load tensors.
 """
 
@@ -30,7 +31,9 @@ FORMAT = "insitu-adapter"
 FORMAT_VERSION = 1
 TENSORS_FILE, META_FILE, CARD_FILE = "adapter.safetensors", "insitu.json", "README.md"
 SIGNATURE_FILE = "signature.json"  # optional: an Ed25519 signature (insitu.sharing.signing)
-PACKAGE_FILES = (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE)
+# optional: the EMA teacher's adapters (adapter.* only), bound by the content_sha256 in insitu.json's ``teacher`` section
+TEACHER_FILE = "teacher.safetensors"
+PACKAGE_FILES = (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE, TEACHER_FILE)
 UNSAFE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_META_BYTES = 1 << 20  # insitu.json: a resolved config and a summary fit in far less
 MAX_CARD_BYTES = 1 << 20
@@ -128,8 +131,20 @@ class NormalizerInfo(BaseModel):
         return self
 
 
+class TeacherInfo(BaseModel):
+    """``insitu.json``'s ``teacher`` section: the package carries ``teacher.safetensors`` (the EMA teacher's adapters)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tensors: int = Field(ge=1, le=1 << 20)
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class PackageMeta(BaseModel):
-    """The schema of ``insitu.json``."""
+    """The schema of ``insitu.json``.
+
+    ``teacher`` and ``weights`` are left out of the file at their defaults (:func:`meta_bytes`), so a
+    package without a teacher reads exactly as before.
+    """
 
     model_config = ConfigDict(extra="forbid")
     format: str = Field(max_length=64)
@@ -146,6 +161,19 @@ class PackageMeta(BaseModel):
     config: dict[str, Any]
     license: str = Field(default="unspecified", max_length=256)
     content_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    teacher: TeacherInfo | None = None
+    # whose adapters adapter.safetensors holds: the trained student's, or the EMA teacher's (``adapter export --weights teacher``)
+    weights: Literal["student", "teacher"] = "student"
+
+
+def meta_bytes(meta: PackageMeta) -> bytes:
+    """``insitu.json``'s bytes: ``teacher`` and ``weights`` only when they say something (older insitu reads the rest)."""
+    data = meta.model_dump(mode="json")
+    if data["teacher"] is None:
+        del data["teacher"]
+    if data["weights"] == "student":
+        del data["weights"]
+    return json.dumps(data, indent=2).encode()
 
 
 @dataclass
@@ -167,6 +195,7 @@ class VettedPackage:
     meta_bytes: bytes = b""
     signature: bytes | None = None  # the raw signature.json, when the package has one
     card: bytes | None = None  # the raw README.md, when the package has one
+    teacher_bytes: bytes | None = None  # the raw teacher.safetensors, when the package carries one (vetted like tensor_bytes)
 
 
 def vet_package(path: str | Path) -> VettedPackage:
@@ -193,10 +222,48 @@ def vet_files(files: dict[str, bytes], path: Path) -> VettedPackage:
         )
     check_tensor_names(header, meta, path)
     check_values(raw, header, path)
-    return VettedPackage(path, meta, adapter, header, raw, files[META_FILE], files.get(SIGNATURE_FILE), files.get(CARD_FILE))
+    teacher = files.get(TEACHER_FILE)
+    check_teacher(teacher, header, meta, path)
+    return VettedPackage(path, meta, adapter, header, raw, files[META_FILE], files.get(SIGNATURE_FILE), files.get(CARD_FILE), teacher)
 
 
-def check_values(raw: bytes, header: dict[str, TensorInfo], path: Path) -> None:
+def check_teacher(raw: bytes | None, student: dict[str, TensorInfo], meta: PackageMeta, path: Path) -> None:
+    """``teacher.safetensors`` under the same checks as ``adapter.safetensors``, present exactly when ``insitu.json`` records it.
+
+    Its sha256 must equal ``teacher.content_sha256`` (so a signature, which binds ``insitu.json``,
+    binds the teacher file too), and it holds the student's adapter tensors' names and shapes, nothing else.
+    """
+    where = f"{path}/{TEACHER_FILE}"
+    if meta.teacher is None:
+        if raw is not None:
+            raise AdapterFormatError(
+                f"{where} is not recorded in {META_FILE} (no teacher section): it was added after the package was written. "
+                "Remove it, or get the package again from its source."
+            )
+        return
+    if meta.weights == "teacher":
+        raise AdapterFormatError(f"{path}/{META_FILE}: a package whose weights are the teacher's carries no second teacher file.")
+    if raw is None:
+        raise AdapterFormatError(f"{path}: {META_FILE} records a {TEACHER_FILE} that the package lacks; get the package again from its source.")
+    header = parse_header(raw, path, TEACHER_FILE)
+    if hashlib.sha256(raw).hexdigest() != meta.teacher.content_sha256:
+        raise AdapterFormatError(
+            f"{where} does not match teacher.content_sha256 in {META_FILE}: the teacher weights were changed or damaged "
+            "after the package was written. Get the package again from its source."
+        )
+    want = {n: i.shape for n, i in student.items() if n.startswith("adapter.")}
+    have = {n: i.shape for n, i in header.items()}
+    if have != want:
+        odd = sorted(set(have) ^ set(want)) or sorted(n for n in have if have[n] != want[n])
+        raise AdapterFormatError(
+            f"{where} must hold the student's adapter tensors (same adapter.* names and shapes, no heads); these differ: {odd[:8]}."
+        )
+    if meta.teacher.tensors != len(header):
+        raise AdapterFormatError(f"{path}/{META_FILE}: teacher.tensors {meta.teacher.tensors} does not match {TEACHER_FILE} ({len(header)}).")
+    check_values(raw, header, path, TEACHER_FILE)
+
+
+def check_values(raw: bytes, header: dict[str, TensorInfo], path: Path, file: str = TENSORS_FILE) -> None:
     """Every weight finite and of a plausible size (NaN, Inf or 1e38 weights are damage, not a model)."""
     import numpy as np
 
@@ -204,15 +271,15 @@ def check_values(raw: bytes, header: dict[str, TensorInfo], path: Path) -> None:
     for name, info in header.items():
         values = np.frombuffer(raw, dtype="<f4", count=math.prod(info.shape), offset=start + info.offsets[0])
         if not np.isfinite(values).all():
-            raise AdapterFormatError(f"{path}/{TENSORS_FILE}: tensor {name!r} holds NaN or Inf values; the package is damaged.")
+            raise AdapterFormatError(f"{path}/{file}: tensor {name!r} holds NaN or Inf values; the package is damaged.")
         if values.size and float(np.abs(values).max()) > MAX_ABS_WEIGHT:
             raise AdapterFormatError(
-                f"{path}/{TENSORS_FILE}: tensor {name!r} holds values above {MAX_ABS_WEIGHT:g} in magnitude; "
+                f"{path}/{file}: tensor {name!r} holds values above {MAX_ABS_WEIGHT:g} in magnitude; "
                 "no trained adapter looks like that (a diverged run or a tampered file)."
             )
 
 
-OPTIONAL_CAPS = {SIGNATURE_FILE: MAX_SIGNATURE_BYTES, CARD_FILE: MAX_CARD_BYTES}
+OPTIONAL_CAPS = {SIGNATURE_FILE: MAX_SIGNATURE_BYTES, CARD_FILE: MAX_CARD_BYTES, TEACHER_FILE: MAX_TENSOR_BYTES}
 
 
 def read_files(path: Path) -> dict[str, bytes]:
@@ -337,9 +404,9 @@ def _input_problems(meta: PackageMeta) -> list[str]:
     return problems
 
 
-def parse_header(raw: bytes, path: Path) -> dict[str, TensorInfo]:
+def parse_header(raw: bytes, path: Path, file: str = TENSORS_FILE) -> dict[str, TensorInfo]:
     """The safetensors header, checked: JSON, offsets inside the file, no overlap, sizes match."""
-    where = f"{path}/{TENSORS_FILE}"
+    where = f"{path}/{file}"
     if len(raw) < 8:
         raise AdapterFormatError(f"{where} is truncated ({len(raw)} bytes).")
     (header_len,) = struct.unpack("<Q", raw[:8])

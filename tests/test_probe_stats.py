@@ -16,6 +16,7 @@ from insitu.config import ProbeConfig, load_config
 from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_counts, segmentation_metrics
 from insitu.heads.stats import (
     GAIN,
+    HOLM_UNRESOLVED,
     LOSS,
     MIN_UNITS,
     UNRESOLVED,
@@ -29,8 +30,10 @@ from insitu.heads.stats import (
 )
 from insitu.pipelines import probe as probe_mod
 from insitu.pipelines.probe import run_probe
-from insitu.pipelines.probe_plan import evaluation_plan
+from insitu.pipelines.probe_plan import BASELINE, evaluation_plan
 from tests.conftest import shared, tiny_config
+
+CSV_BEFORE = ["model", "probe", "labels", "metric", "mean", "std", "evaluations", "n_train", "n_test", "delta", "ci_low", "ci_high", "verdict"]
 
 
 def test_group_folds_are_stratified_and_group_disjoint():
@@ -156,7 +159,7 @@ def test_dense_probe_scores_high_when_masks_follow_intensity(tmp_path):
     data = {"domain": "images", "root": str(images), "image_size": 32, "options": {"channels": 3, "masks": str(masks)}}
     dense = {"data": data, "steps": 60, "lr": 0.1}
     cfg = load_config(
-        tiny_config(images, tmp_path / "runs", probe={"folds": 2, "label_fractions": [1.0], "bootstrap": 100, "dense": dense})
+        tiny_config(images, tmp_path / "runs", probe={"folds": 2, "label_fractions": [1.0], "bootstrap": 100, "dense": dense, "transductive": True})
     )
     rows = run_probe(cfg)
     dense_rows = {r.metric: r for r in rows[0].results if r.probe == "dense"}
@@ -180,30 +183,50 @@ def test_cli_probe_writes_csv_with_the_new_columns(tmp_path, shapes_dir, monkeyp
 
     from insitu.pipelines.pretrain import pretrain
 
-    raw = tiny_config(shapes_dir, tmp_path / "runs", train={"max_steps": 2, "batch_size": 4}, probe={"knn_k": 3, "bootstrap": 200})
+    raw = tiny_config(shapes_dir, tmp_path / "runs", train={"max_steps": 2, "batch_size": 4}, probe={"knn_k": 3, "bootstrap": 200, "transductive": True})
     result = pretrain(load_config(raw), quiet=True)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     plans = []
     score = probe_mod.score_classification
-    monkeypatch.setattr(probe_mod, "score_classification", lambda x, y, plan, k: plans.append(plan) or score(x, y, plan, k))
+    monkeypatch.setattr(probe_mod, "score_classification", lambda *a, **kw: plans.append(a[2]) or score(*a, **kw))
     out = tmp_path / "probe_out"
     assert main(["--quiet", "probe", "-c", str(tmp_path / "cfg.yaml"), "--adapter", str(result.adapter_dir), "--out", str(out)]) == 0
-    # frozen and adapted were scored on identical folds and label subsets (a paired comparison)
-    assert len(plans) == 2 and len(plans[0]) == 5 * 3
-    for a, b in zip(*plans, strict=True):
+    # frozen, adapted and the whitened baseline were scored on identical folds and label subsets (a paired comparison)
+    assert len(plans) == 3 and len(plans[0]) == 5 * 3
+    for a, b, c in zip(*plans, strict=True):
         np.testing.assert_array_equal(a.train, b.train)
-        np.testing.assert_array_equal(a.test, b.test)
+        np.testing.assert_array_equal(a.test, c.test)
     with open(out / "probe.csv") as f:
         rows = list(csv.DictReader(f))
-    assert set(probe_mod.CSV_COLUMNS) <= set(rows[0])
-    assert len(rows) == 2 * 2 * 3  # models × (linear, kNN) × label fractions
+    assert list(rows[0])[: len(CSV_BEFORE)] == CSV_BEFORE and list(rows[0]) == probe_mod.CSV_COLUMNS  # new columns at the end
+    assert len(rows) == 3 * 2 * 3  # models (frozen, adapted, baseline) × (linear, kNN) × label fractions
     adapted = [r for r in rows if r["model"].startswith("+ adapters")]
-    assert all(r["verdict"] in (GAIN, LOSS, UNRESOLVED) and float(r["ci_low"]) <= float(r["delta"]) <= float(r["ci_high"]) for r in adapted)
+    assert all(float(r["ci_low"]) <= float(r["delta"]) <= float(r["ci_high"]) and 0 < float(r["p_value"]) <= 1 for r in adapted)
+    (primary,) = [r for r in adapted if r["primary"] == "True"]
+    assert (primary["probe"], primary["labels"]) == ("linear", "1.0") and primary["verdict"] in (GAIN, LOSS, UNRESOLVED)
+    assert primary["p_adjusted"] == primary["p_value"] and primary["vs_baseline_delta"] != ""
+    assert all(r["verdict"] in (GAIN, LOSS, HOLM_UNRESOLVED) for r in adapted if r is not primary)
+    assert {r["knn_features"] for r in rows if r["probe"] == "knn"} == {"standardised"} and {r["transductive"] for r in rows} == {"True"}
     assert {r["labels"] for r in rows} == {"1.0", "0.1", "0.01"} and all(r["evaluations"] == "5" for r in rows)
+    assert {r["model"] for r in rows if r["delta"] == ""} == {"frozen backbone"} and any(r["model"] == BASELINE for r in rows)
     saved = json.loads((out / "probe.json").read_text())
     assert saved["protocol"]["folds"] == 5 and saved["rows"][0]["name"] == "frozen backbone"
+    assert saved["protocol"]["primary"] == "linear@1.0:accuracy"
+    # per-item counts: R × N × 2 ints over the tested items, in the order of the top-level items and units
+    items, units = saved["items"]["linear"], saved["units"]["knn"]
+    assert len(items) == len(units) == 24 and all(isinstance(u, int) for u in units) and saved["items"]["knn"] == items
+    for row in saved["rows"]:
+        for r in row["results"]:
+            counts = np.array(r["counts"])
+            assert counts.shape == (1, 24, 2) and counts.dtype == int and (counts[..., 1] == 1).all() and "items" not in r
+    # the stored counts reproduce the row's Δ and CI
+    (a_row,) = [r for r in saved["rows"][1]["results"] if r["primary"]]
+    f_row = next(r for r in saved["rows"][0]["results"] if (r["probe"], r["labels"]) == ("linear", 1.0))
+    d, lo, hi = paired_bootstrap(np.array(a_row["counts"]), np.array(f_row["counts"]), accuracy_from_counts, units, 200, 0)
+    assert (d, lo, hi) == pytest.approx((a_row["delta"], a_row["ci_low"], a_row["ci_high"]))
     printed = capsys.readouterr().out
     assert "Δ vs frozen" in printed and "probe.csv" in printed
+    assert "primary endpoint linear@1.0:accuracy, + adapters" in printed and f"vs {BASELINE}:" in printed
 
 
 def test_run_probe_folds_keep_groups_apart_and_pool_test_folds_both_sets(tmp_path, shapes_dir, monkeypatch):
@@ -211,10 +234,10 @@ def test_run_probe_folds_keep_groups_apart_and_pool_test_folds_both_sets(tmp_pat
 
     plans = []
     score = probe_mod.score_classification
-    monkeypatch.setattr(probe_mod, "score_classification", lambda x, y, plan, k: plans.append(plan) or score(x, y, plan, k))
+    monkeypatch.setattr(probe_mod, "score_classification", lambda *a, **kw: plans.append(a[2]) or score(*a, **kw))
     # files shape_<i>.png: group by i, so each group holds one image of every class (mixed-label groups)
     data = {"domain": "images", "root": str(shapes_dir), "image_size": 32, "options": {"group_pattern": r"_(\d+)\."}}
-    probe = {"folds": 3, "label_fractions": [1.0], "bootstrap": 50}
+    probe = {"folds": 3, "label_fractions": [1.0], "bootstrap": 50, "transductive": True}  # folds over the pretraining pool
     rows = run_probe(load_config(tiny_config(shapes_dir, tmp_path / "runs", data=data, probe=probe)))
     items = probe_mod.classification_pool(load_config(tiny_config(shapes_dir, tmp_path / "runs", data=data, probe=probe))).items
     groups = np.array([i.group for i in items])

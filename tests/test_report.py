@@ -21,6 +21,7 @@ class _Collect(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.images: list[str] = []
+        self.alts: list[str] = []
         self.tags: list[str] = []
         self.links: list[str] = []
 
@@ -29,6 +30,7 @@ class _Collect(HTMLParser):
         self.tags.append(tag)
         if tag == "img":
             self.images.append(a.get("src", ""))
+            self.alts.append(a.get("alt", ""))
         if tag in ("link", "script") and (a.get("href") or a.get("src")):
             self.links.append(a.get("href") or a.get("src"))
 
@@ -63,17 +65,38 @@ def test_html_report_skips_missing_figures(tmp_path):
     assert len(check_embedded(out).images) == 1
 
 
+def test_lead_figure_follows_the_verdict_before_other_images(tmp_path):
+    from insitu.exports.plots import forest_plot
+    from insitu.exports.report import write_report
+    from tests.test_forest_plot import probe_rows
+
+    forest = forest_plot(probe_rows(), tmp_path / "forest_plot.png")
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "a.png")
+    im = Image.open(tmp_path / "a.png")
+    im.putpixel((0, 0), (255, 255, 255))
+    im.save(tmp_path / "a.png")
+    sections = [("Verdict", "the verdict"), ("Later", "more")]
+    out = write_html_report(tmp_path / "r.html", "t", sections, [("a", tmp_path / "a.png")], ("forest", forest))
+    text = out.read_text()
+    assert text.index("the verdict") < text.index("alt='forest'") < text.index("<h2>Later")
+    assert check_embedded(out).alts == ["forest", "a"]
+    md = write_report(tmp_path, "t", sections, None, ("forest", forest)).read_text()
+    assert md.index("the verdict") < md.index("![forest](forest_plot.png)") < md.index("## Later")
+
+
 def test_pretrain_report_has_everything_embedded(tmp_path):
     shapes = write_shapes(tmp_path / "shapes", 5)
     cfg = load_config(tiny_config(shapes, tmp_path / "runs", train={"max_steps": 3, "batch_size": 4, "log_every": 1}, probe={"knn_k": 3}))
     result = pretrain(cfg, quiet=True)
     out = write_pretrain_report(cfg, result, run_probe(cfg, [result.adapter_dir]))
     parser = check_embedded(out)
-    assert len(parser.images) == 4  # loss, collapse metric, training health, t-SNE embedding
+    assert len(parser.images) == 5  # forest plot, loss, collapse metric, training health, t-SNE embedding
+    assert parser.alts[0].startswith("Δ vs frozen for every probe row")  # the forest plot opens the figures
     text = out.read_text()
-    for needle in ("Probe before/after", "frozen backbone", "trainable", "Quarantined", "KiB", "Config", "Training health"):
+    for needle in ("Verdict", "Probe before/after", "frozen backbone", "trainable", "Quarantined", "KiB", "Config", "Training health"):
         assert needle in text
-    assert (result.run_dir / "report.md").exists()
+    assert text.index("<h2>Verdict") < text.index("<img") < text.index("<h2>Training<")
+    assert "forest_plot.png" in (result.run_dir / "report.md").read_text()
 
 
 def test_evaluate_report_embeds_every_image(tmp_path):

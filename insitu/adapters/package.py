@@ -1,6 +1,8 @@
 """The shareable adapter package: ``adapter.safetensors`` + ``insitu.json`` + ``README.md``.
 
-A package is a folder or a ``.zip`` of those files. Loading reads tensors only through safetensors
+A package is a folder or a ``.zip`` of those files, plus ``teacher.safetensors`` (the EMA teacher's
+adapters) when the objective trained one; :func:`export_package` turns it into a package whose
+adapters are the teacher's. Loading reads tensors only through safetensors
 (nothing is ever unpickled), validates ``insitu.json`` against a schema, and refuses to attach to
 a backbone whose fingerprint, width, patch size or channels differ, naming each differing field.
 """
@@ -21,8 +23,8 @@ from safetensors.torch import save
 
 from insitu.adapters import AdaptedBackbone, AdapterSet, adapters_from_package
 from insitu.backbones.vit import ViTBackbone
-from insitu.errors import AdapterFormatError, AdapterMismatchError, NonFiniteLossError, SignatureError
-from insitu.io import atomic_path
+from insitu.errors import AdapterFormatError, AdapterMismatchError, ConfigError, NonFiniteLossError, SignatureError
+from insitu.io import OutputExistsError, atomic_path, check_output_file
 from insitu.package_format import (  # noqa: F401 - the format's names, re-exported
     CARD_FILE,
     FORMAT,
@@ -30,9 +32,13 @@ from insitu.package_format import (  # noqa: F401 - the format's names, re-expor
     MAX_ABS_WEIGHT,
     META_FILE,
     SIGNATURE_FILE,
+    TEACHER_FILE,
     TENSORS_FILE,
     BaseInfo,
     PackageMeta,
+    TeacherInfo,
+    VettedPackage,
+    meta_bytes,
     vet_package,
     write_package_folder,
 )
@@ -81,18 +87,31 @@ def save_package(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    teacher: AdapterSet | None = None,
 ) -> Path:
-    """Write a package folder; returns its path. Only tensors go into the safetensors file."""
+    """Write a package folder; returns its path. Only tensors go into the safetensors file.
+
+    ``teacher``: the EMA teacher's adapters (same kind and shapes as ``adapters``), written as
+    ``teacher.safetensors`` and recorded, with its sha256, in ``insitu.json``'s ``teacher`` section.
+    """
     out_dir = Path(out_dir)
     tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in adapters.state_dict().items()}
     tensors.update({f"head.{k}": v.detach().cpu().float().contiguous() for k, v in (head_state or {}).items()})
-    damaged = [k for k, v in tensors.items() if not torch.isfinite(v).all() or (v.numel() and v.abs().max() > MAX_ABS_WEIGHT)]
+    teacher_tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in (teacher.state_dict() if teacher else {}).items()}
+    damaged = [
+        k
+        for k, v in [*tensors.items(), *(("teacher " + n, t) for n, t in teacher_tensors.items())]
+        if not torch.isfinite(v).all() or (v.numel() and v.abs().max() > MAX_ABS_WEIGHT)
+    ]
     if damaged:
         raise NonFiniteLossError(
             f"refusing to write the package {out_dir}: tensors {damaged[:5]} hold NaN/Inf or values above {MAX_ABS_WEIGHT:g} "
             "(a diverged run). Lower train.lr, check the data for extreme values, or resume from an earlier checkpoint."
         )
     raw = save(tensors)
+    files = {TENSORS_FILE: raw}
+    if teacher_tensors:
+        files[TEACHER_FILE] = save(teacher_tensors)
     meta = PackageMeta(
         format=FORMAT,
         format_version=FORMAT_VERSION,
@@ -107,27 +126,96 @@ def save_package(
         tensors={"adapter": sum(k.startswith("adapter.") for k in tensors), "head": sum(k.startswith("head.") for k in tensors)},
         config=redact_config(config or {}),
         content_sha256=hashlib.sha256(raw).hexdigest(),
+        teacher=TeacherInfo(tensors=len(teacher_tensors), content_sha256=hashlib.sha256(files[TEACHER_FILE]).hexdigest())
+        if teacher_tensors
+        else None,
     )
     # the whole package appears at once or not at all; an earlier one stays whole until then
-    card, meta_json = model_card(meta).encode(), json.dumps(meta.model_dump(mode="json"), indent=2).encode()
-    return write_package_folder(out_dir, {TENSORS_FILE: raw, CARD_FILE: card, META_FILE: meta_json})
+    files |= {CARD_FILE: model_card(meta).encode(), META_FILE: meta_bytes(meta)}
+    return write_package_folder(out_dir, files)
 
 
-def load_package(path: str | Path, trust: TrustPolicy | None = None) -> AdapterPackage:
+def load_package(path: str | Path, trust: TrustPolicy | None = None, weights: str = "student") -> AdapterPackage:
     """Read and validate a package folder or ``.zip``; raises `AdapterFormatError` on anything off.
 
     Everything :func:`insitu.package_format.vet_package` checks (sizes, schema, bounds, header,
-    content hash, finite values) happens before a tensor is made; so does the signature check
-    when ``trust`` is given (`SignatureError`).
+    content hash, finite values; the teacher file's too) happens before a tensor is made; so does
+    the signature check when ``trust`` is given (`SignatureError`). ``weights="teacher"`` returns
+    the package as :func:`export_package` would write it: the teacher's adapters, no heads
+    (`ConfigError` when the package carries no teacher).
     """
     vetted = vet_package(path)
     digests = digests_of(vetted)
     signer = trust.check(digests, str(path)) if trust is not None else None
+    meta, raw, name = vetted.meta, vetted.tensor_bytes, TENSORS_FILE
+    if _weights(weights) == "teacher":
+        meta, raw, name = teacher_meta(vetted), _teacher_bytes(vetted), TEACHER_FILE
     try:
-        tensors = load_safetensors_bytes(vetted.tensor_bytes)
+        tensors = load_safetensors_bytes(raw)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(f"{path}/{TENSORS_FILE} is not a valid safetensors file: {exc}") from None
-    return AdapterPackage(vetted.meta, tensors, Path(path), digests, signer)
+        raise AdapterFormatError(f"{path}/{name} is not a valid safetensors file: {exc}") from None
+    return AdapterPackage(meta, tensors, Path(path), digests, signer)
+
+
+def _weights(weights: str) -> str:
+    if weights not in ("student", "teacher"):
+        raise ConfigError(f"weights {weights!r} must be 'student' or 'teacher'.")
+    return weights
+
+
+def _teacher_bytes(vetted: VettedPackage) -> bytes:
+    if vetted.teacher_bytes is None:
+        objective = str(vetted.meta.objective.get("name", "?"))[:64]
+        why = "its adapters already are the teacher's" if vetted.meta.weights == "teacher" else f"objective {objective!r}"
+        raise ConfigError(
+            f"{vetted.path} carries no teacher adapters ({TEACHER_FILE}; {why}). Use --weights student (the default), or "
+            "pretrain with an objective that keeps an EMA teacher (dino, glare) to get a package that carries one."
+        )
+    return vetted.teacher_bytes
+
+
+def teacher_meta(vetted: VettedPackage) -> PackageMeta:
+    """``insitu.json`` of the teacher's package: the same base, adapter config and preprocessing; teacher adapters, no heads."""
+    raw = _teacher_bytes(vetted)
+    return vetted.meta.model_copy(
+        update={
+            "tensors": {"adapter": vetted.meta.teacher.tensors, "head": 0},
+            "content_sha256": hashlib.sha256(raw).hexdigest(),
+            "teacher": None,
+            "weights": "teacher",
+        }
+    )
+
+
+def export_package(src: str | Path, dst: str | Path, weights: str = "student", overwrite: bool = False) -> Path:
+    """Write the package ``src`` as ``dst`` (a ``.zip`` when ``dst`` ends in ``.zip``, else a folder) with the chosen weights.
+
+    ``weights="student"``: the package's files byte for byte (teacher file and signature included).
+    ``weights="teacher"``: a new package whose ``adapter.safetensors`` holds the EMA teacher's
+    adapters from ``teacher.safetensors`` (``insitu.json`` says ``"weights": "teacher"``; the
+    objective's heads, trained for the student, are left out; no signature, since it signed other
+    bytes), which loads, verifies, probes and applies like any package. `ConfigError` when ``src``
+    carries no teacher (objectives without one, such as simclr). ``src`` is vetted first; an
+    existing ``dst`` is replaced only with ``overwrite``.
+    """
+    src, dst = Path(src), Path(dst)
+    vetted = vet_package(src)
+    if _weights(weights) == "teacher":
+        meta = teacher_meta(vetted)
+        files = {TENSORS_FILE: _teacher_bytes(vetted), META_FILE: meta_bytes(meta), CARD_FILE: model_card(meta).encode()}
+    else:
+        files = {TENSORS_FILE: vetted.tensor_bytes, META_FILE: vetted.meta_bytes, CARD_FILE: vetted.card, SIGNATURE_FILE: vetted.signature}
+        files |= {TEACHER_FILE: vetted.teacher_bytes}
+    files = {n: d for n, d in files.items() if d is not None}
+    if dst.suffix.lower() == ".zip":
+        check_output_file(dst, overwrite)
+        with atomic_path(dst) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        return dst
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise OutputExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it, or pick another path.")
+    return write_package_folder(dst, files)
 
 
 def apply_package(package: AdapterPackage | str | Path, backbone: ViTBackbone, trust: TrustPolicy | None = None) -> AdaptedBackbone:
@@ -173,8 +261,8 @@ def check_compatible(meta: PackageMeta, backbone: ViTBackbone | AdaptedBackbone)
 def write_zip(package_dir: Path, zip_path: Path) -> Path:
     """Pack a package folder into one ``.zip`` (stored, so tensors stay byte-identical), with its signature if signed."""
     with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE):
-            if name in (TENSORS_FILE, META_FILE) or (Path(package_dir) / name).is_file():  # the last two are optional
+        for name in (TENSORS_FILE, META_FILE, CARD_FILE, SIGNATURE_FILE, TEACHER_FILE):
+            if name in (TENSORS_FILE, META_FILE) or (Path(package_dir) / name).is_file():  # the others are optional
                 zf.write(Path(package_dir) / name, arcname=name)
     return zip_path
 
@@ -190,6 +278,9 @@ def model_card(meta: PackageMeta) -> str:
         f"- Adapter: `{meta.adapter.get('kind')}` on blocks {meta.adapter.get('options', {}).get('blocks')}, {meta.trainable_params:,} trainable parameters",
         f"- Input: {json.dumps(meta.input)}",
         f"- Objective: `{meta.objective.get('name', '?')}`",
+        "- Weights: "
+        + {"teacher": "the EMA teacher's adapters (exported with `--weights teacher`)", "student": "the trained student's adapters"}[meta.weights]
+        + (f"; `{TEACHER_FILE}` carries the EMA teacher's too (`insitu adapter export PKG --weights teacher`)" if meta.teacher else ""),
         f"- Training: {t.get('steps', '?')} steps, seed {t.get('seed', '?')}, {t.get('items', '?')} items "
         f"({t.get('quarantined', 0)} quarantined), device {t.get('device', '?')}",
         f"- License: {meta.license}",

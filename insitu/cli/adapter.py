@@ -28,6 +28,12 @@ def add_adapter(sub: argparse._SubParsersAction) -> None:
     ae.add_argument("--overwrite", action="store_true", help="replace an existing --out file, or an earlier export folder insitu wrote")
     ae.add_argument("--merged", action="store_true", help="write the base weights with LoRA folded in (LoRA packages only)")
     ae.add_argument("--base", type=Path, help="base backbone spec (needed with --merged)")
+    ae.add_argument(
+        "--weights",
+        choices=("student", "teacher"),
+        default="student",
+        help="student: the package as it is (default); teacher: a package whose adapters are the EMA teacher's it carries",
+    )
     ae.set_defaults(func=run_export)
     aa = asub.add_parser("apply", help="run base + adapters on a data folder and write features (safetensors)")
     aa.add_argument("path", type=Path, help="package folder or .zip")
@@ -62,6 +68,8 @@ def run_inspect(args: argparse.Namespace) -> int:
             ("trainable params", f"{meta.trainable_params:,}"),
             ("tensors", f"{meta.tensors['adapter']} adapter, {meta.tensors['head']} head ({len(vetted.header)} total)"),
             ("content sha256", meta.content_sha256 or "not recorded (package from an older insitu): integrity cannot be checked"),
+            ("weights", meta.weights + (" (EMA teacher's adapters)" if meta.weights == "teacher" else "")),
+            ("teacher", f"carried ({meta.teacher.tensors} adapter tensors): export --weights teacher" if meta.teacher else "none"),
             ("objective", str(meta.objective.get("name", "?"))),
             ("training", json.dumps({k: meta.training.get(k) for k in ("steps", "items", "final_loss", "device")})),
             ("normalizer", "stored" if meta.normalizer else "none"),
@@ -77,6 +85,8 @@ def run_verify(args: argparse.Namespace) -> int:
     vetted = vet_package(args.path)
     hashed = "content hash ok" if vetted.meta.content_sha256 else "no content hash recorded (older package)"
     rows = [("integrity", f"ok: insitu.json valid, {len(vetted.header)} finite tensors in adapter.safetensors, {hashed}")]
+    if vetted.meta.teacher is not None:
+        rows.append(("teacher", f"ok: {vetted.meta.teacher.tensors} finite adapter tensors in teacher.safetensors, content hash ok"))
     rows.append(("signature", _signature_text(vetted, policy, args.path)))
     if args.base:
         from insitu.adapters.package import apply_package, load_package
@@ -106,14 +116,21 @@ def run_export(args: argparse.Namespace) -> int:
     from insitu.errors import ConfigError
     from insitu.io import check_output_file, claim_folder
 
-    pkg = load_package(args.path)  # validate before writing anything
+    pkg = load_package(args.path, weights=args.weights)  # validate before writing anything; no teacher: ConfigError
+    teacher = args.weights == "teacher" and not args.merged
     folder = None
     if args.merged or args.out.suffix == ".zip":
         check_output_file(args.out, args.overwrite)
-    elif not args.path.is_dir():
+    elif teacher or not args.path.is_dir():
         folder = claim_folder(args.out, "adapter export", args.overwrite)
     if args.merged:
         _export_merged(args, pkg)
+    elif teacher:
+        from insitu.adapters.package import export_package
+
+        export_package(args.path, args.out, "teacher", overwrite=True)  # the output was checked or claimed above
+        if folder is not None:
+            folder.record()
     elif args.out.suffix == ".zip":
         from insitu.adapters.package import write_zip
 
@@ -125,7 +142,7 @@ def run_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.path} is already a folder; pass a .zip as --out to pack it.")
         _unpack(args.path, args.out)
         folder.record()
-    summary_table("exported", [("from", str(args.path)), ("to", str(args.out))])
+    summary_table("exported", [("from", str(args.path)), ("to", str(args.out)), ("weights", args.weights)])
     return 0
 
 
@@ -145,7 +162,7 @@ def _export_merged(args: argparse.Namespace, pkg) -> None:  # noqa: ANN001 - an 
 
 
 def _unpack(zip_path: Path, out: Path) -> None:
-    from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TENSORS_FILE, vet_package
+    from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TEACHER_FILE, TENSORS_FILE, vet_package
 
     vetted = vet_package(zip_path)  # every member read with its size cap; insitu.json kept byte for byte (a signature binds it)
     files = {
@@ -153,6 +170,7 @@ def _unpack(zip_path: Path, out: Path) -> None:
         META_FILE: vetted.meta_bytes,
         CARD_FILE: vetted.card or b"",
         SIGNATURE_FILE: vetted.signature,
+        TEACHER_FILE: vetted.teacher_bytes,
     }
     for name, data in files.items():
         if data is not None:

@@ -14,6 +14,7 @@ def add_scan(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--domain", default="images", help="data domain (images, dicom, geotiff, video)")
     s.add_argument("--out", type=Path, required=True, help="folder for manifest.csv and quarantine.csv")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier scan in --out (only the files insitu wrote there)")
+    s.add_argument("--no-near-duplicates", dest="near_duplicates", action="store_false", help="skip near_duplicates.csv (images domain)")
     add_options(s, "a domain option (data.options)")
     s.set_defaults(func=run_scan)
 
@@ -34,6 +35,11 @@ def run_scan(args: argparse.Namespace) -> int:
         err_console.print(f"[bold red]EmptyDatasetError[/]: {exc}")
         return 1
     manifest.write(args.out)
+    near_duplicates = None
+    if args.domain == "images" and args.near_duplicates and args.root.is_dir():  # not for a MedMNIST .npz
+        from insitu.domains.near_duplicates import write_near_duplicates
+
+        near_duplicates = write_near_duplicates(manifest, args.out)
     folder.record()
     counts = manifest.counts()
     rows = [(k, str(v)) for k, v in counts.items()] + [
@@ -41,6 +47,8 @@ def run_scan(args: argparse.Namespace) -> int:
         ("quarantine", str(args.out / "quarantine.csv")),
     ]
     summary_table(f"insitu scan ({args.domain})", rows)
+    if near_duplicates is not None:
+        console.print(near_duplicates.line(), highlight=False, soft_wrap=True)
     for q in manifest.quarantine[:20]:
         console.print(f"  quarantined {q.path}: {q.reason} ({q.message[:120]})", highlight=False, soft_wrap=True)
     return 0 if manifest.items else 1

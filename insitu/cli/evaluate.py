@@ -75,7 +75,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
     from insitu.config import load_config
     from insitu.io import add_files, check_output_file, write_json
-    from insitu.pipelines.probe import run_probe, write_probe_outputs
+    from insitu.pipelines.probe import primary_summary, run_probe, write_probe_outputs
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.run_dir
@@ -85,6 +85,8 @@ def run_probe(args: argparse.Namespace) -> int:
     result = run_probe(cfg, args.adapter)
     rows = [asdict(r) for r in result]
     probe_table(rows)
+    for line in primary_summary(rows):  # the verdict: the primary endpoint alone
+        console.print(line, highlight=False, soft_wrap=True)
     csv_path, json_path = write_probe_outputs(result, out, cfg)
     folder.record(csv_path.name, json_path.name)
     console.print(f"wrote {csv_path} and {json_path}", highlight=False, soft_wrap=True)

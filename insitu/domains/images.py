@@ -13,6 +13,7 @@ from PIL import Image
 from pydantic import Field
 
 from insitu.domains.base import (
+    IGNORE_INDEX,
     DemoData,
     Domain,
     DomainOptions,
@@ -38,6 +39,7 @@ class ImageOptions(DomainOptions):
     workers: int = 4
     masks: str | None = None
     mask_threshold: int = Field(127, ge=0, le=255)
+    aspect: Literal["keep", "crop", "pad"] = "keep"
 
 
 @DOMAINS.register("images")
@@ -53,6 +55,12 @@ class ImageFolderDomain(Domain):
         masks: a folder mirroring the image folder (same relative path and stem, any image suffix)
             holding a binary mask per image, e.g. BUSI's ``busi_masks/``; pixels above
             ``mask_threshold`` are foreground (1). Items get a ``mask``; an image without one is quarantined.
+        aspect: how a non-square image becomes square before the later resize to ``image_size``:
+            ``keep`` (default) stretches it, so the original aspect ratio stays visible in the content's
+            shapes; ``crop`` takes the centred largest square (every image looks alike in size and shape,
+            at the cost of the cut-off sides); ``pad`` extends the short side with the image's own mean
+            colour (keeps all content, but the band's width still tells the aspect). A mask gets the same
+            crop or pad (padding is ``IGNORE_INDEX``). See docs/surgical_video.md on size shortcuts.
     """
 
     name = "images"
@@ -80,6 +88,10 @@ class ImageFolderDomain(Domain):
             sample["label"] = item.label
         if "mask" in item.extra:
             sample["mask"] = read_binary_mask(item.extra["mask"], tuple(image.shape[-2:]), self.options.mask_threshold)
+        if self.options.aspect != "keep":
+            sample["image"] = make_square(image, self.options.aspect)
+            if "mask" in sample:
+                sample["mask"] = make_square(sample["mask"], self.options.aspect, fill=IGNORE_INDEX)
         return sample
 
     def _scan_folder(self, root: Path, max_items: int | None) -> Manifest:
@@ -210,6 +222,27 @@ def _check_image(path: Path) -> str | None:
         return None
     except Exception as exc:  # noqa: BLE001 - every decoder failure is a quarantine reason
         return f"{type(exc).__name__}: {exc}"
+
+
+def make_square(x: torch.Tensor, aspect: str, fill: float | None = None) -> torch.Tensor:
+    """A ``...×H×W`` tensor made square: ``crop`` keeps the centred min(H, W) square, ``pad`` grows the
+    short side evenly, filling with ``fill`` (default: each channel's mean, so no dark band marks the pad)."""
+    h, w = x.shape[-2:]
+    if h == w:
+        return x
+    if aspect == "crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return x[..., top : top + s, left : left + s].contiguous()
+    s = max(h, w)
+    out = torch.empty((*x.shape[:-2], s, s), dtype=x.dtype)
+    if fill is None:
+        out[:] = x.float().mean(dim=(-2, -1), keepdim=True).to(x.dtype)
+    else:
+        out.fill_(fill)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[..., top : top + h, left : left + w] = x
+    return out
 
 
 def pil_to_chw(im: Image.Image, channels: int) -> torch.Tensor:

@@ -58,19 +58,30 @@ def markdown_to_html(body: str) -> str:
     return "\n".join(out + block)
 
 
-def write_html_report(out: Path, title: str, sections: list[tuple[str, str]], figures: list[tuple[str, Path]] | None = None) -> Path:
-    """Write ``out`` (an .html file) with the sections and the figures (caption, PNG path) embedded."""
+def _figure(caption: str, path: Path) -> str:
+    return f"<figure><img alt='{html.escape(caption)}' src='{data_uri(path)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def write_html_report(
+    out: Path,
+    title: str,
+    sections: list[tuple[str, str]],
+    figures: list[tuple[str, Path]] | None = None,
+    lead: tuple[str, Path | None] | None = None,
+) -> Path:
+    """Write ``out`` (an .html file) with the sections and the figures (caption, PNG path) embedded.
+
+    ``lead`` (caption, PNG) is placed right after the first section (the verdict), before every other figure.
+    """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"]
     parts.append(f"<h1>{html.escape(title)}</h1>")
-    for heading, body in sections:
+    for i, (heading, body) in enumerate(sections):
         parts.append(f"<h2>{html.escape(heading)}</h2>\n{markdown_to_html(body)}")
+        if i == 0 and lead is not None and lead[1] is not None and Path(lead[1]).is_file():
+            parts.append(_figure(*lead))
     if figures:
         parts.append("<h2>Figures</h2>")
-        for caption, path in figures:
-            if path is not None and Path(path).is_file():
-                parts.append(
-                    f"<figure><img alt='{html.escape(caption)}' src='{data_uri(path)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-                )
+        parts += [_figure(caption, path) for caption, path in figures if path is not None and Path(path).is_file()]
     parts.append("</body></html>")
     out = Path(out)
     out.write_text("\n".join(parts), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Report figures: embeddings in 2-D, few-shot curves, metric bars (matplotlib, Agg backend)."""
+"""Report figures: the forest plot of every Δ vs frozen, embeddings in 2-D, few-shot curves, metric bars (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -110,3 +110,84 @@ def health_plot(run_dir: Path, out: Path, max_entropy_ratio: float | None = None
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     return _save(fig, out)
+
+
+FOREST_COLOURS = {"resolved gain": "#2a7f3f", "resolved loss": "#b83232"}  # anything else (CI spans 0, no CI): blue
+BASELINE_COLOUR, UNRESOLVED_COLOUR, PRIMARY_BAND = "#8c8c8c", "#3b6ea5", "#fff1b8"
+
+
+def forest_figure(rows: list) -> tuple[plt.Figure, plt.Axes] | None:
+    """Every Δ vs frozen with its CI on one axis, one line per model × probe × labels × metric; None without a Δ.
+
+    The primary endpoint gets a highlighted band, a diamond and a bold label; the label-free baseline
+    (frozen + PCA whitening) is grey; a row without a CI is a bare point labelled "(no CI)".
+    """
+    from insitu.exports.verdict import PROBE_NAMES, compared, is_baseline, row_verdict
+
+    shown = compared(rows)
+    if not shown:
+        return None
+    order = {"linear": 0, "knn": 1, "dense": 2}
+    # the baseline's row at the endpoint is marked primary too; only an adapted model's is the endpoint
+    endpoint = [bool(r.get("primary")) and not is_baseline(r) for r in shown]
+    ranked = sorted(
+        zip(endpoint, shown, strict=True),
+        key=lambda e: (not e[0], is_baseline(e[1]), e[1]["model"], order.get(e[1]["probe"], 3), -e[1]["labels"], e[1]["metric"]),
+    )
+    endpoint, shown = [e for e, _ in ranked], [r for _, r in ranked]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.36 * len(shown)), dpi=110)
+    labels = []
+    for y, (primary, r) in enumerate(ranked):
+        low, high = r.get("ci_low"), r.get("ci_high")
+        has_ci = low is not None and high is not None and low == low and high == high
+        colour = BASELINE_COLOUR if is_baseline(r) else FOREST_COLOURS.get(row_verdict(r), UNRESOLVED_COLOUR)
+        if primary:
+            ax.axhspan(y - 0.45, y + 0.45, color=PRIMARY_BAND, zorder=0)
+        xerr = [[r["delta"] - low], [high - r["delta"]]] if has_ci else None
+        marker = "D" if primary else ("s" if is_baseline(r) else "o")
+        bars = ax.errorbar([r["delta"]], [y], xerr=xerr, fmt=marker, color=colour, ms=7 if primary else 5, capsize=3, zorder=3)
+        bars.lines[0].set_gid("forest-point")
+        probe = f"{PROBE_NAMES.get(r['probe'], r['probe'])} {r['metric']}"
+        text = (
+            f"{r['model']}: {probe} @ {r['labels']:.0%}"
+            + ("" if has_ci else " (no CI)")
+            + (" [transductive]" if r.get("transductive") else "")
+        )
+        labels.append(("PRIMARY  " if primary else "") + text)
+    ax.axvline(0, color="#222", lw=1, zorder=1)
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    for tick, primary, r in zip(ax.get_yticklabels(), endpoint, shown, strict=True):
+        tick.set_fontweight("bold" if primary else "normal")
+        tick.set_color(BASELINE_COLOUR if is_baseline(r) else "#222")
+    ax.set_ylim(len(shown) - 0.5, -0.5)  # first row at the top
+    ax.set_xlabel("Δ vs frozen backbone (95 % CI); right of 0: better than frozen")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Δ vs frozen, every probe row (95 % CI)", fontsize=9)
+    fig.legend(handles=_forest_key(), fontsize=7, loc="lower center", ncol=5, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))  # room for the key below the axis
+    return fig, ax
+
+
+def _forest_key() -> list:
+    from matplotlib.lines import Line2D
+
+    def key(marker: str, colour: str, label: str) -> Line2D:
+        return Line2D([], [], marker=marker, color=colour, ls="none", label=label)
+
+    return [
+        key("D", UNRESOLVED_COLOUR, "primary endpoint (band)"),
+        key("o", FOREST_COLOURS["resolved gain"], "resolved gain"),
+        key("o", FOREST_COLOURS["resolved loss"], "resolved loss"),
+        key("o", UNRESOLVED_COLOUR, "not resolved (secondary rows: after Holm)"),
+        key("s", BASELINE_COLOUR, "label-free baseline"),
+    ]
+
+
+def forest_plot(rows: list, out: Path) -> Path | None:
+    """Write :func:`forest_figure` to ``out`` (PNG); None when no row has a Δ vs frozen."""
+    drawn = forest_figure(rows)
+    if drawn is None:
+        return None
+    drawn[0].savefig(out)  # laid out by forest_figure (the key sits below the axis)
+    plt.close(drawn[0])
+    return out

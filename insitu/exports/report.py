@@ -60,11 +60,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]], loss_png: Path | None) -> Path:
-    """Write ``report.md`` in ``run_dir`` from (heading, markdown body) sections."""
+def write_report(
+    run_dir: Path, title: str, sections: list[tuple[str, str]], loss_png: Path | None, lead: tuple[str, Path | None] | None = None
+) -> Path:
+    """Write ``report.md`` in ``run_dir`` from (heading, markdown body) sections.
+
+    ``lead`` (caption, PNG next to the report) is referenced right after the first section (the verdict).
+    """
     parts = [f"# {title}", ""]
-    for heading, body in sections:
+    for i, (heading, body) in enumerate(sections):
         parts += [f"## {heading}", "", body.strip(), ""]
+        if i == 0 and lead is not None and lead[1] is not None:
+            parts += [f"![{lead[0]}]({Path(lead[1]).name})", ""]
     if loss_png is not None:
         parts += ["## Loss curve", "", f"![loss curve]({Path(loss_png).name})", ""]
     out = Path(run_dir) / "report.md"

@@ -59,21 +59,37 @@ def health_section(health: dict[str, Any]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def write_pretrain_report(cfg: RunConfig, result: Any, probe_section: str | None = None, embedding_png: Path | None = None) -> Path:
+FOREST_CAPTION = "Δ vs frozen for every probe row, 95 % CI (the primary endpoint highlighted; grey: label-free baseline)"
+
+
+def write_pretrain_report(
+    cfg: RunConfig,
+    result: Any,
+    probe_section: str | None = None,
+    embedding_png: Path | None = None,
+    verdict: str | None = None,
+    forest_png: Path | None = None,
+) -> Path:
     """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path.
 
-    ``probe_section`` (the probe table as Markdown) and ``embedding_png`` (a t-SNE figure) are made
-    by the caller (:func:`insitu.pipelines.report.write_pretrain_report`), which knows the probe.
+    ``probe_section`` (the probe table as Markdown), ``embedding_png`` (a t-SNE figure), ``verdict``
+    (the primary endpoint's paragraph) and ``forest_png`` (every Δ vs frozen) are made by the caller
+    (:func:`insitu.pipelines.report.write_pretrain_report`), which knows the probe. The verdict and
+    the forest plot open the report.
     """
     run_dir = Path(result.run_dir)
     sections, figures = _training_sections(cfg, result, run_dir)
+    if verdict:
+        sections.insert(0, ("Verdict", verdict))
     if probe_section:
         sections.append(("Probe before/after (frozen features)", probe_section))
         if embedding_png is not None:
             figures.append(("t-SNE of probe test features, coloured by label", embedding_png))
     sections.append(("Config", "```\n" + yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False) + "```"))
-    write_report(run_dir, f"insitu pretrain: {cfg.name}", sections, figures[0][1])
-    return write_html_report(run_dir / "report.html", f"insitu pretrain: {cfg.name}", sections, [f for f in figures if f[1] is not None])
+    title = f"insitu pretrain: {cfg.name}"
+    lead = (FOREST_CAPTION, forest_png) if verdict and forest_png is not None else None
+    write_report(run_dir, title, sections, figures[0][1], lead)
+    return write_html_report(run_dir / "report.html", title, sections, [f for f in figures if f[1] is not None], lead)
 
 
 def _training_sections(cfg: RunConfig, result: Any, run_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, Path | None]]]:

@@ -1,5 +1,6 @@
 """Statistics for probes that can resolve a change: repeated group-aware folds, seeded label
-subsets, mean ± std, and a paired bootstrap of adapted − frozen with a verdict.
+subsets, mean ± std, a paired bootstrap of adapted − frozen (over items and repeats, or over items
+and training seeds), bootstrap p-values with Holm's adjustment, and a verdict.
 
 Every metric here is a function of per-item *counts* summed over items (accuracy: correct and
 seen; mIoU/Dice: per-class intersection, prediction and target pixels), so one bootstrap serves
@@ -9,13 +10,15 @@ classification and dense probes alike: resample units, sum their counts, apply t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import t as student_t
 
 GAIN, LOSS, UNRESOLVED = "resolved gain", "resolved loss", "not resolved (CI spans 0)"
 NO_CI = "not resolved (too few independent groups for a CI)"
-MIN_UNITS = 5  # a bootstrap over fewer groups has a handful of distinct resamples: no CI is given
+HOLM_UNRESOLVED = "not resolved (Holm-adjusted)"
+MIN_UNITS = 5  # a class resting on fewer groups has a handful of distinct resamples: no CI is given
 
 
 def group_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int = 0) -> np.ndarray:
@@ -69,36 +72,52 @@ def accuracy_from_counts(counts: np.ndarray) -> np.ndarray:
     return counts[..., 0] / np.maximum(counts[..., 1], 1)
 
 
-def paired_bootstrap(
+def _unit_index(n_items: int, units: Sequence[Any] | None) -> np.ndarray:
+    """Each item's unit as an integer 0..U-1 (every item its own unit when ``units`` is None)."""
+    return np.unique(np.arange(n_items) if units is None else np.asarray(units), return_inverse=True)[1].reshape(-1)
+
+
+def fewest_units_per_class(units: np.ndarray, classes: Sequence[Any] | None) -> int:
+    """The number of distinct units behind the smallest class (all items one class when ``classes`` is None).
+
+    A bootstrap over units only varies what it resamples: a class resting on 3 patients gives a
+    handful of distinct resamples of that class however many images it holds."""
+    units = np.asarray(units)
+    if classes is None:
+        return len(np.unique(units))
+    classes = np.asarray(classes)
+    return min(len(np.unique(units[classes == c])) for c in np.unique(classes))
+
+
+def bootstrap_differences(
     adapted: np.ndarray,
     frozen: np.ndarray,
     metric: Callable[[np.ndarray], np.ndarray],
-    units: Sequence[str] | None = None,
+    units: Sequence[Any] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """(metric(adapted) − metric(frozen), CI low, CI high): a percentile bootstrap over units (and repeats).
+    classes: Sequence[Any] | None = None,
+) -> tuple[float, np.ndarray | None]:
+    """(pooled metric(adapted) − metric(frozen), the ``n_boot`` resampled differences or None).
 
-    ``adapted``/``frozen`` are per-item count arrays for the *same* items: N × C, or R × N × C with
-    one slice per repeat. Each resample draws units (groups; default every item its own unit) with
-    replacement and, when R > 1, repeats with replacement too (so the spread between fold
-    assignments and label subsets enters the CI); both models' counts are summed with the same
-    weights and the metric difference taken, ``n_boot`` times. The CI is the (1 − level)/2 and
-    (1 + level)/2 percentiles of those differences; the point estimate pools every repeat and item.
+    ``adapted``/``frozen``: N × C or S × N × C counts on the same N items (S slices: repeats or
+    training seeds). Each resample draws unit weights (multinomial over units, shared by every
+    slice and both models) and, when S > 1, slice weights (multinomial over S); every count is
+    weighted by slice weight × unit weight, summed, and the metric difference taken. None when
+    ``n_boot`` is 0 or the smallest class of ``classes`` rests on fewer than MIN_UNITS units.
     """
     a, f = np.asarray(adapted, dtype=float), np.asarray(frozen, dtype=float)
     a, f = (a[None], f[None]) if a.ndim == 2 else (a, f)
     n_rep, n_items, n_cols = a.shape
-    _, inverse = np.unique(np.arange(n_items) if units is None else np.asarray(units), return_inverse=True)
+    inverse = _unit_index(n_items, units)
     n_units = int(inverse.max()) + 1
     a_u, f_u = np.zeros((n_rep, n_units, n_cols)), np.zeros((n_rep, n_units, n_cols))
     for r in range(n_rep):
         np.add.at(a_u[r], inverse, a[r])
         np.add.at(f_u[r], inverse, f[r])
     delta = float(metric(a_u.sum((0, 1))) - metric(f_u.sum((0, 1))))
-    if n_boot <= 0 or n_units < MIN_UNITS:  # e.g. every test tile from one scene: one group, no CI
-        return delta, float("nan"), float("nan")
+    if n_boot <= 0 or fewest_units_per_class(inverse, classes) < MIN_UNITS:  # e.g. every test tile from one scene
+        return delta, None
     rng = np.random.default_rng(seed)
     diffs = []
     for start in range(0, n_boot, 64):  # weights in chunks keep memory at 64 × units × columns
@@ -107,8 +126,89 @@ def paired_bootstrap(
         v = rng.multinomial(n_rep, np.full(n_rep, 1 / n_rep), size=b).astype(float) if n_rep > 1 else np.ones((b, 1))
         sums = [np.einsum("br,bu,ruc->bc", v, w, x) for x in (a_u, f_u)]
         diffs.append(metric(sums[0]) - metric(sums[1]))
-    lo, hi = np.nanpercentile(np.concatenate(diffs), [50 * (1 - level), 50 * (1 + level)])
-    return delta, float(lo), float(hi)
+    return delta, np.concatenate(diffs)
+
+
+def percentile_interval(diffs: np.ndarray | None, level: float = 0.95) -> tuple[float, float]:
+    """The (1 − level)/2 and (1 + level)/2 percentiles of the resampled differences ((nan, nan) without them)."""
+    if diffs is None:
+        return float("nan"), float("nan")
+    lo, hi = np.nanpercentile(diffs, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def bootstrap_p_value(diffs: np.ndarray | None) -> float:
+    """Two-sided bootstrap p for "no difference": min(1, 2 · min((1 + #{d* ≤ 0}), (1 + #{d* ≥ 0})) / (B + 1)).
+
+    B counts the finite resampled differences; nan without them."""
+    if diffs is None:
+        return float("nan")
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.isfinite(d)]
+    below, above = (1 + np.sum(d <= 0)) / (len(d) + 1), (1 + np.sum(d >= 0)) / (len(d) + 1)
+    return float(min(1.0, 2 * min(below, above)))
+
+
+def paired_bootstrap(
+    adapted: np.ndarray,
+    frozen: np.ndarray,
+    metric: Callable[[np.ndarray], np.ndarray],
+    units: Sequence[Any] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    classes: Sequence[Any] | None = None,
+) -> tuple[float, float, float]:
+    """(metric(adapted) − metric(frozen), CI low, CI high): a percentile bootstrap over units (and repeats).
+
+    ``adapted``/``frozen`` are per-item count arrays for the *same* items: N × C, or R × N × C with
+    one slice per repeat of one training run. Each resample draws units (groups; default every item
+    its own unit) with replacement and, when R > 1, repeats with replacement too (so the spread
+    between fold assignments and label subsets enters the CI); both models' counts are summed with
+    the same weights and the metric difference taken, ``n_boot`` times. The CI is the (1 − level)/2
+    and (1 + level)/2 percentiles of those differences; the point estimate pools every repeat and
+    item. No CI (nan, nan) when the smallest class of ``classes`` (the items' labels; None: one
+    class) rests on fewer than MIN_UNITS distinct units. It covers items/groups and folds/label
+    subsets, not the training run: see `two_way_bootstrap` for several training seeds.
+    """
+    delta, diffs = bootstrap_differences(adapted, frozen, metric, units, n_boot, seed, classes)
+    return (delta, *percentile_interval(diffs, level))
+
+
+def two_way_bootstrap(
+    adapted: np.ndarray,
+    frozen: np.ndarray,
+    metric: Callable[[np.ndarray], np.ndarray],
+    units: Sequence[Any] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    classes: Sequence[Any] | None = None,
+) -> tuple[float, float, float]:
+    """(Δ, CI low, CI high) over test units *and* training seeds: S adapted runs on the same N test items.
+
+    ``adapted``: S × N × C counts, one slice per training seed (sum a run's repeats first);
+    ``frozen``: N × C (one frozen model, the same for every seed) or S × N × C. Each resample draws
+    unit weights (multinomial over units, shared across seeds) and seed weights (multinomial over
+    S), weights every count by seed weight × unit weight, sums, and takes metric(adapted) −
+    metric(frozen). The point estimate pools every seed and item. No CI under MIN_UNITS per class,
+    as `paired_bootstrap`. `bootstrap_differences` gives the resamples for `bootstrap_p_value`.
+    """
+    a, f = np.asarray(adapted, dtype=float), np.asarray(frozen, dtype=float)
+    if a.ndim != 3:
+        raise ValueError(f"adapted must be S × N × C counts (one slice per training seed), got shape {a.shape}")
+    f = np.broadcast_to(f, a.shape) if f.ndim == 2 else f
+    return paired_bootstrap(a, f, metric, units, n_boot, seed, level, classes)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment: sorted p₍ᵢ₎ × (m − i), made monotone, capped at 1 (original order kept)."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
+    out = np.empty_like(p)
+    out[order] = scaled
+    return out
 
 
 def seed_interval(deltas: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -116,7 +216,8 @@ def seed_interval(deltas: Sequence[float], level: float = 0.95) -> tuple[float, 
 
     The between-seed spread is what a user re-running with another seed sees; with n seeds the
     interval has n − 1 degrees of freedom (so 3 seeds give wide intervals: t = 4.30). One value
-    has no spread: its interval is (nan, nan).
+    has no spread: its interval is (nan, nan). It covers training seeds only, on one fixed image
+    pool: the test items are not resampled (`two_way_bootstrap` covers both).
     """
     d = np.asarray(deltas, dtype=float)
     if len(d) < 2:

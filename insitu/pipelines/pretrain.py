@@ -33,6 +33,7 @@ from insitu.objectives import create_objective
 from insitu.objectives.views import MultiCrop
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData
 from insitu.pipelines.health import HealthMonitor
+from insitu.pipelines.holdout import pretraining_items
 from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
 from insitu.pipelines.trainer import build_trainer, device_name, final_loss, merge_metrics, resolve_precision, set_aside_metrics
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
@@ -281,7 +282,7 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     data = ScannedData.scan(cfg.data)
     if folder is not None:
         data.manifest.write(run_dir / "manifest")
-    items = data.manifest.items
+    items = pretraining_items(cfg, data)  # the probe's test items stay out unless probe.transductive (holdout.py)
     prep = resolve_preprocessing(None, data, items, cfg.data.image_size, cfg.backbone)  # normaliser fitted on the items
     module = PretrainModule(cfg)
     recipe, device_views = module.objective.view_transform(), None
@@ -357,6 +358,9 @@ def _save_outputs(cfg: RunConfig, module: PretrainModule, prep: Preprocessing, s
         objective={"name": cfg.objective.name, "options": cfg.objective.options},
         training=summary,
         config=cfg.model_dump(mode="json"),
+        # the EMA teacher's adapters (often the better encoder), for objectives that train one; not with full
+        # fine-tuning, whose teacher also has its own backbone
+        teacher=module.teacher if module.objective.needs_teacher and module.teacher_backbone is None else None,
     )
     write_json(run_dir / "summary.json", summary)
     if module.teacher_backbone is not None:  # full fine-tuning: the adapters alone do not carry the result

@@ -15,8 +15,9 @@ from insitu.errors import DataError
 from insitu.heads.metrics import dense_counts, fg_dice_from_counts, miou_from_counts
 from insitu.heads.probe import dense_linear_probe
 from insitu.pipelines.data import ScannedData, collate
+from insitu.pipelines.holdout import dense_holdout, item_keys
 from insitu.pipelines.preprocess import Preprocessing, Stored, resolve_comparison
-from insitu.pipelines.probe_plan import Model, ProbeResult, Split, evaluation_plan, grouped_items, summarise
+from insitu.pipelines.probe_plan import Model, ProbeResult, Split, classification_test_items, evaluation_plan, grouped_items, summarise
 
 
 @torch.no_grad()
@@ -53,9 +54,14 @@ def dense_results(cfg: RunConfig, models: list[Model], stored: list[Stored] | No
     dense = cfg.probe.dense
     data = ScannedData.scan(dense.data)
     sides = [(data, grouped_items(data.manifest.items, cfg.probe))]
+    held = None
     if dense.test is not None:
         test = ScannedData.scan(dense.test)
         sides.append((test, test.manifest.items))
+    else:  # inductive unless probe.transductive: the images pretraining never saw are the test side
+        held = dense_holdout(cfg, data.manifest.items, set(item_keys(classification_test_items(cfg))))
+        if held is not None:
+            sides = [(data, held.train), (data, held.test)]
     preps = resolve_comparison(stored_of(models, stored), data, data.manifest.items, dense.data.image_size, cfg.backbone)
     per_model = {}
     for m, prep in zip(models, preps, strict=True):
@@ -65,7 +71,7 @@ def dense_results(cfg: RunConfig, models: list[Model], stored: list[Stored] | No
     labels = np.array([by_key[k].label if by_key[k].label is not None else 0 for k in ids])
     groups = np.array([f"{k[0]}:{by_key[k].group}" for k in ids])
     n_first = len(per_model[models[0].name][0][2])
-    fixed = (np.arange(n_first), np.arange(n_first, len(ids))) if dense.test is not None else None
+    fixed = (np.arange(n_first), np.arange(n_first, len(ids))) if dense.test is not None or held is not None else None
     plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed, fractions=[1.0], classify=False)
     scored = {}
     for m in models:
@@ -73,7 +79,7 @@ def dense_results(cfg: RunConfig, models: list[Model], stored: list[Stored] | No
         masks = torch.cat([p[1] for p in per_model[m.name]])
         scored[m.name] = score_dense(maps, masks, plan, dense, cfg.seed)
     metrics = {"dense": {"mIoU": miou_from_counts, "dice": fg_dice_from_counts}}
-    return summarise(scored, metrics, groups, cfg.probe, cfg.seed)
+    return summarise(scored, metrics, groups, cfg.probe, cfg.seed, items=[f"{side}:{i}" for side, i in ids])
 
 
 def score_dense(

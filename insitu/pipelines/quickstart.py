@@ -15,10 +15,10 @@ from insitu.config import RunConfig, validate_config
 from insitu.domains import get_domain_class
 from insitu.domains.base import DemoData
 from insitu.exports import markdown_table, plot_loss_curve, write_report
-from insitu.heads.stats import GAIN, LOSS, format_delta
+from insitu.exports.verdict import verdict_text as exports_verdict
 from insitu.io import claim_folder, read_owner, write_json
 from insitu.pipelines.pretrain import PretrainResult, pretrain
-from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, run_probe, write_probe_outputs
+from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, result_rows, run_probe, write_probe_outputs
 from insitu.privacy import shown_weights
 from insitu.raw_config import apply_override, deep_merge
 from insitu.weights import shipped_card
@@ -145,36 +145,8 @@ def describe_backbone(cfg: RunConfig) -> str:
 
 
 def verdict_text(rows: list[ProbeRow]) -> str:
-    """The report's opening paragraph: each adapted − frozen result in words, gains and losses alike."""
-    results = [r for row in rows[1:] for r in row.results if r.delta is not None]
-    if not results:
-        return "No probe ran, so this run cannot say whether adaptation helped."
-    frozen = {(r.probe, r.labels, r.metric): r for r in rows[0].results}
-    lines = []
-    for r in results:
-        f = frozen[(r.probe, r.labels, r.metric)]
-        what = f"{r.probe} probe, {r.labels:.0%} of the labels ({r.n_train} images)"
-        lines.append(
-            f"- {what}: {f.mean:.3f} ± {f.std:.3f} frozen → {r.mean:.3f} ± {r.std:.3f} adapted, "
-            f"Δ {format_delta(r.delta, r.ci_low, r.ci_high)}: {r.verdict}."
-        )
-    gains = [r for r in results if r.verdict == GAIN]
-    losses = [r for r in results if r.verdict == LOSS]
-    if gains and not losses:
-        meaning = (
-            "Adaptation helped where the CI excludes zero: the adapters, trained without a single label, made the frozen "
-            "features better for this data."
-        )
-    elif losses and not gains:
-        meaning = "Adaptation hurt where the CI excludes zero: on this run the adapters made the features worse for this task."
-    elif gains and losses:
-        meaning = "Adaptation helped some probes and hurt others (CIs excluding zero on both sides); read the table below."
-    else:
-        meaning = (
-            "**On this run, adaptation did not change the probes by more than they vary**: every CI includes zero. "
-            "The probe cannot tell the adapted model from the frozen one here, so this run does not show a gain."
-        )
-    return "\n".join(lines) + "\n\n" + meaning
+    """The report's verdict paragraph, decided by the pre-registered primary endpoint (:mod:`insitu.exports.verdict`)."""
+    return exports_verdict(result_rows(rows))
 
 
 def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock: PhaseClock, demo: str) -> Path:
@@ -188,10 +160,10 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
     verdict = (
         f"{cfg.adapter.kind.capitalize()} adapters in {where} of a frozen ViT (`{cfg.backbone.weights or cfg.backbone.name}`) were "
         f"trained by `{cfg.objective.name}` self-supervision on {s['items']} unlabelled demo images; then a "
-        "linear and a kNN probe compared frozen and adapted features on held-out images.\n\n"
-        + f"The demo: {demo}.\n\n"
-        + verdict_text(rows)
-        + "\n\nWhat a real foundation model would change: "
+        "linear and a kNN probe compared frozen and adapted features on held-out images.\n\n" + verdict_text(rows)
+    )
+    caveat = (
+        f"The demo: {demo}.\n\nWhat a real foundation model would change: "
         + (
             "the embedded base is a small ViT pretrained on generated fractals"
             if (cfg.backbone.weights or "").startswith("insitu:")
@@ -203,6 +175,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
     )
     sections = [
         ("Verdict", verdict),
+        ("What these numbers show", caveat),
         (
             "What ran",
             f"Continual self-supervised pretraining (`{cfg.objective.name}`) of {cfg.adapter.kind} adapters on a frozen ViT, "
@@ -228,12 +201,13 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
         ),
     ]
     from insitu.exports.html import write_html_report
-    from insitu.exports.plots import health_plot
-    from insitu.exports.report_html import health_section
+    from insitu.exports.plots import forest_plot, health_plot
+    from insitu.exports.report_html import FOREST_CAPTION, health_section
 
     figures = [("pretraining loss", loss_png)]
     if s.get("health"):
-        sections.insert(5, ("Training health", health_section(s["health"])))
+        sections.insert(6, ("Training health", health_section(s["health"])))
         figures.append(("training health metrics", health_plot(cfg.run_dir, cfg.run_dir / "health.png", cfg.health.max_entropy_ratio)))
-    write_html_report(cfg.run_dir / "report.html", "insitu quickstart report", sections, [f for f in figures if f[1] is not None])
-    return write_report(cfg.run_dir, "insitu quickstart report", sections, loss_png)
+    lead = (FOREST_CAPTION, forest_plot(result_rows(rows), cfg.run_dir / "forest_plot.png"))
+    write_html_report(cfg.run_dir / "report.html", "insitu quickstart report", sections, [f for f in figures if f[1] is not None], lead)
+    return write_report(cfg.run_dir, "insitu quickstart report", sections, loss_png, lead)

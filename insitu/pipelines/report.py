@@ -15,10 +15,11 @@ from insitu.adapters.package import apply_package, load_package
 from insitu.backbones import create_backbone
 from insitu.config import RunConfig
 from insitu.exports import report_html
-from insitu.exports.plots import embedding_plot
+from insitu.exports.plots import embedding_plot, forest_plot
 from insitu.exports.report import markdown_table
+from insitu.exports.verdict import verdict_text
 from insitu.pipelines.preprocess import resolve_comparison
-from insitu.pipelines.probe import PROBE_NOTE, extract_features
+from insitu.pipelines.probe import PROBE_NOTE, extract_features, result_rows
 from insitu.pipelines.probe import probe_table as probe_cells
 from insitu.pipelines.probe_plan import probe_splits
 
@@ -26,12 +27,19 @@ log = logging.getLogger("insitu")
 
 
 def write_pretrain_report(cfg: RunConfig, result: Any, probe_rows: list[Any] | None = None) -> Path:
-    """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path."""
+    """Write ``report.md`` and ``report.html`` for a finished pretraining run; returns the HTML path.
+
+    With probe rows, the report opens with the primary endpoint's verdict and the forest plot of every Δ.
+    """
     section = probe_table(probe_rows) if probe_rows else None
-    embedding = None
+    embedding = verdict = forest = None
+    if probe_rows:
+        results = result_rows(probe_rows)
+        verdict = verdict_text(results)
+        forest = forest_plot(results, Path(result.run_dir) / "forest_plot.png")
     if probe_rows and result.adapter_dir:
         embedding = probe_embeddings(cfg, result.adapter_dir, Path(result.run_dir) / "embedding.png")
-    return report_html.write_pretrain_report(cfg, result, section, embedding)
+    return report_html.write_pretrain_report(cfg, result, section, embedding, verdict, forest)
 
 
 def probe_table(rows: list[Any]) -> str:

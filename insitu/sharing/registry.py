@@ -44,6 +44,7 @@ from insitu.package_format import (
     MAX_TENSOR_BYTES,
     META_FILE,
     SIGNATURE_FILE,
+    TEACHER_FILE,
     TENSORS_FILE,
     VettedPackage,
     vet_files,
@@ -58,6 +59,7 @@ REGISTRY_VERSION = 1
 MAX_INDEX_BYTES = 64 << 20
 LOCK_FILE = ".index.lock"
 FILE_CAPS = {TENSORS_FILE: MAX_TENSOR_BYTES, META_FILE: MAX_META_BYTES, CARD_FILE: MAX_CARD_BYTES, SIGNATURE_FILE: MAX_SIGNATURE_BYTES}
+FILE_CAPS[TEACHER_FILE] = MAX_TENSOR_BYTES  # the EMA teacher's adapters, when the package carries them
 _HEX64 = r"^[0-9a-f]{64}$"
 
 
@@ -214,6 +216,7 @@ def _entry(name: str, vetted: VettedPackage, files: dict[str, bytes], signer: Si
 
 def _package_files(vetted: VettedPackage) -> dict[str, bytes]:
     files = {TENSORS_FILE: vetted.tensor_bytes, META_FILE: vetted.meta_bytes, CARD_FILE: vetted.card, SIGNATURE_FILE: vetted.signature}
+    files[TEACHER_FILE] = vetted.teacher_bytes
     return {n: d for n, d in files.items() if d is not None}
 
 

@@ -8,6 +8,10 @@ A signature covers one canonical byte string (:func:`signed_payload`) that binds
   whitespace, ASCII), so every metadata field is bound while re-indenting the file is harmless;
 * the signer's name and the sha256 fingerprint of the raw 32-byte public key.
 
+A package's ``teacher.safetensors`` (the EMA teacher's adapters) is bound through ``insitu.json``:
+its ``teacher.content_sha256`` is part of the signed metadata, and vetting refuses a teacher file
+that does not match it, so the teacher cannot change without breaking the signature.
+
 It is stored as ``signature.json`` beside the package's files, with the signer's *public* key so
 anyone can check that the files match it; trust comes only from a folder of public keys the
 verifier chose (``<name>.pub``), looked up by fingerprint. Private keys are PEM (PKCS#8, mode
@@ -36,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from insitu.errors import ConfigError, SignatureError
 from insitu.io import OutputExistsError, atomic_path, atomic_write_bytes, read_capped
-from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TENSORS_FILE, VettedPackage, vet_package
+from insitu.package_format import CARD_FILE, META_FILE, SIGNATURE_FILE, TEACHER_FILE, TENSORS_FILE, VettedPackage, vet_package
 
 if TYPE_CHECKING:
     from insitu.config import RunConfig
@@ -251,6 +255,7 @@ def sign_package(pkg_path: str | Path, key_path: str | Path, signer: str | None 
 def _rewrite_zip(zip_path: Path, vetted: VettedPackage, signature: bytes) -> None:
     """The same zip with ``signature.json`` added (or replaced), swapped in atomically."""
     members = {TENSORS_FILE: vetted.tensor_bytes, META_FILE: vetted.meta_bytes, CARD_FILE: vetted.card, SIGNATURE_FILE: signature}
+    members[TEACHER_FILE] = vetted.teacher_bytes
     with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in members.items():
             if data is not None:

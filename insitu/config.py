@@ -6,6 +6,7 @@ run and into every adapter package. Relative paths are resolved against the curr
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from insitu.errors import ConfigError
 from insitu.raw_config import apply_override
-from insitu.registry import ADAPTERS, DOMAINS, OBJECTIVES, AdapterOptions, adapter_options, closest_field, config_error, validate_options
+from insitu.registry import (
+    ADAPTERS,
+    CLASSIFICATION_HEADS,
+    DOMAINS,
+    OBJECTIVES,
+    SEGMENTATION_HEADS,
+    AdapterOptions,
+    Needs,
+    adapter_options,
+    closest_field,
+    config_error,
+    unknown_name_message,
+    validate_options,
+)
 from insitu.weights import PACKAGED, shipped_card
 
 MAX_STEPS = 10**8  # a step count past this is a typo (1e30), not a plan
@@ -267,6 +281,9 @@ class DownstreamConfig(Strict):
     num_workers: int = Field(0, ge=0)
 
 
+HEAD_OPTIONS = ("hidden_dim", "decoder_dim")  # DownstreamConfig's fields that are some head's options (insitu.heads)
+
+
 class TrustConfig(Strict):
     """Which adapter packages a run accepts (insitu.sharing.signing; docs/sharing.md).
 
@@ -358,7 +375,7 @@ class RunConfig(Strict):
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
     """Load a YAML file (or a dict), apply `key.sub=value` overrides, validate everything once."""
     where = str(source) if not isinstance(source, dict) else "<dict>"
-    raw = read_yaml(Path(source)) if not isinstance(source, dict) else dict(source)
+    raw = read_yaml(Path(source)) if not isinstance(source, dict) else copy.deepcopy(source)  # overrides leave the caller's dict as it was
     for override in overrides or []:
         apply_override(raw, override)
     return validate_config(raw, where, check_paths=check_paths)
@@ -370,6 +387,7 @@ def validate_config(raw: dict[str, Any], where: str = "<dict>", check_paths: boo
     except ValidationError as exc:
         raise config_error(exc, where, lambda loc: _hint(loc, raw)) from None
     _validate_component_options(cfg, where)
+    check_needs(cfg, where)
     if check_paths:
         _check_paths(cfg, where)
     return cfg
@@ -405,9 +423,103 @@ def _validate_component_options(cfg: RunConfig, where: str) -> None:
     sections += [(f"probe.{k}", d) for k, d in (("train", cfg.probe.train), ("test", cfg.probe.test)) if d]
     if cfg.probe.dense is not None:
         sections += [(f"probe.dense.{k}", d) for k, d in (("data", cfg.probe.dense.data), ("test", cfg.probe.dense.test)) if d]
+    sections += [(f"federated.sites[{i}]", d) for i, d in enumerate(cfg.federated.sites if cfg.federated else [])]
     for prefix, data in sections:
         data.options = validate_options(DOMAINS.options(data.domain), data.options, f"{prefix}.options", where)
-    cfg.objective.options = validate_options(OBJECTIVES.options(cfg.objective.name), cfg.objective.options, "objective.options", where)
+    cfg.objective.options = _objective_options(cfg.objective.name, cfg.objective.options, "objective.options", where)
+    if cfg.downstream is not None:
+        _check_head(cfg.downstream, where)
+
+
+def _check_head(ds: DownstreamConfig, where: str) -> None:
+    """``downstream.head`` names a registered head of its task, and a head option set away from its default is one the head takes."""
+    registry = SEGMENTATION_HEADS if ds.task == "segmentation" else CLASSIFICATION_HEADS
+    if ds.head not in registry:
+        raise ConfigError(f"Invalid config {where}: 'downstream.head': " + unknown_name_message(registry.kind, ds.head, registry.names()))
+    takes = registry.options(ds.head).model_fields
+    refused = [k for k in HEAD_OPTIONS if k not in takes and getattr(ds, k) != DownstreamConfig.model_fields[k].default]
+    if refused:
+        raise ConfigError(
+            f"Invalid config {where}: 'downstream.{refused[0]}': {registry.kind} {ds.head!r} does not take {', '.join(refused)} "
+            f"(it takes {', '.join(takes) or 'no options'}); remove it, or pick a head that takes it."
+        )
+
+
+MAX_WRAPPED = 4  # sigreg over self_distill over glare is three; deeper is a loop (a YAML alias), not a recipe
+
+
+def _objective_options(name: str, options: dict[str, Any], prefix: str, where: str, depth: int = 0) -> dict[str, Any]:
+    """An objective's options validated by its ``Options``, and a wrapped objective's (``base``, ``base_options``) by the base's."""
+    model = OBJECTIVES.options(name)
+    out = validate_options(model, options, prefix, where)
+    if "base" in model.model_fields and "base_options" in model.model_fields:
+        if depth >= MAX_WRAPPED:
+            raise ConfigError(f"Invalid config {where}: '{prefix}.base' wraps objectives more than {MAX_WRAPPED} deep; unwrap them.")
+        if out["base"] not in OBJECTIVES:
+            raise ConfigError(f"Invalid config {where}: '{prefix}.base': " + unknown_name_message("objective", out["base"], OBJECTIVES.names()))
+        _objective_options(out["base"], out["base_options"], f"{prefix}.base_options", where, depth + 1)  # checked, kept as written
+    return out
+
+
+def objective_needs(cfg: RunConfig) -> Needs:
+    """What the configured objective declares it needs (insitu.registry.Needs), its options already validated."""
+    cls = OBJECTIVES.get(cfg.objective.name)
+    return cls.needs(cls.Options.model_validate(cfg.objective.options))
+
+
+def check_needs(cfg: RunConfig, where: str = "<dict>") -> None:
+    """Each component's declared needs against the rest of the config, before anything loads; one `ConfigError` lists every miss."""
+    needs, name = objective_needs(cfg), cfg.objective.name
+    problems = []
+    datasets = [("data", cfg.data)] + [(f"federated.sites[{i}]", d) for i, d in enumerate(cfg.federated.sites if cfg.federated else [])]
+    for key, data in datasets:
+        items, frames = DOMAINS.get(data.domain).yields(DOMAINS.options(data.domain).model_validate(data.options))
+        if needs.items == "pairs" and items != "pairs":
+            problems.append(f"  '{key}.domain': objective '{name}' trains on image-text pairs; set {key}.domain: pairs (got {data.domain})")
+        elif needs.items == "clips" and items != "clips":
+            problems.append(
+                f"  '{key}.options.mode': objective '{name}' trains on T×C×H×W clips; set {key}.domain: video with "
+                f"{key}.options.mode: clips (got domain {data.domain})"
+            )
+        elif needs.items == "clips" and frames < needs.frames:
+            problems.append(
+                f"  '{key}.options.clip_frames': objective '{name}' needs windows of at least {needs.frames} frames "
+                f"(objective.options.views.frames and speeds); raise {key}.options.clip_frames to {needs.frames} (got {frames})"
+            )
+        elif needs.items != "clips" and items == "clips":
+            problems.append(f"  '{key}.options.mode': objective '{name}' trains on single images; set {key}.options.mode: frames (got clips)")
+    if cfg.train.cached_views:
+        problems += _cache_problems(cfg, needs)
+    if problems:
+        raise ConfigError("\n".join([f"Invalid config {where}: what the components need is missing:", *problems]))
+
+
+def _cache_problems(cfg: RunConfig, needs: Needs) -> list[str]:
+    """``train.cached_views`` needs an objective whose steps only pass views on, and a frozen prefix (adapters after block 0)."""
+    k, problems = cfg.train.cached_views, []
+    if not needs.cacheable_views:
+        problems.append(
+            f"  'train.cached_views': objective '{cfg.objective.name}' changes pixels inside a training step (or wraps another "
+            f"objective), so its views cannot be cached; set train.cached_views=0 or use simclr or dino (got {k})"
+        )
+    if cfg.train.full_finetune:
+        problems.append("  'train.cached_views': needs a frozen prefix, and train.full_finetune trains every block; set one of them off")
+    views = cfg.objective.options.get("views")
+    if isinstance(views, dict) and views.get("device"):
+        problems.append(
+            "  'train.cached_views': objective.options.views.device: true builds views on the training device, not in the loader "
+            "that the cache reads; set one of them off"
+        )
+    blocks, depth = cfg.adapter.blocks, cfg.backbone.kwargs.get("depth")
+    first = 0 if blocks == "all" else min(b % depth if isinstance(depth, int) else b for b in blocks) if isinstance(blocks, list) else None
+    if first is None and isinstance(depth, int) and isinstance(blocks, int):
+        first = depth - blocks
+    if first == 0:  # unknown depth (a timm name without kwargs.depth): checked again when the backbone is built
+        problems.append(
+            f"  'adapter.blocks': train.cached_views needs adapters that start after block 0 (a frozen first block), e.g. "
+            f"adapter.blocks: 2 for the last two (got {blocks!r})"
+        )
+    return problems
 
 
 def _check_paths(cfg: RunConfig, where: str) -> None:
@@ -418,6 +530,9 @@ def _check_paths(cfg: RunConfig, where: str) -> None:
     if cfg.probe.dense is not None:
         checks += [("probe.dense.data.root", cfg.probe.dense.data.root)]
         checks += [("probe.dense.test.root", cfg.probe.dense.test.root if cfg.probe.dense.test else None)]
+    tower = objective_needs(cfg).text_tower
+    if tower and tower.startswith((".", "/", "~")):  # a folder, not an installed encoder's name or a cached hub id
+        checks.append(("objective.options.text_encoder", Path(tower).expanduser()))
     if cfg.backbone.weights and cfg.backbone.weights.startswith(PACKAGED):
         shipped_card(cfg.backbone.weights.removeprefix(PACKAGED))  # raises ConfigError naming what exists
     elif cfg.backbone.weights:

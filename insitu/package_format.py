@@ -394,6 +394,8 @@ def _input_problems(meta: PackageMeta) -> list[str]:
     problems = [f"input.{k} {inp[k]!r} is not the base's in_chans {chans}" for k in wrong]
     if size is not None and (type(size) is not int or size < patch or (size // patch) ** 2 > MAX_TOKENS):
         problems.append(f"input.image_size {size!r} is not whole pixels from the patch size {patch} up to {MAX_TOKENS} tokens per image")
+    elif size is not None and size % patch:  # the backbone cannot cut such an image into patches: the package could never run
+        problems.append(f"input.image_size {size} is not a multiple of the base's patch size {patch}; re-export it with a multiple of {patch}")
     if "resize" in inp and inp["resize"] not in RESIZE_POLICIES:
         problems.append(f"input.resize {inp['resize']!r} is not one of {list(RESIZE_POLICIES)}")
     if init is not None and not (isinstance(init, str) and len(init) <= 32):

@@ -1,4 +1,4 @@
-"""One registration pattern for every kind of component: adapters, objectives, domains, heads, writers.
+"""One registration pattern for every kind of component: adapters, objectives, domains, heads.
 
 A component's module registers it with a decorator, ``@OBJECTIVES.register("dino")``, and the
 component declares its typed options as a pydantic ``Options`` model. The table of each registry
@@ -15,6 +15,7 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -29,6 +30,29 @@ class NoOptions(BaseModel):
     """The options of a component that takes none."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+ItemKind = Literal["images", "pairs", "clips"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a registered objective requires of the rest of a run; `insitu.config` checks it before anything loads.
+
+    ``items``: what one training item must be: ``images`` (C×H×W), ``pairs`` (an image and its text,
+    ``data.domain: pairs``) or ``clips`` (T×C×H×W windows, the video domain's ``mode: clips``), as the
+    domain declares with ``Domain.yields``; ``frames``: the frames a clip needs (``data.options.clip_frames``).
+    ``teacher``: the run keeps an EMA teacher (the pipeline builds one and the package stores it).
+    ``cacheable_views``: a step only passes the loader's views to the models, so ``train.cached_views`` may
+    cache the frozen prefix's output for them (which also needs adapters that start after block 0).
+    ``text_tower``: the text encoder an image-text objective loads (``objective.options.text_encoder``).
+    """
+
+    items: ItemKind = "images"
+    frames: int = 1
+    teacher: bool = False
+    cacheable_views: bool = False
+    text_tower: str | None = None
 
 
 class Registry(Generic[T]):
@@ -124,8 +148,7 @@ CLASSIFICATION_HEADS: Registry[Any] = Registry(
 SEGMENTATION_HEADS: Registry[Any] = Registry(
     "segmentation head", {n: "insitu.heads.segmentation" for n in ("linear", "fpn", "upernet")}
 )
-WRITERS: Registry[Any] = Registry("prediction writer", {d: "insitu.pipelines.predict" for d in ("geotiff", "images", "video", "dicom")})
-REGISTRIES = (ADAPTERS, OBJECTIVES, DOMAINS, CLASSIFICATION_HEADS, SEGMENTATION_HEADS, WRITERS)
+REGISTRIES = (ADAPTERS, OBJECTIVES, DOMAINS, CLASSIFICATION_HEADS, SEGMENTATION_HEADS)  # prediction writers: each domain's write_predictions
 
 
 class AdapterOptions(BaseModel):
@@ -169,6 +192,8 @@ def config_error(exc: ValidationError, where: str, hint: Callable[[tuple[Any, ..
             lines.append(f"  unknown key '{loc}'{hint(err['loc'])}")
         elif err["type"] == "missing":
             lines.append(f"  missing required key '{loc}'")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a whole section's check: its message says what
+            lines.append(f"  '{loc}': {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  '{loc}': {err['msg']} (got {err.get('input')!r})")
     return ConfigError("\n".join(lines))

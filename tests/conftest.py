@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny seeded data in real formats and tiny ViT configs (fast on 2 CPU cores)."""
+"""Shared fixtures: tiny seeded data in real formats and tiny ViT configs (fast on 2 CPU cores).
+
+Data that many tests read is generated once per session and copied per test (a copy is a few ms;
+generating it is ten times that), so a test may still change its own copy.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,9 +51,16 @@ def write_shapes(root: Path, n_per_class: int = 6, size: int = 32, seed: int = 0
     return root
 
 
+@pytest.fixture(scope="session")
+def shapes_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default shapes folder, generated once per session; never handed to a test (use ``shapes_dir``)."""
+    return write_shapes(tmp_path_factory.mktemp("shapes-template") / "shapes")
+
+
 @pytest.fixture
-def shapes_dir(tmp_path: Path) -> Path:
-    return write_shapes(tmp_path / "shapes")
+def shapes_dir(tmp_path: Path, shapes_template: Path) -> Path:
+    """This test's own copy of 4 shape classes x 6 PNGs at 32 px (seed 0)."""
+    return Path(shutil.copytree(shapes_template, tmp_path / "shapes"))
 
 
 # overrides that shrink any run config to a 2-block ViT at 32 px and one step
@@ -59,6 +71,9 @@ TINY_RUN = [
     "train.batch_size=4",
     "objective.options.out_dim=64",
 ]
+
+# overrides that shrink the quickstart's probe to one repeat and a short bootstrap (its rows and files stay the same)
+TINY_PROBE = ["probe.repeats=1", "probe.bootstrap=200"]
 
 # overrides that shrink the quickstart (any domain) to a 2-block random-init ViT at 32 px and 2 steps
 TINY_QUICKSTART = [
@@ -71,6 +86,7 @@ TINY_QUICKSTART = [
     "objective.options.out_dim=64",
     "adapter.blocks=1",
     "probe.knn_k=3",
+    *TINY_PROBE,
 ]
 
 # data and probe overrides that shrink a PneumoniaMNIST config to a few 32 px items

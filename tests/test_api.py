@@ -15,4 +15,4 @@ def test_api_pretrain_load_embed_probe(tmp_path, shapes_dir):
     feats, ids = insitu.embed_folder(shapes_dir, model, image_size=32, normalizer=pkg.meta.normalizer)
     assert feats.shape == (24, 2 * 48) and len(set(ids)) == 24 and np.isfinite(feats).all()
     rows = insitu.probe(cfg, [result.adapter_dir])
-    assert len(rows) == 2 and rows[1].trainable_params > 0
+    assert len(rows) == 3 and rows[1].trainable_params > 0 and rows[2].name == "frozen + PCA whitening"  # frozen, adapted, baseline

@@ -201,8 +201,7 @@ def _worker_views(seed: int) -> list[torch.Tensor]:
     return list(loader)  # batch i comes from worker i % 2
 
 
-@pytest.mark.slow
-def test_workers_get_their_own_reproducible_streams():
+def test_workers_get_their_own_reproducible_streams():  # two forked workers: under a second, so in the fast tier
     first, again, other = _worker_views(0), _worker_views(0), _worker_views(1)
     assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True))
     assert not torch.equal(first[0], first[1])  # worker 0 and worker 1 do not repeat each other

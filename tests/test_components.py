@@ -11,8 +11,8 @@ from insitu.backbones import create_backbone
 from insitu.cli import main
 from insitu.config import load_config, validate_options
 from insitu.errors import ConfigError
-from insitu.heads import create_head
-from insitu.registry import ADAPTERS, CLASSIFICATION_HEADS, DOMAINS, OBJECTIVES, REGISTRIES, SEGMENTATION_HEADS, WRITERS
+from insitu.heads import create_head, head_options
+from insitu.registry import ADAPTERS, CLASSIFICATION_HEADS, DOMAINS, OBJECTIVES, REGISTRIES, SEGMENTATION_HEADS
 from tests.conftest import TINY_BACKBONE, tiny_config, write_shapes
 
 EVERY_NAME = [(registry.kind, name) for registry in REGISTRIES for name in registry.names()]
@@ -51,11 +51,17 @@ def test_every_adapter_kind_builds_with_its_defaults_and_round_trips_as_kind_and
     assert torch.equal(apply_package(path, bb).forward_tokens(x)[0], bb.forward_tokens(x, adapters)[0])
 
 
-def test_every_head_is_built_from_the_downstream_options():
-    options = {"hidden_dim": 16, "levels": 2, "decoder_dim": 8}
+def test_every_head_is_built_from_the_downstream_options_and_refuses_keys_it_does_not_take():
+    offered = {"hidden_dim": 16, "levels": 2, "decoder_dim": 8}
     for task, registry in (("classification", CLASSIFICATION_HEADS), ("segmentation", SEGMENTATION_HEADS)):
         for name in registry.names():
-            assert isinstance(create_head(task, name, 8, 3, **options), registry.get(name))
+            own = head_options(task, name, offered)
+            assert set(own) == set(registry.options(name).model_fields)
+            assert isinstance(create_head(task, name, 8, 3, **own), registry.get(name))
+            with pytest.raises(ConfigError, match=f"for {registry.kind} '{name}':\n  unknown key 'options.no_such_option'"):
+                create_head(task, name, 8, 3, **own, no_such_option=1)
+    with pytest.raises(ConfigError, match="'options.hidden_dim': Input should be greater than 0"):
+        create_head("classification", "mlp", 8, 3, hidden_dim=0)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +72,6 @@ def test_every_head_is_built_from_the_downstream_options():
         (DOMAINS, "geotif", "geotiff"),
         (CLASSIFICATION_HEADS, "mpl", "mlp"),
         (SEGMENTATION_HEADS, "fnp", "fpn"),
-        (WRITERS, "vidoe", "video"),
     ],
 )
 def test_unknown_names_suggest_the_closest(registry, typo, meant):

@@ -33,5 +33,5 @@ def test_pneumoniamnist_config_runs_tiny(tmp_path, monkeypatch):
     result = pretrain(cfg, quiet=True)
     assert result.steps == 1 and result.items == 16
     rows = run_probe(cfg, [result.adapter_dir])
-    assert [r.name.split(" (")[0] for r in rows] == ["frozen backbone", "+ adapters"]
+    assert [r.name.split(" (")[0] for r in rows] == ["frozen backbone", "+ adapters", "frozen + PCA whitening"]
     assert all(0.0 <= r.linear_acc <= 1.0 and r.n_test == 20 for r in rows)

@@ -12,7 +12,7 @@ import pytest
 from insitu.config import load_config
 from insitu.domains import create_domain
 from insitu.pipelines.pretrain import pretrain
-from tests.conftest import REPO, TINY_BACKBONE, shared, tiny_config
+from tests.conftest import REPO, TINY_BACKBONE, TINY_PROBE, shared, tiny_config
 from tests.data.dicom_fixtures import SENTINEL_NESTED, SENTINEL_PRIVATE, SENTINEL_UID_ROOT, SENTINELS, ct_volume, write_series
 
 TINY = [
@@ -81,7 +81,7 @@ def test_quickstart_dicom_demo(tmp_path):
 
     # the quickstart's own objective (simclr, two views) and cached views need a frozen block before the adapters
     tiny = [o for o in TINY[:-1] if not o.startswith("objective.options.views")]
-    overrides = tiny + ["adapter.blocks=1", "train.max_steps=2", "train.batch_size=8", "probe.knn_k=3", "trainer.accelerator=cpu"]
+    overrides = tiny + ["adapter.blocks=1", "train.max_steps=2", "train.batch_size=8", "probe.knn_k=3", "trainer.accelerator=cpu", *TINY_PROBE]
     summary = quickstart(tmp_path / "qs", domain="dicom", overrides=overrides, quiet=True)
     assert summary["pretrain"]["items"] > 0 and summary["pretrain"]["quarantined"] == 0
     assert all(0 <= row["linear_acc"] <= 1 for row in summary["probe"])

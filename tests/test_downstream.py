@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from insitu.adapters import AdaptedBackbone, create_adapters
 from insitu.backbones import create_backbone
 from insitu.config import BackboneConfig, load_config
-from insitu.heads import create_head
+from insitu.heads import create_head, head_options
 from insitu.pipelines import downstream
 from insitu.pipelines.downstream import StepBatchSampler
 from insitu.pipelines.finetune import DownstreamModel, finetune
@@ -25,7 +25,7 @@ def tiny_model(head: str, with_adapters: bool) -> DownstreamModel:
     torch.manual_seed(0)
     backbone = create_backbone(BackboneConfig(**TINY_BACKBONE))
     adapters = create_adapters(backbone, {"kind": "bottleneck", "bottleneck_dim": 4}) if with_adapters else None
-    head_module = create_head("segmentation", head, backbone.embed_dim, 3, levels=2, decoder_dim=8)
+    head_module = create_head("segmentation", head, backbone.embed_dim, 3, **head_options("segmentation", head, {"levels": 2, "decoder_dim": 8}))
     return DownstreamModel(AdaptedBackbone(backbone, adapters), head_module, "segmentation", layers=2)
 
 
@@ -120,7 +120,7 @@ def test_two_process_gloo_ddp_finetune(tmp_path, shapes_dir):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=240,  # below pytest's own limit (pyproject), so this one can fire
     )
     assert out.returncode == 0, out.stderr[-3000:]
     model, meta, _ = load_head(tmp_path / "m")

@@ -240,16 +240,16 @@ def test_colour_layout_target_is_the_inputs_own_pooled_colour():
     x = torch.zeros(2, 3, 32, 32)
     labels = torch.zeros(2, 4)
     logged: dict[str, float] = {}
-    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(torch.as_tensor(value).detach()))  # type: ignore[method-assign]
     module.training_step([x, labels], 0)
     assert logged["train/layout_mse"] == 0.0
     # a colour the head does not predict: the error is the mean square of the pooled colours (hand-computed)
     x[:, 0] = 1.0  # red everywhere: pooled target is 1 on the 4 red cells, 0 on the 8 others
-    loss = float(module.training_step([x, labels], 0))
+    loss = float(module.training_step([x, labels], 0).detach())
     assert abs(logged["train/layout_mse"] - 4 / 12) < 1e-6
     # the weight scales that term alone: the same (flip-invariant) batch with weight 1.5 instead of 0.5
     module.cfg.colour_layout_weight = 1.5
-    assert abs(float(module.training_step([x, labels], 0)) - loss - 1.0 * 4 / 12) < 1e-5
+    assert abs(float(module.training_step([x, labels], 0).detach()) - loss - 1.0 * 4 / 12) < 1e-5
 
 
 def test_bank_seed_keeps_the_classes_while_seed_varies():

@@ -65,6 +65,6 @@ def test_quickstart_geotiff_tiny(tmp_path, capsys):
     summary = json.loads((out / "quickstart.json").read_text())
     assert summary["pretrain"]["items"] == 160 and summary["pretrain"]["steps"] == 2
     rows = summary["probe"]
-    assert len(rows) == 2 and all(r["n_train"] == 160 and r["n_test"] == 80 for r in rows)
+    assert len(rows) == 3 and all(r["n_train"] == 160 and r["n_test"] == 80 for r in rows)  # frozen, adapted, frozen + PCA whitening
     # four spectrally distinct classes: even a random frozen tiny ViT separates them well above chance
     assert rows[0]["linear_acc"] > 0.5

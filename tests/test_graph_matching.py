@@ -398,4 +398,4 @@ def test_pneumoniamnist_graph_matching_config_runs_tiny(tmp_path: Path, monkeypa
     result = pretrain(cfg, quiet=True)
     assert result.steps == 1 and result.final_loss is not None and np.isfinite(result.final_loss)
     rows = run_probe(cfg, [result.adapter_dir])
-    assert len(rows) == 2 and all(r.n_test == 20 for r in rows)
+    assert len(rows) == 3 and all(r.n_test == 20 for r in rows)  # frozen, adapted, frozen + PCA whitening

@@ -11,7 +11,7 @@ import torch
 from insitu.backbones import create_backbone
 from insitu.config import BackboneConfig
 from insitu.errors import ConfigError
-from insitu.heads import create_head, few_shot_accuracy, prototype_logits
+from insitu.heads import create_head, few_shot_accuracy, head_options, prototype_logits
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
 from tests.conftest import TINY_BACKBONE
 
@@ -23,7 +23,7 @@ def backbone():
 
 @pytest.mark.parametrize("name", ["linear", "mlp"])
 def test_classification_heads_shapes_and_gradients(name):
-    head = create_head("classification", name, 96, 5, hidden_dim=16)
+    head = create_head("classification", name, 96, 5, **head_options("classification", name, {"hidden_dim": 16}))
     x = torch.randn(4, 96, requires_grad=True)
     out = head(x)
     assert out.shape == (4, 5)
@@ -48,7 +48,7 @@ def test_segmentation_heads_on_backbone_intermediates(backbone, name, levels):
     x = torch.randn(2, 3, 32, 32)
     maps = backbone.forward_intermediates(x, [0, 1, 1, 1][:levels] if levels > 2 else levels)
     assert maps[0].shape == (2, 48, 4, 4)
-    head = create_head("segmentation", name, 48, 3, levels=len(maps), decoder_dim=8)
+    head = create_head("segmentation", name, 48, 3, **head_options("segmentation", name, {"levels": len(maps), "decoder_dim": 8}))
     logits = head(maps, (32, 32))
     assert logits.shape == (2, 3, 32, 32)
     assert torch.isfinite(logits).all()

@@ -7,7 +7,7 @@ import pytest
 
 from insitu.domains import create_domain
 from insitu.domains.dicom import DicomError
-from insitu.domains.nifti import read_nifti_mask
+from insitu.domains.dicom.nifti import read_nifti_mask
 from tests.data.dicom_fixtures import ct_volume, write_nifti, write_series
 
 

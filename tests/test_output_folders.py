@@ -53,18 +53,11 @@ def test_quickstart_refuses_a_folder_it_did_not_create(tmp_path, capsys):
     assert "not written by insitu" in err and "--overwrite" in err
 
 
-def test_quickstart_out_dot_keeps_the_working_directory(tmp_path):
+def test_quickstart_out_dot_keeps_the_working_directory(tmp_path, monkeypatch, capsys):
     before = user_folder(tmp_path / "cwd")
-    code = subprocess.run(
-        [sys.executable, "-m", "insitu", "--quiet", "quickstart", "--out", "."],
-        cwd=tmp_path / "cwd",
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert code.returncode == 2, code.stderr
-    assert "not written by insitu" in code.stderr
+    monkeypatch.chdir(tmp_path / "cwd")  # "." is resolved against the working directory, in this process as in a new one
+    assert main(["--quiet", "quickstart", "--out", "."]) == 2
+    assert "not written by insitu" in capsys.readouterr().err
     assert snapshot(tmp_path / "cwd") == before
 
 

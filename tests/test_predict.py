@@ -120,7 +120,7 @@ def test_geotiff_prediction_keeps_georeferencing(tmp_path):
 
     demo = GeoTiffDomain.make_demo(tmp_path / "geo", seed=0, n_per_class=2, size=32)
     backbone = {"in_chans": 6}
-    cfg = tiny_config(tmp_path, tmp_path, data=demo.data, backbone=backbone, downstream={**DS, "head": "linear"})
+    cfg = tiny_config(tmp_path, tmp_path, data=demo.data, backbone=backbone, downstream={k: v for k, v in {**DS, "head": "linear"}.items() if k != "decoder_dim"})
     cfg["probe"] = {"train": demo.probe_train, "test": demo.probe_test}
     model_dir = finetune(load_config(cfg), out_dir=tmp_path / "model").out_dir
     scene = tmp_path / "geo" / "test" / "scene00.tif"
@@ -160,9 +160,9 @@ def test_dicom_seg_references_the_source_series(seg_model, tmp_path):
 def test_prediction_preprocesses_exactly_as_training(tmp_path):
     # a non-square image larger than the model size: resizing must antialias the same way in both paths
     from insitu.config import DataConfig
+    from insitu.domains.base import Predictor
     from insitu.domains.normalize import Normalizer
     from insitu.pipelines.data import SampleDataset, ScannedData
-    from insitu.pipelines.predict import _classify
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
@@ -184,7 +184,8 @@ def test_prediction_preprocesses_exactly_as_training(tmp_path):
         return torch.zeros(len(x), 2, *x.shape[2:])
 
     image = data.domain.load(item, data.manifest)["image"]
-    _classify(make_predictor(classifier, norm, 32), [image], {"image_size": 32, "class_names": ["a", "b"], "_batch": 4})
+    tiles = make_predictor(classifier, norm, 32)
+    Predictor("classification", 2, ["a", "b"], 32, 4, predict=tiles, segment=lambda im: tiles([im])[0]).classify([image])
     make_predictor(segmenter, norm, 32)([image])
     assert seen[0].shape == (3, 32, 32)
     assert torch.equal(seen[0], trained_on) and torch.equal(seen[1], trained_on)
@@ -211,3 +212,11 @@ def test_classification_predictions_csv_in_batches(tmp_path):
         probs = predictor([image])[0]
         assert int(row[1]) == int(probs.argmax()) and row[2] == meta["class_names"][int(row[1])]
         assert float(row[3]) == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def test_a_domain_without_an_output_format_or_an_unknown_option_is_a_config_error(seg_model, tmp_path):
+    with pytest.raises(ConfigError, match="The 'pairs' domain has no prediction output format"):
+        predict(seg_model, tmp_path, tmp_path / "out", "pairs")
+    with pytest.raises(ConfigError, match="unknown key 'chanels'; did you mean 'channels'"):
+        predict(seg_model, tmp_path, tmp_path / "out2", "images", {"chanels": 1})
+    assert not (tmp_path / "out2").exists()  # refused before the output folder is claimed

@@ -198,6 +198,6 @@ def test_quickstart_video_tiny(tmp_path):
     summary = quickstart(tmp_path / "qs", domain="video", overrides=overrides, quiet=True)
     assert (tmp_path / "qs" / "data" / "train" / "inflamed" / "inflamed_000.mp4").exists()
     rows = summary["probe"]
-    assert [r["name"].split(" (")[0] for r in rows] == ["frozen backbone", "+ adapters"]
+    assert [r["name"].split(" (")[0] for r in rows] == ["frozen backbone", "+ adapters", "frozen + PCA whitening"]
     assert rows[0]["n_test"] > 0 and all(0.0 <= r["linear_acc"] <= 1.0 for r in rows)
     assert (tmp_path / "qs" / "report.md").exists()

@@ -12,13 +12,18 @@ import csv
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from insitu.errors import ConfigError
 from insitu.io import write_csv, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = 255
 Sample = dict[str, Any]
@@ -154,8 +159,41 @@ class DemoData:
         return cls(data=train, probe_train=train, probe_test=test, in_chans=in_chans, description=description, recipe=recipe or {})
 
 
+@dataclass
+class Predictor:
+    """A fine-tuned model as `Domain.write_predictions` runs it; `insitu.pipelines.predict` builds it.
+
+    ``predict``: a batch of C×h×w tiles (the domain's physical units) -> a K×h×w (segmentation) or K
+    (classification) probability tensor per tile, on the CPU. ``segment``: one C×H×W image -> K×H×W
+    scores, blended from overlapping windows (``--option tile_size``; the whole image by default).
+    ``batch_size``: tiles or images per forward pass.
+    """
+
+    task: str
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    batch_size: int
+    predict: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    segment: Callable[[torch.Tensor], torch.Tensor]
+
+    def classify(self, images: list[torch.Tensor]) -> list[tuple[int, str, float]]:
+        """(class index, class name, probability) per image, ``batch_size`` images per pass."""
+        names = self.class_names
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            for probs in self.predict(images[i : i + self.batch_size]):
+                k = int(probs.argmax())
+                out.append((k, names[k] if k < len(names) else str(k), round(float(probs[k]), 4)))
+        return out
+
+    def require_segmentation(self, what: str) -> None:
+        if self.task != "segmentation":
+            raise ConfigError(f"{what} needs a segmentation model; this one was trained for {self.task}.")
+
+
 class Domain(ABC):
-    """One data domain: scan a root into a Manifest, load an item into a Sample, write a demo."""
+    """One data domain: scan a root into a Manifest, load an item into a Sample, write a demo, write predictions."""
 
     name: ClassVar[str]
     Options: ClassVar[type[DomainOptions]] = DomainOptions
@@ -165,6 +203,11 @@ class Domain(ABC):
             self.options = options
         else:
             self.options = self.Options.model_validate(options or {})
+
+    @classmethod
+    def yields(cls, options: DomainOptions) -> tuple[str, int]:
+        """What one item is, for an objective's ``Needs``: (``images``, 1), (``pairs``, 1) or (``clips``, frames)."""
+        return "images", 1
 
     @abstractmethod
     def scan(self, root: Path, max_items: int | None = None) -> Manifest:
@@ -178,6 +221,19 @@ class Domain(ABC):
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:
         """Write a small seeded dataset of this domain in its real file format."""
         raise NotImplementedError(f"domain {cls.name!r} has no embedded demo yet")
+
+    def with_options(self, **changes: Any) -> Domain:
+        """A new domain of this kind: the options this one was given, with ``changes`` over them."""
+        return type(self)({**self.options.model_dump(exclude_unset=True), **changes})
+
+    def write_predictions(self, model: Predictor, inputs: Path, out_dir: Path) -> list[Path]:
+        """Run ``model`` over the file or folder ``inputs`` and write its predictions into ``out_dir`` in this
+        domain's own format (the folder `insitu predict` claimed); returns the files written."""
+        raise ConfigError(
+            f"The {self.name!r} domain has no prediction output format. Predict with --domain naming a domain that "
+            "has one (images: PNG masks and overlays or predictions.csv; video: overlay MP4 + per-frame CSV; "
+            "dicom: DICOM-SEG; geotiff: georeferenced class maps)."
+        )
 
 
 def stable_id(*parts: str, salt: str = "") -> str:

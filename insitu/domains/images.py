@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -19,13 +21,16 @@ from insitu.domains.base import (
     DomainOptions,
     Manifest,
     ManifestItem,
+    Predictor,
     QuarantineItem,
     Sample,
     stable_id,
 )
 from insitu.domains.masks import read_binary_mask
+from insitu.domains.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.domains.synthetic import LAND_COVER, write_land_cover_folders
 from insitu.errors import DataError, EmptyDatasetError
+from insitu.io import write_csv
 from insitu.registry import DOMAINS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -78,7 +83,7 @@ class ImageFolderDomain(Domain):
 
     def load(self, item: ManifestItem, manifest: Manifest) -> Sample:
         if "npz_key" in item.extra:
-            arr = _npz_arrays(item.path)[item.extra["npz_key"]][item.extra["index"]]
+            arr = npz_arrays(item.path)[item.extra["npz_key"]][item.extra["index"]]
             image = _to_chw(np.asarray(arr), self.options.channels)
         else:
             with Image.open(item.path) as im:
@@ -129,7 +134,7 @@ class ImageFolderDomain(Domain):
     def _scan_npz(self, path: Path, max_items: int | None) -> Manifest:
         split = self.options.split or "train"
         try:
-            arrays = _npz_arrays(str(path))
+            arrays = npz_arrays(str(path))
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes a typed error
             raise DataError(f"Cannot read {path} as .npz: {exc}") from exc
         key = f"{split}_images"
@@ -178,11 +183,39 @@ class ImageFolderDomain(Domain):
             ),
         )
 
+    def write_predictions(self, model: Predictor, inputs: Path, out_dir: Path) -> list[Path]:
+        """Segmentation: ``<name>_mask.png`` (class ids) + ``<name>_overlay.png``; classification: ``predictions.csv``."""
+        return write_image_predictions(model, inputs, out_dir, self.options.channels)
+
+
+def write_image_predictions(model: Predictor, inputs: Path, out_dir: Path, channels: int = 3) -> list[Path]:
+    """`ImageFolderDomain.write_predictions` for every image file under ``inputs`` (or the file), read one at a time."""
+    files = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = _images_of(files, channels)
+    if model.task != "segmentation":  # read and classified one batch at a time
+        rows: list[tuple] = []
+        while batch := list(itertools.islice(images, model.batch_size)):
+            rows += [(stem, *c) for (stem, _), c in zip(batch, model.classify([im for _, im in batch]), strict=True)]
+        return [write_csv(out_dir / "predictions.csv", ["item", "class_index", "class", "probability"], rows)] if rows else []
+    written: list[Path] = []
+    for stem, image in images:
+        classes = model.segment(image).argmax(0).numpy()
+        written.append(save_png(classes.astype(np.uint8), out_dir / f"{stem}_mask.png"))
+        written.append(save_png(overlay_mask(to_rgb_uint8(image), classes), out_dir / f"{stem}_overlay.png"))
+    return written
+
+
+def _images_of(files: list[Path], channels: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, C×H×W image) per image file, read one at a time."""
+    for path in files:
+        with Image.open(path) as im:
+            yield path.stem, pil_to_chw(im, channels)
+
 
 _NPZ_CACHE: dict[str, dict[str, np.ndarray]] = {}
 
 
-def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+def npz_arrays(path: str) -> dict[str, np.ndarray]:
     """Arrays of an .npz, read once per process (npz members cannot be memory-mapped)."""
     if path not in _NPZ_CACHE:
         with np.load(path, allow_pickle=False) as data:

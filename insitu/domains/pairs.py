@@ -126,6 +126,10 @@ class PairsDomain(Domain):
     name = "pairs"
     Options = PairsOptions
 
+    @classmethod
+    def yields(cls, options: DomainOptions) -> tuple[str, int]:
+        return "pairs", 1
+
     def __init__(self, options: dict[str, Any] | DomainOptions | None = None) -> None:
         super().__init__(options)
         self.options: PairsOptions

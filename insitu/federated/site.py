@@ -1,4 +1,4 @@
-"""One site of a federation: its own data, the normal pretraining module, a few local steps per round.
+"""One site of a federation: its own data, the pretraining task (`SiteTask`), a few local steps per round.
 
 A round: load the global adapters and objective heads, run ``local_steps`` of the same Lightning
 loop ``insitu pretrain`` runs (same objective, views, EMA teacher, gradient clipping), hand back
@@ -7,14 +7,13 @@ trainable heads (:func:`shared_names`); everything else stays at the site: image
 normaliser, and the teacher. The teacher (EMA adapters, EMA heads, DINO's centre) is the EMA of
 this site's student across all rounds, including each global state it received; it never travels.
 Optimizer moments restart each round (the usual FedAvg choice); the lr, warm-up and EMA schedules
-run on the federation's total step count (``step_offset``).
+run on the federation's total step count (``step_offset``, set by `SiteTask.start_round`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -22,30 +21,36 @@ import torch
 
 from insitu.config import RunConfig
 from insitu.domains import ManifestItem
+from insitu.engine import make_trainer
 from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData, fit_normalizer
-from insitu.pipelines.pretrain import PretrainModule
-from insitu.pipelines.trainer import resolve_precision
+from insitu.pipelines.pretrain import PretrainModule, PretrainTask
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
 
 log = logging.getLogger("insitu")
 
 
-class SiteModule(PretrainModule):
-    """`PretrainModule` plus FedProx's proximal term towards the round's global state."""
+class SiteTask(PretrainTask):
+    """`PretrainTask` plus FedProx's proximal term towards the round's global state (the `penalty` hook)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.proximal_mu = 0.0
         self.global_state: dict[str, torch.Tensor] = {}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        loss = super().training_step(batch, batch_idx)
-        if loss is None or self.proximal_mu <= 0 or not self.global_state:
-            return loss
+    def start_round(self, step_offset: int, global_state: dict[str, torch.Tensor], proximal_mu: float) -> None:
+        """Before a round's local steps: schedules continue from ``step_offset``; FedProx pulls towards ``global_state``."""
+        self.start_segment(step_offset)
+        self.proximal_mu = proximal_mu
+        self.global_state = global_state if proximal_mu > 0 else {}
+
+    def penalty(self, batch_size: int) -> torch.Tensor | None:
+        """FedProx: ``proximal_mu / 2 * ||w - w_global||^2`` over the shared tensors (None without FedProx)."""
+        if self.proximal_mu <= 0 or not self.global_state:
+            return None
         params = dict(self.named_parameters())
         prox = sum(((params[k] - g.to(params[k].device)) ** 2).sum() for k, g in self.global_state.items() if k in params)
-        self.log("train/proximal", prox.detach(), batch_size=len(batch["item_id"]))
-        return loss + 0.5 * self.proximal_mu * prox
+        self.log("train/proximal", prox.detach(), batch_size=batch_size)
+        return 0.5 * self.proximal_mu * prox
 
 
 def federated_config(cfg: RunConfig) -> RunConfig:
@@ -100,7 +105,7 @@ class SiteTrainer:
             raise ValueError("this site has no usable items (check data.root, or fewer --sites)")
         self.items = len(items)
         self.quarantined = len(data.manifest.quarantine)
-        self.module = SiteModule(self.cfg)
+        self.module = SiteTask(self.cfg)
         self.names = shared_names(self.module)
         dataset = SampleDataset(data, items, fit_normalizer(data, items), self.module.objective.view_transform(), self.cfg.data.image_size)
         workers = self.cfg.data.num_workers
@@ -127,21 +132,15 @@ class SiteTrainer:
         set_arrays(self.module, self.names, arrays)
         # a fresh, reproducible data order each round (the same every round would repeat the same batches)
         L.seed_everything(self.cfg.seed * 1_000_003 + step_offset, workers=True, verbose=False)
-        self.module.step_offset = step_offset
-        self.module._last_ema_step = -1
-        self.module.proximal_mu = proximal_mu
-        self.module.global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.names, arrays, strict=True)} if proximal_mu > 0 else {}
-        trainer = L.Trainer(
+        global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.names, arrays, strict=True)} if proximal_mu > 0 else {}
+        self.module.start_round(step_offset, global_state, proximal_mu)
+        trainer = make_trainer(
+            self.cfg.trainer,
             max_steps=steps,
-            accelerator=self.cfg.trainer.accelerator,
-            devices=1,
-            precision=resolve_precision(self.cfg),
+            single_device=True,
             logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             gradient_clip_val=self.cfg.train.grad_clip,
-            num_sanity_val_steps=0,
         )
         trainer.fit(self.module, datamodule=self.datamodule)
         loss = trainer.callback_metrics.get("train/loss")

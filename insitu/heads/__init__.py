@@ -12,17 +12,24 @@ from torch import nn
 
 from insitu.heads.classification import few_shot_accuracy, prototype_logits
 from insitu.heads.probe import knn_accuracy, linear_probe_accuracy
-from insitu.registry import CLASSIFICATION_HEADS, SEGMENTATION_HEADS
+from insitu.registry import CLASSIFICATION_HEADS, SEGMENTATION_HEADS, validated
+
+
+def head_options(task: str, name: str, offered: dict[str, int]) -> dict[str, int]:
+    """The entries of ``offered`` (a downstream config offers every head's options) that head ``name`` takes."""
+    model = (SEGMENTATION_HEADS if task == "segmentation" else CLASSIFICATION_HEADS).options(name)
+    return {k: v for k, v in offered.items() if k in model.model_fields}
 
 
 def create_head(task: str, name: str, in_dim: int, num_classes: int, **options: int) -> nn.Module:
-    """Build the head named ``name`` for ``task`` (classification, multilabel or segmentation).
+    """Build the head named ``name`` for ``task`` (classification, multilabel or segmentation) with its own ``options``.
 
-    ``options`` may hold every head's options (the downstream config's); each head takes its own.
+    A key the head does not take, or a value out of its bounds, is a `ConfigError` naming the head (`head_options`
+    picks a head's own options from a downstream config's).
     """
     registry = SEGMENTATION_HEADS if task == "segmentation" else CLASSIFICATION_HEADS
     head, model = registry.get(name), registry.options(name)
-    own = model.model_validate({k: v for k, v in options.items() if k in model.model_fields})
+    own = validated(model, options, "options", f"for {registry.kind} {name!r}")
     return head(in_dim, num_classes, **own.model_dump())
 
 
@@ -30,6 +37,7 @@ __all__ = [
     "CLASSIFICATION_HEADS",
     "SEGMENTATION_HEADS",
     "create_head",
+    "head_options",
     "few_shot_accuracy",
     "knn_accuracy",
     "linear_probe_accuracy",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from insitu.registry import OBJECTIVES, ItemKind, Needs
 
 
 class ObjectiveOptions(BaseModel):
@@ -28,6 +31,12 @@ class Objective(nn.Module):
     # True when a step only passes the data pipeline's views to the models (no pixel operations of
     # its own), so the frozen prefix's output for those views can be cached (``train.cached_views``)
     cacheable_views: ClassVar[bool] = False
+    items: ClassVar[ItemKind] = "images"  # what a training item must be (insitu.registry.Needs)
+
+    @classmethod
+    def needs(cls, opts: ObjectiveOptions) -> Needs:
+        """What this objective with validated options ``opts`` requires of the run (checked by `insitu.config`)."""
+        return Needs(items=cls.items, teacher=cls.needs_teacher, cacheable_views=cls.cacheable_views)
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__()
@@ -49,3 +58,9 @@ class Objective(nn.Module):
     def head_state(self) -> dict[str, torch.Tensor]:
         """The student-side head tensors to store in the adapter package."""
         return {}
+
+
+def wrapped_needs(base: str, base_options: dict[str, Any]) -> Needs:
+    """The needs of an objective that wraps ``base`` (sigreg, self_distill): the base's, without cached views."""
+    cls = OBJECTIVES.get(base)
+    return dataclasses.replace(cls.needs(cls.Options.model_validate(base_options)), cacheable_views=False)

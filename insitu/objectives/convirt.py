@@ -31,7 +31,7 @@ from torch import nn
 from insitu.objectives import augment
 from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
-from insitu.registry import OBJECTIVES
+from insitu.registry import OBJECTIVES, Needs
 from insitu.text import TextEncoder, load_text_encoder
 
 
@@ -126,6 +126,11 @@ class ConVIRTObjective(Objective):
     Options = ConVIRTOptions
     opts: ConVIRTOptions
     needs_teacher = False
+    items = "pairs"
+
+    @classmethod
+    def needs(cls, opts: ConVIRTOptions) -> Needs:
+        return Needs(items="pairs", text_tower=opts.text_encoder)
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
@@ -152,7 +157,7 @@ class ConVIRTObjective(Objective):
         return self.text_proj(self.text(texts))
 
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        if "text" not in batch:
+        if "text" not in batch:  # a config cannot get here (insitu.config checks Needs.items); a hand-built batch can
             raise ValueError(f"the {self.name} objective needs image-text pairs: set data.domain: pairs (the batch has no text).")
         texts = batch["text"]
         v = self.embed_images(student, batch["views"][0])

@@ -31,7 +31,7 @@ from lightly.loss.msn_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.center import center_mean, center_momentum
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from insitu.objectives.base import Objective, ObjectiveOptions
@@ -55,6 +55,13 @@ class DinoOptions(ObjectiveOptions):
     head_norm_momentum: float = Field(0.9, ge=0, lt=1)
     koleo_weight: float = Field(0.0, ge=0)
     views: MultiCropOptions = MultiCropOptions()
+
+    @model_validator(mode="after")
+    def _enough_views(self) -> DinoOptions:
+        views = self.views.global_crops + self.views.local_crops
+        if views < 2:
+            raise ValueError(f"the DINO loss compares pairs of views: set views.global_crops + views.local_crops >= 2 (got {views})")
+        return self
 
 
 class RunningStandardize(nn.Module):

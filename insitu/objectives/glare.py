@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from insitu.objectives.augment import gaussian_blur
@@ -68,6 +68,17 @@ class GlareOptions(DinoOptions):
     dense_hidden_dim: int = Field(256, gt=0)
     dense_bottleneck_dim: int = Field(64, gt=0)
 
+    @model_validator(mode="after")
+    def _enough_views(self) -> GlareOptions:  # replaces DINO's check: each term has its own need
+        views = self.views.global_crops + self.views.local_crops
+        if not (self.global_term or self.local.enabled or self.regional.enabled):
+            raise ValueError("glare needs at least one of global_term, local.enabled, regional.enabled")
+        if self.global_term and views < 2:
+            raise ValueError(f"the global term compares pairs of views: set views.global_crops + views.local_crops >= 2 (got {views})")
+        if not (self.global_term or self.local.enabled) and self.views.global_crops < 2:
+            raise ValueError("the regional term alone needs two global crops: set views.global_crops >= 2, or enable local or global_term")
+        return self
+
 
 @OBJECTIVES.register("glare")
 class GlareObjective(DinoObjective):
@@ -78,9 +89,7 @@ class GlareObjective(DinoObjective):
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o = self.opts
-        if not (o.global_term or o.local.enabled or o.regional.enabled):
-            raise ValueError("glare needs at least one of global_term, local.enabled, regional.enabled")
+        o = self.opts  # at least one term that applies: GlareOptions checks it
         # one head for patch and region tokens (both are dense tokens), its own EMA copy
         dims = (embed_dim, o.dense_hidden_dim, o.dense_bottleneck_dim, o.dense_out_dim)
         self.dense_head = DINOProjectionHead(*dims)

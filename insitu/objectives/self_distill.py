@@ -22,9 +22,9 @@ from torch import nn
 
 from insitu.adapters import adapters_from_package
 from insitu.adapters.package import check_compatible, load_package
-from insitu.objectives.base import Objective, ObjectiveOptions
+from insitu.objectives.base import Objective, ObjectiveOptions, wrapped_needs
 from insitu.objectives.views import resize_square
-from insitu.registry import OBJECTIVES
+from insitu.registry import OBJECTIVES, Needs
 
 
 class SelfDistillOptions(ObjectiveOptions):
@@ -53,6 +53,10 @@ class SelfDistillObjective(Objective):
     name = "self_distill"
     Options = SelfDistillOptions
     opts: SelfDistillOptions
+
+    @classmethod
+    def needs(cls, opts: SelfDistillOptions) -> Needs:
+        return wrapped_needs(opts.base, opts.base_options)
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)

@@ -19,8 +19,8 @@ from lightly.loss import SIGReg
 from pydantic import Field
 from torch import nn
 
-from insitu.objectives.base import Objective, ObjectiveOptions
-from insitu.registry import OBJECTIVES
+from insitu.objectives.base import Objective, ObjectiveOptions, wrapped_needs
+from insitu.registry import OBJECTIVES, Needs
 
 
 class SIGRegOptions(ObjectiveOptions):
@@ -60,6 +60,10 @@ class SIGRegObjective(Objective):
     name = "sigreg"
     Options = SIGRegOptions
     opts: SIGRegOptions
+
+    @classmethod
+    def needs(cls, opts: SIGRegOptions) -> Needs:
+        return wrapped_needs(opts.base, opts.base_options)
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)

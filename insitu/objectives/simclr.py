@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from insitu.objectives.base import Objective, ObjectiveOptions
@@ -30,6 +30,16 @@ class SimCLROptions(ObjectiveOptions):
     temperature: float = Field(0.2, gt=0)
     views: MultiCropOptions = MultiCropOptions(global_crops=2, local_crops=0)
 
+    @model_validator(mode="after")
+    def _two_views(self) -> SimCLROptions:
+        v = self.views
+        if v.global_crops != 2 or v.local_crops != 0:
+            raise ValueError(
+                "simclr compares exactly two views: set views.global_crops=2 and views.local_crops=0 "
+                f"(got views.global_crops={v.global_crops}, views.local_crops={v.local_crops})"
+            )
+        return self
+
 
 @OBJECTIVES.register("simclr")
 class SimCLRObjective(Objective):
@@ -41,9 +51,7 @@ class SimCLRObjective(Objective):
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
-        o = self.opts
-        if o.views.global_crops != 2 or o.views.local_crops != 0:
-            raise ValueError("simclr compares exactly two views: set views.global_crops=2 and views.local_crops=0")
+        o = self.opts  # two views exactly: SimCLROptions checks it
         self.head = SimCLRProjectionHead(embed_dim, o.hidden_dim, o.out_dim)
         self.loss = NTXentLoss(temperature=o.temperature)
 

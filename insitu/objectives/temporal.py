@@ -34,7 +34,7 @@ from torch import nn
 from insitu.objectives import augment
 from insitu.objectives.augment import ViewRecipe
 from insitu.objectives.base import Objective, ObjectiveOptions
-from insitu.registry import OBJECTIVES
+from insitu.registry import OBJECTIVES, Needs
 
 
 class ClipViewOptions(BaseModel):
@@ -109,6 +109,7 @@ def augment_clip(clip: torch.Tensor, size: int, opts: ClipViewOptions, generator
 
 
 def _require_window(clip: torch.Tensor, need: int, what: str) -> None:
+    """An assertion for hand-built clips: a config cannot get here (insitu.config checks Needs.items and Needs.frames)."""
     if clip.ndim != 4:
         raise ValueError(f"{what} needs T×C×H×W clips; set data.options.mode: clips (got a tensor of shape {tuple(clip.shape)}).")
     if clip.shape[0] < need:
@@ -123,7 +124,7 @@ class RSPViews(ViewRecipe):
         self.size, self.opts = size, opts
 
     def window_needed(self) -> int:
-        return (self.opts.views.frames - 1) * max(self.opts.speeds) + 1
+        return rsp_window(self.opts)
 
     def __call__(self, clip: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         _require_window(clip, self.window_needed(), "the rsp objective")
@@ -132,6 +133,11 @@ class RSPViews(ViewRecipe):
         s_c = augment.choice([s for s in self.opts.speeds if s != s_ab], g)
         cuts = [augment.temporal_window(clip, frames, s, g) for s in (s_ab, s_ab, s_c)]
         return [augment_clip(c, self.size, self.opts.views, g) for c in cuts], torch.tensor([s_ab, s_ab, s_c])
+
+
+def rsp_window(opts: RSPOptions) -> int:
+    """The frames one window must hold for RSP's fastest clip."""
+    return (opts.views.frames - 1) * max(opts.speeds) + 1
 
 
 class CVRLViews(ViewRecipe):
@@ -193,6 +199,11 @@ class _TemporalObjective(Objective):
     """Shared parts: temporal pool, clip encoding, and no teacher (contrastive, not distillation)."""
 
     needs_teacher = False
+    items = "clips"
+
+    @classmethod
+    def needs(cls, opts: TemporalOptions) -> Needs:
+        return Needs(items="clips", frames=opts.views.frames)
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)
@@ -209,6 +220,10 @@ class RSPObjective(_TemporalObjective):
     name = "rsp"
     Options = RSPOptions
     opts: RSPOptions
+
+    @classmethod
+    def needs(cls, opts: RSPOptions) -> Needs:
+        return Needs(items="clips", frames=rsp_window(opts))
 
     def __init__(self, embed_dim: int, patch_size: int, image_size: int, options: dict[str, Any], max_steps: int) -> None:
         super().__init__(embed_dim, patch_size, image_size, options, max_steps)

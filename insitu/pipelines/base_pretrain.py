@@ -13,8 +13,8 @@ architecture, steps, images seen, command, seed, wall time and device.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
-import math
 import platform
 import shlex
 import sys
@@ -33,8 +33,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from insitu.backbones import ViTBackbone, create_backbone
-from insitu.config import BackboneConfig, Strict
+from insitu.config import BackboneConfig, Strict, TrainerConfig
 from insitu.domains.fractals import NUM_TEXTURES, FractalStream, SystemBank
+from insitu.engine import NonFinitePolicy, Optimisation, Task, make_trainer
 from insitu.errors import ConfigError
 from insitu.objectives.augment import worker_seed
 from insitu.objectives.views import MultiCrop, MultiCropOptions
@@ -135,37 +136,30 @@ class _Labelled(IterableDataset):
             yield _normalise(img), *labels
 
 
-class _Optimizer:
-    """AdamW without weight decay on biases and norms, linear warm-up then cosine decay."""
+class _BaseTask(Task):
+    """A fractal base task: AdamW without weight decay on biases and norms, linear warm-up then cosine to ``min_lr``."""
 
-    cfg: BasePretrainConfig
+    training_text: str
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=self.cfg.lr
+    def __init__(self, cfg: BasePretrainConfig, ema_base: float | None = None) -> None:
+        self.cfg = cfg  # before Task.__init__, which calls configure_models
+        super().__init__(
+            Optimisation(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr, cfg.weight_decay, ema_base=ema_base),
+            {"base": cfg},
+            NonFinitePolicy("stop", lr_key="lr", skip_key=None),
         )
-        c = self.cfg
 
-        def lr_at(step: int) -> float:
-            if step < c.warmup_steps:
-                return (step + 1) / c.warmup_steps
-            t = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
-            return (c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * t))) / c.lr
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"}}
+    @property
+    def exported(self) -> ViTBackbone:
+        raise NotImplementedError
 
 
-class MIPModule(_Optimizer, L.LightningModule):
+class MIPModule(_BaseTask):
     """Multi-instance prediction: ViT + linear multi-label head over the system bank; the ViT is exported."""
 
-    training_text = "multi-instance prediction (which IFS systems are in the image, multi-label BCE) from scratch, all parameters"
-
-    def __init__(self, cfg: BasePretrainConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+    def configure_models(self) -> None:
+        cfg = self.cfg
+        self.training_text = "multi-instance prediction (which IFS systems are in the image, multi-label BCE) from scratch, all parameters"
         self.student = create_backbone(cfg.backbone).set_trainable(True)
         self.head = torch.nn.Linear(2 * self.student.embed_dim, cfg.num_systems)
         if cfg.backbone.weights:
@@ -209,7 +203,7 @@ class MIPModule(_Optimizer, L.LightningModule):
             loss = loss + self.cfg.colour_layout_weight * layout_mse
             self.log("train/layout_mse", layout_mse, prog_bar=True, batch_size=x.shape[0])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}; lower lr")
+            self.non_finite(loss)  # raises NonFiniteLossError (base pretraining always stops)
         with torch.no_grad():  # exact-set accuracy over the images' top-k systems (k = instances present)
             k = labels.sum(1).long()
             ranked = logits.argsort(1, descending=True)
@@ -219,14 +213,16 @@ class MIPModule(_Optimizer, L.LightningModule):
         return loss
 
 
-class BasePretrainModule(_Optimizer, L.LightningModule):
+class BasePretrainModule(_BaseTask):
     """Student ViT + head trained with DINO; the teacher (ViT + head) is their EMA."""
 
     training_text = "DINO self-distillation from scratch (all parameters), teacher weights exported"
 
     def __init__(self, cfg: BasePretrainConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, ema_base=cfg.ema_momentum)
+
+    def configure_models(self) -> None:
+        cfg = self.cfg
         self.student = create_backbone(cfg.backbone).set_trainable(True)
         self.teacher = copy.deepcopy(self.student).set_trainable(False)
         dim = self.student.embed_dim
@@ -243,15 +239,13 @@ class BasePretrainModule(_Optimizer, L.LightningModule):
         s_out = [self.head(self.student.forward_tokens(v)[0]) for v in views]
         loss = self.loss(t_out, s_out)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}; lower lr")
+            self.non_finite(loss)  # raises NonFiniteLossError (base pretraining always stops)
         self.log("train/loss", loss, prog_bar=True, batch_size=views[0].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        t = min(1.0, self.global_step / self.cfg.steps)
-        m = 1 - (1 - self.cfg.ema_momentum) * (math.cos(math.pi * t) + 1) / 2
-        update_momentum(self.student, self.teacher, m)
-        update_momentum(self.head, self.teacher_head, m)
+    def update_teachers(self, momentum: float) -> None:
+        update_momentum(self.student, self.teacher, momentum)
+        update_momentum(self.head, self.teacher_head, momentum)
 
     @property
     def exported(self) -> ViTBackbone:
@@ -290,22 +284,18 @@ def base_pretrain(cfg: BasePretrainConfig, quiet: bool = False) -> Path:
         crop = MultiCrop(cfg.backbone.img_size, module.student.patch_size, cfg.views)
         data = _Views(FractalStream(cfg.backbone.img_size, cfg.seed), crop)
         loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate)
-    gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     run_dir = cfg.out_dir / cfg.name
     start = time.perf_counter()
-    trainer = L.Trainer(
+    trainer = make_trainer(
+        TrainerConfig(accelerator=cfg.accelerator, precision=cfg.precision),
+        [_PeriodicExport(cfg, run_dir, start)],
         max_steps=cfg.steps,
-        accelerator=cfg.accelerator,
-        devices=1,
-        precision=precision,
+        quiet=quiet,
+        single_device=True,
         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs", version=""),
         enable_checkpointing=False,
-        enable_progress_bar=not quiet,
-        enable_model_summary=False,
         gradient_clip_val=3.0,
         log_every_n_steps=min(20, max(1, cfg.steps // 10)),
-        callbacks=[_PeriodicExport(cfg, run_dir, start)],
     )
     trainer.fit(module, loader)
     wall = time.perf_counter() - start
@@ -345,7 +335,7 @@ def export_base(module: MIPModule | BasePretrainModule, cfg: BasePretrainConfig,
         "final_layout_mse": _metric(trainer, "train/layout_mse"),
         "command": " ".join(shlex.quote(a) for a in ["insitu", *sys.argv[1:]]),
         "config": json.loads(cfg.model_dump_json()),
-        "insitu_version": __import__("insitu").__version__,
+        "insitu_version": importlib.metadata.version("insitu"),  # the installed distribution's version, = insitu.__version__
     }
     (run_dir / f"{cfg.name}.json").write_text(json.dumps(card, indent=2))
     return weights

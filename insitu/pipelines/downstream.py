@@ -16,14 +16,14 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex, MultilabelAveragePrecision
 
 from insitu.config import DownstreamConfig, RunConfig
-from insitu.pipelines.trainer import AtomicCheckpointIO, resolve_precision
+from insitu.engine import Optimisation, Task, make_trainer
 
 MAIN_METRIC = {"classification": "accuracy", "multilabel": "mAP", "segmentation": "mIoU"}
 Features = torch.Tensor | list[torch.Tensor]
@@ -46,14 +46,19 @@ def task_loss(ds: DownstreamConfig, logits: torch.Tensor, target: torch.Tensor, 
     return F.cross_entropy(logits.float(), target.long(), weight=weight, ignore_index=ds.ignore_index)
 
 
-class DownstreamTask(L.LightningModule):
-    """A `DownstreamModel` (adapted backbone + head) trained for a task; only the head (and adapters) learn."""
+class DownstreamTask(Task):
+    """A `DownstreamModel` (adapted backbone + head) trained for a task; only the head (and adapters) learn.
+
+    AdamW at weight decay 1e-4 on every trainable parameter (biases too) and a cosine from ``ds.lr``
+    to 0 over ``ds.steps``, without warm-up.
+    """
 
     def __init__(
         self, model: torch.nn.Module, ds: DownstreamConfig, num_classes: int, weight: torch.Tensor | None, image_size: int
     ) -> None:
-        super().__init__()
-        self.model, self.ds, self.k, self.image_size = model, ds, num_classes, image_size
+        self.ds, self.k, self.image_size = ds, num_classes, image_size
+        super().__init__(Optimisation(ds.lr, ds.steps, weight_decay=1e-4, decay_all=True), {"downstream": ds})
+        self.model = model
         self.register_buffer("class_weight", weight if weight is not None else torch.empty(0), persistent=False)
         self.val_metrics = metric_collection(ds.task, num_classes, ds.ignore_index).clone(prefix="val/")
         self.history: list[float] = []  # training loss per step of this segment
@@ -64,7 +69,7 @@ class DownstreamTask(L.LightningModule):
             for p in model.adapted.adapters.parameters():
                 p.requires_grad_(True)
 
-    def trainable(self) -> list[torch.nn.Parameter]:
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -88,11 +93,6 @@ class DownstreamTask(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.trainable(), lr=self.ds.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.ds.steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -179,7 +179,7 @@ def _trainable(task: L.LightningModule, key: str) -> bool:
 def downstream_trainer(
     cfg: RunConfig, ds: DownstreamConfig, ckpt_dir: Path | None, log_dir: Path | None, has_val: bool, quiet: bool
 ) -> L.Trainer:
-    """A Lightning trainer for ``ds.steps`` steps on the run's ``trainer`` section."""
+    """A Lightning trainer (`insitu.engine.make_trainer`) for ``ds.steps`` steps on the run's ``trainer`` section."""
     monitor = "val/" + MAIN_METRIC[ds.task]
     callbacks: list[Callback] = []
     if ckpt_dir is not None:
@@ -193,27 +193,18 @@ def downstream_trainer(
         callbacks.append(KeepBest(monitor))
         if ds.early_stopping is not None:
             callbacks.append(EarlyStopping(monitor, mode="max", patience=ds.early_stopping, check_on_train_epoch_end=False))
-    if not quiet:
-        callbacks.append(RichProgressBar(leave=False))
-    return L.Trainer(
+    return make_trainer(
+        cfg.trainer,
+        callbacks,
         max_steps=ds.steps,
+        quiet=quiet,
         max_epochs=1,  # one epoch = the StepBatchSampler's steps
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes,
-        precision=resolve_precision(cfg),
         logger=CSVLogger(log_dir, name="", version="") if log_dir is not None else False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
         val_check_interval=min(ds.val_every, ds.steps) if has_val else None,
         check_val_every_n_epoch=None,
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=max(1, min(10, ds.steps // 10)),
         enable_checkpointing=ckpt_dir is not None,
-        enable_progress_bar=not quiet,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         use_distributed_sampler=False,  # StepBatchSampler shards by rank itself
         default_root_dir=log_dir,
     )

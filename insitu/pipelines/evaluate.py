@@ -14,8 +14,8 @@ import torch
 
 from insitu.backbones import create_backbone
 from insitu.config import RunConfig, dump_config
+from insitu.domains.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.exports.html import write_html_report
-from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.exports.plots import embedding_plot, few_shot_plot, metric_bars
 from insitu.exports.report import markdown_table, write_report
 from insitu.heads import few_shot_accuracy, knn_accuracy

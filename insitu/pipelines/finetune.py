@@ -12,69 +12,29 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import seed_everything
-from torch import nn
 
-from insitu.adapters import AdaptedBackbone, create_adapters
-from insitu.adapters.package import apply_package, load_package
-from insitu.backbones import ViTBackbone, create_backbone
+from insitu.adapters.package import load_package
+from insitu.backbones import ViTBackbone
 from insitu.config import DownstreamConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
 from insitu.errors import ConfigError
-from insitu.heads import create_head
 from insitu.heads.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
 from insitu.io import claim_folder, is_secondary_rank
 from insitu.pipelines.downstream import DownstreamTask, Features, LabelledData, LabelledItems, downstream_trainer
+from insitu.pipelines.downstream_model import DownstreamModel, FinetuneResult, build_model, downstream_of
+from insitu.pipelines.head_folder import save_head
 from insitu.pipelines.labelled import Labelled, labelled_splits, load_labelled
 from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
 from insitu.sharing.signing import trust_of
 
 log = logging.getLogger("insitu")
-
-
-class DownstreamModel(nn.Module):
-    """An adapted backbone plus a task head: images in, logits (B×K or B×K×H×W) out."""
-
-    def __init__(self, adapted: AdaptedBackbone, head: nn.Module, task: str, layers: int = 4) -> None:
-        super().__init__()
-        self.adapted, self.head, self.task, self.layers = adapted, head, task, layers
-
-    def features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Backbone features the head reads: pooled vectors, or token maps for segmentation."""
-        if self.task == "segmentation":
-            return self.adapted.forward_intermediates(x, min(self.layers, self.adapted.num_blocks))
-        cls, patches, _ = self.adapted.forward_tokens(x)
-        return torch.cat([cls, patches.mean(1)], dim=1)
-
-    def head_logits(self, feats: torch.Tensor | list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return self.head(feats, size) if self.task == "segmentation" else self.head(feats)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_logits(self.features(x), tuple(x.shape[-2:]))
-
-
-@dataclass
-class FinetuneResult:
-    name: str
-    seed: int
-    metrics: dict[str, float]
-    trainable_params: int
-    n_train: int
-    n_test: int
-    wall_s: float
-    out_dir: Path | None = None
-    history: list[float] = field(default_factory=list)
-
-
-def downstream_of(cfg: RunConfig) -> DownstreamConfig:
-    """The run's downstream section (defaults when absent)."""
-    return cfg.downstream or DownstreamConfig()
 
 
 def num_classes_of(ds: DownstreamConfig, train: Labelled, test: Labelled) -> int:
@@ -108,23 +68,6 @@ def task_metrics(ds: DownstreamConfig, logits: torch.Tensor, target: torch.Tenso
     if ds.task == "multilabel":
         return multilabel_metrics(logits, target)
     return classification_metrics(logits, target, k)
-
-
-def build_model(cfg: RunConfig, adapter: Path | None, k: int, backbone: ViTBackbone | None = None) -> DownstreamModel:
-    """Backbone (+ adapter package, or fresh adapters in ``mode: adapters``) + a fresh head.
-
-    ``backbone``: one already built from ``cfg.backbone`` (it stays frozen, so seeds and packages share it).
-    """
-    ds = downstream_of(cfg)
-    backbone = backbone or create_backbone(cfg.backbone)
-    if adapter is not None:
-        adapted = apply_package(load_package(adapter, trust_of(cfg)), backbone)
-    else:  # without a package, mode: adapters trains zero-initialised adapters from the `adapter` section
-        adapted = AdaptedBackbone(backbone, create_adapters(backbone, cfg.adapter) if ds.mode == "adapters" else None)
-    in_dim = backbone.embed_dim * (1 if ds.task == "segmentation" else 2)
-    levels = min(ds.layers, backbone.num_blocks)
-    head = create_head(ds.task, ds.head, in_dim, k, hidden_dim=ds.hidden_dim, levels=levels, decoder_dim=ds.decoder_dim)
-    return DownstreamModel(adapted, head, ds.task, ds.layers)
 
 
 @torch.no_grad()
@@ -293,8 +236,6 @@ def finetune(
     ``resume`` continues the run whose checkpoints are there). Secondary ranks of a distributed run
     train but write nothing.
     """
-    from insitu.pipelines.head_folder import save_head
-
     writer = out_dir is not None and not is_secondary_rank()
     folder = None
     if writer and not resume:

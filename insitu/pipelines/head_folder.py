@@ -18,7 +18,7 @@ from insitu.config import RunConfig, dump_config
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
 from insitu.io import write_json
-from insitu.pipelines.finetune import DownstreamModel, FinetuneResult, build_model, downstream_of
+from insitu.pipelines.downstream_model import DownstreamModel, FinetuneResult, build_model, downstream_of
 from insitu.pipelines.preprocess import Preprocessing
 
 HEAD_FILE, HEAD_META = "head.safetensors", "head.json"

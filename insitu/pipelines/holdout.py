@@ -34,7 +34,7 @@ from insitu.domains import ManifestItem
 from insitu.heads.stats import group_folds
 
 if TYPE_CHECKING:
-    from insitu.config import RunConfig
+    from insitu.config import ProbeConfig, RunConfig
     from insitu.pipelines.data import ScannedData
 
 log = logging.getLogger("insitu")
@@ -56,6 +56,15 @@ class Holdout:
     train: list[ManifestItem]
     test: list[ManifestItem]
     test_keys: set[str]
+
+
+def grouped_items(items: list[ManifestItem], probe: ProbeConfig) -> list[ManifestItem]:
+    """Items regrouped by near-duplicate cluster of their image files when ``probe.group_near_duplicates`` (BUSI-style sets)."""
+    if not probe.group_near_duplicates:
+        return items
+    from insitu.domains.near_duplicates import group_near_duplicates
+
+    return group_near_duplicates(items)
 
 
 def transductive(cfg: RunConfig) -> bool:
@@ -99,7 +108,6 @@ def probe_holdout(cfg: RunConfig, pool: ScannedData, items: list[ManifestItem], 
 def probe_test_items(cfg: RunConfig, pretraining: ScannedData) -> list[ManifestItem]:
     """Every item the probe tests on (classification and dense), as far as pretraining could hold it."""
     from insitu.pipelines.data import ScannedData
-    from insitu.pipelines.probe_plan import grouped_items
 
     tests: list[ManifestItem] = []
     if cfg.probe.test is not None:
@@ -128,7 +136,6 @@ def dense_holdout(
     if transductive(cfg) or cfg.probe.dense is None or cfg.probe.dense.test is not None:
         return None
     from insitu.pipelines.data import ScannedData
-    from insitu.pipelines.probe_plan import grouped_items
 
     if pretraining is None:
         pretraining = ScannedData.scan(cfg.data)
@@ -171,7 +178,6 @@ def pretraining_items(cfg: RunConfig, data: ScannedData) -> list[ManifestItem]:
 def _near_duplicate_keys(items: list[ManifestItem], keys: list[str], tests: list[ManifestItem]) -> set[str]:
     """Keys of pretraining items in a near-duplicate group (grouped over pretraining ∪ test items) with a test item."""
     from insitu.config import ProbeConfig
-    from insitu.pipelines.probe_plan import grouped_items
 
     grouped = grouped_items(items + tests, ProbeConfig(group_near_duplicates=True))
     test_groups = {g.group for g in grouped[len(items) :]}

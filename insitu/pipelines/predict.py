@@ -1,36 +1,34 @@
-"""Run a fine-tuned downstream model over new data and write each domain's own output format.
+"""Run a fine-tuned downstream model over new data; the domain writes its own output format.
 
 Large inputs are covered by overlapping tiles blended with tent weights (``sliding_window``), so
-any image size works with the model's input size. Outputs go through the domain writers: GeoTIFF
-class maps with the source georeferencing (bounded memory: one tile row is held at a time),
-DICOM-SEG referencing the source series, PNG masks and overlays, overlay MP4 + per-frame CSV.
+any image size works with the model's input size. This module turns the saved model into a
+`Predictor` (device, batches, windows); each domain's ``write_predictions`` reads its inputs and
+writes its format: GeoTIFF class maps with the source georeferencing (bounded memory: one tile row
+is held at a time), DICOM-SEG referencing the source series, PNG masks and overlays or
+``predictions.csv``, overlay MP4 + per-frame CSV.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from insitu.domains import create_domain
+from insitu.domains import get_domain_class
+from insitu.domains.base import Predictor
 from insitu.domains.geotiff import grid_offsets
 from insitu.domains.geotiff.write import tent_weights
 from insitu.domains.normalize import Normalizer
 from insitu.errors import ConfigError
-from insitu.exports.overlays import overlay_mask, save_png, to_rgb_uint8
-from insitu.io import claim_folder, write_csv
+from insitu.io import claim_folder
 from insitu.pipelines.data import model_input
-from insitu.pipelines.finetune import DownstreamModel
+from insitu.pipelines.downstream_model import DownstreamModel
 from insitu.pipelines.head_folder import load_head
-from insitu.registry import WRITERS
+from insitu.registry import DOMAINS, validated
 
-log = logging.getLogger("insitu")
 TilePredictor = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -113,151 +111,37 @@ def predict(
     """Predict every item under ``inputs`` with the model ``insitu finetune`` saved; returns written files.
 
     The model runs on ``device`` in batches of ``batch_size`` tiles or images (memory stays bounded by
-    one batch, plus one image or one GeoTIFF tile row).
+    one batch, plus one image or one GeoTIFF tile row). A domain without an output format is a `ConfigError`.
     """
     model, meta, norm = load_head(model_dir)
-    meta = {**meta, "_device": resolve_device(device), "_batch": int(batch_size)}
     name = domain or meta["domain"]
     opts = {**(meta.get("domain_options") or {}), **(options or {})} if name == meta["domain"] else dict(options or {})
-    writer = WRITERS.get(name)
+    # tile_size is an option of a domain that has one (geotiff: its tiles); elsewhere it sets the sliding window,
+    # which by default covers the whole image, as training saw whole images resized to image_size
+    options_model = DOMAINS.options(name)
+    window = None if "tile_size" in options_model.model_fields else opts.pop("tile_size", None)
+    target = get_domain_class(name)(validated(options_model, opts, "", f"of the {name!r} domain (insitu predict --option)"))
+    predictor = prediction_model(model, meta, norm, resolve_device(device), int(batch_size), int(window or 1 << 30))
     out_dir = Path(out_dir)
     folder = claim_folder(out_dir, "predict", overwrite)
-    # tile_size is a geotiff domain option; elsewhere it sets the sliding window, which by default
-    # covers the whole image, as training saw whole images resized to image_size
-    opts["_tile"] = int((opts.get("tile_size") or meta["image_size"]) if name == "geotiff" else (opts.pop("tile_size", None) or 1 << 30))
     try:
-        return writer(model, meta, norm, Path(inputs), out_dir, opts)
+        return target.write_predictions(predictor, Path(inputs), out_dir)
     finally:
         folder.record()
 
 
-def _seg_only(meta: dict[str, Any], what: str) -> None:
-    if meta["task"] != "segmentation":
-        raise ConfigError(f"{what} needs a segmentation model; this one was trained for {meta['task']}.")
-
-
-@WRITERS.register("geotiff")
-def _write_geotiff(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
-    """Whole scenes to georeferenced uint8 class maps (+ float probabilities), tile row by tile row."""
-    from insitu.domains.geotiff.write import predict_scene
-
-    _seg_only(meta, "GeoTIFF prediction")
-    tile = opts.pop("_tile")
-    domain = create_domain("geotiff", opts)
-    refs, _ = domain.discover(inputs) if inputs.is_dir() else ([str(inputs)], [])
-    size = meta["image_size"]
-    written = []
-    for ref in refs:
-        stem = Path(getattr(ref, "path", ref) or "scene").stem
-        dst = out / f"{stem}_classes.tif"
-        batched = make_predictor(model, norm, size, meta["_device"], meta["in_chans"])
-        predict_scene(domain, ref, lambda t, p=batched: p([t])[0], dst, meta["num_classes"], tile_size=tile, overlap=tile // 4)
-        written.append(dst)
-    return written
-
-
-def _images_of(inputs: Path, opts: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, C×H×W image) per image file, read one at a time."""
-    from PIL import Image
-
-    from insitu.domains.images import IMAGE_SUFFIXES, pil_to_chw
-
-    files = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    channels = int(opts.get("channels", 3))
-    for path in files:
-        with Image.open(path) as im:
-            yield path.stem, pil_to_chw(im, channels)
-
-
-@WRITERS.register("images")
-def _write_images(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
-    """Segmentation: ``<name>_mask.png`` (class ids) + ``<name>_overlay.png``; classification: ``predictions.csv``."""
-    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
-    written: list[Path] = []
-    images = _images_of(inputs, opts)
-    if meta["task"] != "segmentation":  # read and classified one batch at a time
-        rows: list[tuple] = []
-        while batch := list(itertools.islice(images, meta["_batch"])):
-            rows += [(stem, *c) for (stem, _), c in zip(batch, _classify(predictor, [im for _, im in batch], meta), strict=True)]
-        return [_write_rows(out / "predictions.csv", ["item", "class_index", "class", "probability"], rows)] if rows else []
-    for stem, image in images:
-        classes = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"], meta["_batch"]).argmax(0).numpy()
-        written.append(save_png(classes.astype(np.uint8), out / f"{stem}_mask.png"))
-        written.append(save_png(overlay_mask(to_rgb_uint8(image), classes), out / f"{stem}_overlay.png"))
-    return written
-
-
-def _classify(predictor: TilePredictor, images: list[torch.Tensor], meta: dict) -> list[tuple[int, str, float]]:
-    """(class index, class name, probability) per image, ``meta['_batch']`` images per pass."""
-    names = meta.get("class_names") or []
-    out = []
-    for i in range(0, len(images), meta["_batch"]):
-        for probs in predictor(images[i : i + meta["_batch"]]):
-            k = int(probs.argmax())
-            out.append((k, names[k] if k < len(names) else str(k), round(float(probs[k]), 4)))
-    return out
-
-
-def _write_rows(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    return write_csv(path, header, rows)
-
-
-@WRITERS.register("video")
-def _write_video(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
-    """Videos: an overlay MP4 (masks or class banner) and a per-frame CSV; image/mask folders: as images."""
-    from insitu.domains.video import VIDEO_SUFFIXES, write_overlay, write_phase_csv
-
-    videos = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not videos:
-        return _write_images(model, meta, norm, inputs / "images" if (inputs / "images").is_dir() else inputs, out, opts)
-    domain = create_domain("video", {**{k: v for k, v in opts.items() if k != "_tile"}, "crop_fov": False})
-    written = []
-    for path in videos:
-        info = domain.info(str(path))
-        frames = domain.read_frames(str(path), list(range(len(info.times))))  # T×H×W×3 uint8 at decode_size
-        images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-        fps = len(info.times) / max(info.duration, 1e-6) if len(info.times) > 1 else 25.0
-        names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
-        predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
-        if meta["task"] == "segmentation":
-            tile, batch = opts["_tile"], meta["_batch"]
-            masks = np.stack([sliding_window(predictor, im, tile, 0.25, meta["num_classes"], batch).argmax(0).numpy() for im in images])
-            written.append(write_overlay(out / f"{path.stem}_overlay.mp4", frames, fps, masks=masks))
-            fractions = [round(float((m > 0).mean()), 4) for m in masks]
-            rows = [(i, f"{t:.3f}", f) for i, (t, f) in enumerate(zip(info.times, fractions, strict=True))]
-            written.append(_write_rows(out / f"{path.stem}_frames.csv", ["frame", "time_s", "foreground_fraction"], rows))
-        else:
-            preds = [c[0] for c in _classify(predictor, list(images), meta)]
-            written.append(write_overlay(out / f"{path.stem}_overlay.mp4", frames, fps, phases=[names[p] for p in preds]))
-            written.append(write_phase_csv(out / f"{path.stem}_frames.csv", list(info.times), preds, names))
-    return written
-
-
-@WRITERS.register("dicom")
-def _write_dicom(model: DownstreamModel, meta: dict, norm: Normalizer, inputs: Path, out: Path, opts: dict) -> list[Path]:
-    """CT/MR series slice by slice to one DICOM-SEG per series, referencing the source instances."""
-    from insitu.domains.dicom_seg import write_seg
-
-    _seg_only(meta, "DICOM-SEG export")
-    domain = create_domain("dicom", {**{k: v for k, v in opts.items() if k != "_tile"}, "plane": "acquisition", "sample": "slice"})
-    manifest = domain.scan(inputs)
-    predictor = make_predictor(model, norm, meta["image_size"], meta["_device"], meta["in_chans"])
-    by_unit: dict[str, list] = {}
-    for item in manifest.items:
-        by_unit.setdefault(item.extra["unit"], []).append(item)
-    written = []
-    for n, (key, items) in enumerate(by_unit.items()):
-        unit = domain.units[key]
-        rows, cols = domain.volume(unit).array.shape[-2:]
-        masks = []
-        for item in sorted(items, key=lambda i: i.extra["index"]):
-            image = domain.load(item, manifest)["image"]
-            scores = sliding_window(predictor, image, opts["_tile"], 0.25, meta["num_classes"], meta["_batch"])
-            scores = F.interpolate(scores[None], size=(rows, cols), mode="bilinear", align_corners=False)[0]
-            masks.append(scores.argmax(0).numpy())
-        if len(masks) != len(unit.files):
-            log.warning("series %d: %d slices for %d files (multi-frame source); skipped DICOM-SEG", n, len(masks), len(unit.files))
-            continue
-        names = (meta.get("class_names") or [])[1:] or None
-        written.append(write_seg(np.stack(masks), unit.files, out / f"series_{n:03d}_seg.dcm", segment_names=names))
-    return written
+def prediction_model(
+    model: DownstreamModel, meta: dict[str, Any], norm: Normalizer | None, device: torch.device, batch_size: int, window: int
+) -> Predictor:
+    """The saved model (``head.json``'s ``meta``) as a domain's `Domain.write_predictions` runs it."""
+    tiles = make_predictor(model, norm, meta["image_size"], device, meta["in_chans"])
+    k = meta["num_classes"]
+    return Predictor(
+        task=meta["task"],
+        num_classes=k,
+        class_names=meta.get("class_names") or [],
+        image_size=meta["image_size"],
+        batch_size=batch_size,
+        predict=tiles,
+        segment=lambda image: sliding_window(tiles, image, window, 0.25, k, batch_size),
+    )

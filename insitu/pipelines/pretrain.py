@@ -1,8 +1,9 @@
 """Continual self-supervised pretraining of adapters on a frozen ViT, on Lightning.
 
-The LightningModule holds the frozen backbone (shared by student and teacher), the student's
-trainable adapters, the teacher's EMA adapters and the objective (with its heads). Only adapter
-and head parameters reach the optimizer. Checkpoints leave out the frozen backbone and are
+`PretrainTask`, a `Task` of the engine (insitu.engine: optimizer, schedules, EMA, non-finite policy),
+holds the frozen backbone (shared by student and teacher), the student's trainable adapters, the
+teacher's EMA adapters and the objective (with its heads). Only adapter and head parameters reach
+the optimizer. Checkpoints leave out the frozen backbone and are
 written atomically; a non-finite loss stops the run naming the step and items, or skips the
 batch when ``train.nonfinite: skip``.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,8 @@ from insitu.adapters.package import save_package
 from insitu.backbones import create_backbone
 from insitu.checkpoints import check_checkpoint
 from insitu.config import RunConfig, dump_config
-from insitu.errors import ConfigError, NonFiniteLossError
+from insitu.engine import NonFinitePolicy, Optimisation, Task, base_ema_momentum, resolve_precision
+from insitu.errors import ConfigError
 from insitu.io import OutputExistsError, OwnedFolder, claim_folder, is_secondary_rank, read_owner, write_json
 from insitu.objectives import create_objective
 from insitu.objectives.views import MultiCrop
@@ -35,18 +36,30 @@ from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData
 from insitu.pipelines.health import HealthMonitor
 from insitu.pipelines.holdout import pretraining_items
 from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
-from insitu.pipelines.trainer import build_trainer, device_name, final_loss, merge_metrics, resolve_precision, set_aside_metrics
+from insitu.pipelines.trainer import build_trainer, device_name, final_loss, merge_metrics, set_aside_metrics
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
 
 log = logging.getLogger("insitu")
 
 
-class PretrainModule(L.LightningModule):
+class PretrainTask(Task):
     """Student adapters + EMA teacher adapters on one frozen backbone, trained by an objective."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg  # before Task.__init__, which calls configure_models (as TorchGeo's trainers set their options)
+        t = cfg.train
+        m0 = t.ema_momentum if t.ema_momentum is not None else base_ema_momentum(t.max_steps, t.ema_half_life)
+        super().__init__(
+            Optimisation(t.lr, t.max_steps, t.warmup_steps, weight_decay=t.weight_decay, fused=t.fused_optimizer, ema_base=m0),
+            {"backbone": cfg.backbone, "adapter": cfg.adapter, "objective": cfg.objective, "train": t},
+            NonFinitePolicy(t.nonfinite, t.max_skipped_fraction),
+        )
+        self.last_health: dict[str, torch.Tensor] = {}
+        self.wall_offset = 0.0  # wall seconds of earlier segments of a resumed run
+        self._fit_start = time.perf_counter()
+
+    def configure_models(self) -> None:
+        cfg = self.cfg
         self.backbone = create_backbone(cfg.backbone)
         self.student = create_adapters(self.backbone, cfg.adapter)
         self.teacher = copy.deepcopy(self.student)
@@ -65,14 +78,6 @@ class PretrainModule(L.LightningModule):
         self.objective_fn = self.objective if compile_mode == "none" else torch.compile(self.objective, mode=compile_mode)
         self.fingerprint = self.backbone.fingerprint
         self.teacher_backbone = self._full_finetune_setup() if cfg.train.full_finetune else None
-        self.skipped_batches = 0
-        self.seen_batches = 0
-        self._last_ema_step = -1
-        self.last_health: dict[str, torch.Tensor] = {}
-        self.wall_offset = 0.0  # wall seconds of earlier segments of a resumed run
-        # steps taken before this fit (federated rounds): the lr, EMA and objective schedules run on the total
-        self.step_offset = 0
-        self._fit_start = time.perf_counter()
 
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
@@ -91,7 +96,7 @@ class PretrainModule(L.LightningModule):
         return AdaptedBackbone(self.teacher_backbone or self.backbone, self.teacher)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = super().trainable_parameters()
         frozen = {id(p) for p in self.teacher.parameters()}
         frozen |= {id(p) for p in (self.teacher_backbone or self.backbone).parameters()}
         assert not any(id(p) in frozen for p in params), "a frozen parameter requires grad"
@@ -108,7 +113,8 @@ class PretrainModule(L.LightningModule):
         loss = out["loss"]
         if not torch.isfinite(loss):
             self.objective.load_state_dict(buffers, strict=False)
-            return self._non_finite(loss, batch)
+            bad = [i for n, i in enumerate(batch["item_id"]) if any(not torch.isfinite(v[n]).all() for v in batch.get("views", []))]
+            return self.non_finite(loss, batch["item_id"], bad)
         bs = len(batch["item_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in out.items():
@@ -117,70 +123,14 @@ class PretrainModule(L.LightningModule):
         # the objective's teacher health, for the health monitor's guard (insitu.pipelines.health)
         self.last_health = {k: v.detach() for k, v in out.items() if k.startswith("health/")}
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        return loss
+        extra = self.penalty(bs)
+        return loss if extra is None else loss + extra
 
-    def _non_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
-        bad_inputs = [i for n, i in enumerate(batch["item_id"]) if any(not torch.isfinite(v[n]).all() for v in batch.get("views", []))]
-        ids = ", ".join((bad_inputs or batch["item_id"])[:16])
-        what = "items with non-finite pixels" if bad_inputs else "batch items"
-        msg = f"non-finite loss ({loss.item()}) at step {self.global_step}; {what}: [{ids}]"
-        if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteLossError(
-                msg + ". Check those items (NaN pixels, extreme intensities) or lower train.lr; "
-                "set train.nonfinite=skip to skip such batches."
-            )
-        self.skipped_batches += 1
-        allowed = self.cfg.train.max_skipped_fraction * max(self.seen_batches, 10)
-        if self.skipped_batches > allowed:
-            raise NonFiniteLossError(
-                f"{msg}. {self.skipped_batches} of {self.seen_batches} batches had a non-finite loss, more than "
-                f"train.max_skipped_fraction={self.cfg.train.max_skipped_fraction} allows: the run is diverging or the data "
-                "is broken, so nothing is packaged. Check those items or lower train.lr."
-            )
-        log.warning("%s: batch skipped (train.nonfinite=skip)", msg)
-        return None
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # EMA after each optimizer step (global_step counts optimizer steps)
-        if self.global_step == self._last_ema_step or outputs is None:
-            return
-        self._last_ema_step = self.global_step
-        m = self.ema_momentum()
-        update_momentum(self.student, self.teacher, m)
+    def update_teachers(self, momentum: float) -> None:
+        update_momentum(self.student, self.teacher, momentum)
         if self.teacher_backbone is not None:
-            update_momentum(self.backbone, self.teacher_backbone, m)
-        self.objective.update_teacher(m)
-
-    def ema_momentum(self) -> float:
-        """Cosine schedule from the base momentum to 1 over the run (as in DINO/BYOL).
-
-        The base is ``train.ema_momentum`` when set, else `base_ema_momentum` of the run length.
-        """
-        m0 = self.cfg.train.ema_momentum
-        if m0 is None:
-            m0 = base_ema_momentum(self.cfg.train.max_steps, self.cfg.train.ema_half_life)
-        t = min(1.0, (self.global_step + self.step_offset) / max(1, self.cfg.train.max_steps))
-        return 1 - (1 - m0) * (math.cos(math.pi * t) + 1) / 2
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = self.trainable_parameters()
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.cfg.train.lr,
-            fused=True if self.cfg.train.fused_optimizer else None,
-        )
-        warmup, total, offset = self.cfg.train.warmup_steps, self.cfg.train.max_steps, self.step_offset
-
-        def lr_lambda(step: int) -> float:
-            step += offset
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            update_momentum(self.backbone, self.teacher_backbone, momentum)
+        self.objective.update_teacher(momentum)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the frozen backbone is rebuilt from the config; keep checkpoints adapter-sized
@@ -197,16 +147,7 @@ class PretrainModule(L.LightningModule):
         checkpoint["state_dict"].update(own)
 
 
-def base_ema_momentum(max_steps: int, half_life: float = 0.1, low: float = 0.9, high: float = 0.996) -> float:
-    """The momentum whose teacher half-life is ``half_life * max_steps`` steps, clipped to [low, high].
-
-    A teacher at momentum m keeps half of a step's state for ln 0.5 / ln m steps. A fixed 0.996
-    (DINO's, made for 10^5-step runs) leaves a 150-step teacher about 3/4 at its initial state;
-    tying the half-life to the run length lets the teacher follow the student in any run length
-    (300 steps: 0.977, 1,000: 0.993, >= 1,733: 0.996).
-    """
-    m = 0.5 ** (1.0 / max(1e-9, half_life * max_steps))
-    return min(high, max(low, m))
+PretrainModule = PretrainTask  # the name federated, benchmarks and tests import
 
 
 @dataclass
@@ -336,7 +277,7 @@ def _summary(cfg: RunConfig, module: PretrainModule, trainer: L.Trainer, wall: f
         "trainable_params": sum(p.numel() for p in module.trainable_parameters()),
         "frozen_params": sum(p.numel() for p in module.backbone.parameters()),
         "device": device_name(trainer),
-        "precision": resolve_precision(cfg),
+        "precision": resolve_precision(cfg.trainer),
         "seed": cfg.seed,
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, HealthMonitor)), None)

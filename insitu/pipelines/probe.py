@@ -203,9 +203,11 @@ def run_probe(cfg: RunConfig, adapter_paths: list[Path] | None = None) -> list[P
         out.append(ProbeRow(name, lin.mean, knn.mean, trainable.get(name, 0), n_train, n_test, lin.std, knn.std, lin.evaluations, results[name]))
     # -- shortcut check (insitu/pipelines/probe_shortcuts.py): trivial file statistics on the same folds; a row when above chance
     if cfg.probe.shortcut_check:
-        from insitu.pipelines.probe_shortcuts import shortcut_rows
+        from insitu.pipelines.probe_shortcuts import TRIVIAL, shortcut_result
 
-        out += shortcut_rows(cfg)
+        if (found := shortcut_result(cfg)) is not None:
+            rows, c = found
+            out.append(ProbeRow(TRIVIAL, c.accuracy, c.knn_accuracy, 0, c.n_train, c.n_test, c.std, c.knn_std, c.evaluations, rows))
     # -- end shortcut check
     return out
 
@@ -294,7 +296,8 @@ def probe_table(rows: list[Any]) -> tuple[list[str], list[list[str]]]:
         delta = format_delta(r["delta"], r["ci_low"], r["ci_high"]) if r["delta"] is not None else "—"
         probe = f"{names.get(r['probe'], r['probe'])} {names.get(r['metric'], r['metric'])}"
         size = f"{r['n_train']}/{r['n_test']} × {r['evaluations']}"
-        v = (r["verdict"] or "—") + (" (primary endpoint)" if r.get("primary") and r["delta"] is not None else "")
+        primary = r.get("primary") and r["delta"] is not None and r["model"] != BASELINE  # the baseline's row there is context, not the verdict
+        v = (r["verdict"] or "—") + (" (primary endpoint)" if primary else "")
         cells.append([r["model"], probe, f"{r['labels']:.0%}", f"{r['mean']:.3f} ± {r['std']:.3f}", delta, v, size])
     if not cells:  # rows from before the repeated evaluation (no results): one line per model
         for r in map(_as_dict, rows):

@@ -14,6 +14,7 @@ from insitu.config import DataConfig, ProbeConfig, RunConfig
 from insitu.domains import ManifestItem, split_by_group
 from insitu.domains.normalize import Normalizer
 from insitu.errors import DataError
+from insitu.exports.verdict import BASELINE as VERDICT_BASELINE
 from insitu.heads.stats import (
     GAIN,
     HOLM_UNRESOLVED,
@@ -29,7 +30,7 @@ from insitu.heads.stats import (
     verdict,
 )
 from insitu.pipelines.data import ScannedData
-from insitu.pipelines.holdout import probe_holdout
+from insitu.pipelines.holdout import grouped_items, probe_holdout  # grouped_items: imported from here by probe_dense
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ProbeResult:
     units: list[int] | None = None  # ... and the bootstrap unit (group index) of each
 
 
-BASELINE = "frozen + PCA whitening"  # the label-free baseline row (probe.label_free_baseline)
+BASELINE = VERDICT_BASELINE  # the label-free baseline row (probe.label_free_baseline); one name, defined in insitu.exports.verdict
 
 
 @dataclass
@@ -153,15 +154,6 @@ def classification_test_items(cfg: RunConfig) -> list[ManifestItem]:
         return []
     held = probe_holdout(cfg, train, grouped_items(train.manifest.items, cfg.probe))
     return held.test if held is not None else []
-
-
-def grouped_items(items: list[ManifestItem], probe: ProbeConfig) -> list[ManifestItem]:
-    """Items regrouped by near-duplicate cluster of their image files when ``probe.group_near_duplicates`` (BUSI-style sets)."""
-    if not probe.group_near_duplicates:
-        return items
-    from insitu.domains.near_duplicates import group_near_duplicates
-
-    return group_near_duplicates(items)
 
 
 def evaluation_plan(

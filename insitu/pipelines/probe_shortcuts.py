@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 from insitu.config import RunConfig
 from insitu.domains import ManifestItem
-from insitu.domains.images import IMAGE_SUFFIXES, _npz_arrays
+from insitu.domains.images import IMAGE_SUFFIXES, npz_arrays
 from insitu.heads.probe import knn_predict, linear_probe_predict
 from insitu.heads.stats import accuracy_from_counts, format_delta, mean_std, paired_bootstrap
 from insitu.pipelines.probe_plan import ProbeResult, Split, classification_pool, evaluation_plan
@@ -72,7 +72,7 @@ def trivial_statistics(items: Sequence[ManifestItem]) -> np.ndarray | None:
         path = Path(item.path)
         try:
             if "npz_key" in item.extra:
-                rows.append(_array_stats(_npz_arrays(item.path)[item.extra["npz_key"]][item.extra["index"]]))
+                rows.append(_array_stats(npz_arrays(item.path)[item.extra["npz_key"]][item.extra["index"]]))
             elif path.suffix.lower() in IMAGE_SUFFIXES:
                 rows.append(_file_stats(path))
             else:
@@ -220,14 +220,3 @@ def shortcut_result(cfg: RunConfig) -> tuple[list[ProbeResult], ShortcutCheck] |
         ProbeResult(TRIVIAL, "knn", full, "accuracy", check.knn_accuracy, check.knn_std, *size),
     ]
     return rows, check
-
-
-def shortcut_rows(cfg: RunConfig) -> list:
-    """``[ProbeRow]`` for the trivial-statistics baseline when it beats chance, else ``[]`` (`run_probe` appends it)."""
-    from insitu.pipelines.probe import ProbeRow  # probe.py calls this module: imported here, not at the top
-
-    found = shortcut_result(cfg)
-    if found is None:
-        return []
-    rows, c = found
-    return [ProbeRow(TRIVIAL, c.accuracy, c.knn_accuracy, 0, c.n_train, c.n_test, c.std, c.knn_std, c.evaluations, rows)]

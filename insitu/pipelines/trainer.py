@@ -1,5 +1,5 @@
-"""The Lightning trainer of a pretraining run and what surrounds it: atomic checkpoints, precision,
-metrics kept across a resume, and the device and loss a finished run reports."""
+"""The Lightning trainer of a pretraining run and what surrounds it: metrics kept across a resume, and
+the device and loss a finished run reports (the trainer itself comes from `insitu.engine.make_trainer`)."""
 
 from __future__ import annotations
 
@@ -10,37 +10,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from insitu.config import RunConfig
-from insitu.errors import NonFiniteLossError
-from insitu.io import atomic_path, write_csv
+from insitu.engine import make_trainer
+from insitu.io import write_csv
 from insitu.pipelines.health import HealthMonitor
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, fsync, then rename; never write a checkpoint with NaN/Inf."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        bad = [
-            k
-            for k, v in checkpoint.get("state_dict", {}).items()
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
-        ]
-        if bad:
-            raise NonFiniteLossError(f"refusing to write checkpoint {path}: non-finite tensors {bad[:5]}")
-        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-
-
-def resolve_precision(cfg: RunConfig) -> str:
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
-
 
 PRIOR_METRICS = "metrics.before-resume.csv"
 
@@ -85,6 +61,7 @@ def _write_metrics(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def build_trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
+    """The pretraining run's trainer (`insitu.engine.make_trainer`): checkpoints, health monitor, CSV and TensorBoard logs."""
     callbacks: list[Any] = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -97,28 +74,19 @@ def build_trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
     ]
     if cfg.health.enabled:
         callbacks.append(HealthMonitor(cfg.health, cfg.train.max_steps))
-    if not quiet:
-        callbacks.append(RichProgressBar(leave=False))
-    return L.Trainer(
+    return make_trainer(
+        cfg.trainer,
+        callbacks,
         max_steps=cfg.train.max_steps,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes,
-        precision=resolve_precision(cfg),
+        quiet=quiet,
         logger=[
             CSVLogger(cfg.run_dir, name="logs", version=""),
             TensorBoardLogger(cfg.run_dir, name="tensorboard", version=""),
         ],
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
         gradient_clip_val=cfg.train.grad_clip,
         accumulate_grad_batches=cfg.train.accumulate_grad_batches,
         log_every_n_steps=min(cfg.train.log_every, max(1, cfg.train.max_steps // 10)),  # short runs still log a curve
-        enable_progress_bar=not quiet,
-        enable_model_summary=False,
         default_root_dir=cfg.run_dir,
-        num_sanity_val_steps=0,
     )
 
 

@@ -14,7 +14,8 @@ cache folder (``cache_dir``), which is as sensitive as the source data and never
 
 Modules: ``records`` (one file -> a non-identifying record), ``series`` (records -> units),
 ``geometry`` (volumes, reslicing), ``pixels`` (decoding, intensity), ``cache`` (files, private
-cache), ``demo`` (CT phantoms), ``domain`` (the `DicomDomain`).
+cache), ``nifti`` (NIfTI volumes, label maps, 3-D crops), ``seg`` (DICOM-SEG in and out), ``demo`` (CT
+phantoms), ``domain`` (the `DicomDomain`).
 """
 
 from __future__ import annotations

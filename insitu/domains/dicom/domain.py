@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from insitu.domains.base import DemoData, Domain, DomainOptions, Manifest, ManifestItem, QuarantineItem, Sample, stable_id
+from insitu.domains.base import DemoData, Domain, DomainOptions, Manifest, ManifestItem, Predictor, QuarantineItem, Sample, stable_id
 from insitu.domains.dicom.cache import (
     class_dir,
     file_key,
@@ -24,9 +24,11 @@ from insitu.domains.dicom.cache import (
 )
 from insitu.domains.dicom.demo import DEMO_CLASSES, DEMO_LIVER_HU, DEMO_SLICES, DEMO_VIEWS, demo_volume, write_ct_series
 from insitu.domains.dicom.geometry import Volume, plane_axes, reslice, square_pixels
+from insitu.domains.dicom.nifti import crop3d, read_nifti_mask
 from insitu.domains.dicom.options import DicomError, DicomOptions
 from insitu.domains.dicom.pixels import decode_unit
 from insitu.domains.dicom.records import RECORD_VERSION, read_record
+from insitu.domains.dicom.seg import read_seg, write_series_predictions
 from insitu.domains.dicom.series import Unit, mark_label_maps, nifti_mask_problem, series_units, unit_geometry, unit_shape
 from insitu.errors import DataError, EmptyDatasetError
 from insitu.privacy import secret_salt
@@ -203,8 +205,6 @@ class DicomDomain(Domain):
         vol = self.volume(unit)
         meta = {"domain": self.name, "item_id": item.item_id, "group": item.group, "modality": unit.modality}
         if self.options.sample == "crop3d" and not unit.stack:
-            from insitu.domains.nifti import crop3d
-
             image = crop3d(vol, self.options.crop_size, self.options.crop_spacing)
             sample: Sample = {"image": image, "meta": {**meta, "spacing": self.options.crop_spacing}}
         else:
@@ -255,11 +255,7 @@ class DicomDomain(Domain):
 
     def _mask(self, unit: Unit, vol: Volume) -> np.ndarray:
         if unit.records[0].get("nifti"):
-            from insitu.domains.nifti import read_nifti_mask
-
             return read_nifti_mask(unit.files[0], unit.seg, vol)
-        from insitu.domains.dicom_seg import read_seg
-
         return read_seg(unit.seg, unit.files, describe=self.display)
 
     def _slice(self, vol: Volume, index: int, plane: str) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
@@ -271,6 +267,12 @@ class DicomDomain(Domain):
         m = torch.from_numpy(np.ascontiguousarray(mask[index])).long() if mask is not None else None
         image, m = square_pixels(image, m, spacing[0], spacing[1])
         return image, m, spacing
+
+    # -- predictions ---------------------------------------------------------------------------
+
+    def write_predictions(self, model: Predictor, inputs: Path, out_dir: Path) -> list[Path]:
+        """CT/MR series slice by slice to one DICOM-SEG per series, referencing the source instances."""
+        return write_series_predictions(self, model, inputs, out_dir)
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:

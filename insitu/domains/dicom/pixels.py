@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from insitu.domains.dicom.geometry import Volume
+from insitu.domains.dicom.nifti import read_nifti
 from insitu.domains.dicom.options import WINDOWS, DicomError, DicomOptions
 from insitu.domains.dicom.series import Unit, unit_geometry
 
@@ -12,8 +13,6 @@ from insitu.domains.dicom.series import Unit, unit_geometry
 def decode_unit(unit: Unit, options: DicomOptions) -> Volume:
     """The unit's files decoded to an intensity-converted S×C×H×W float32 volume with its geometry."""
     if unit.records[0].get("nifti"):
-        from insitu.domains.nifti import read_nifti
-
         vol = read_nifti(unit.files[0], unit.records[0])
         vol.array = to_intensity(vol.array, unit.modality if unit.modality != "OT" else "MR", "MONOCHROME2", options)
         return vol

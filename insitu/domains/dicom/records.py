@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from insitu.domains.base import stable_id
+from insitu.domains.dicom.nifti import nifti_record
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # files with these extensions that are not DICOM are skipped, not quarantined (".dcm" or none: quarantined)
@@ -44,8 +45,6 @@ RECORD_VERSION = 2
 def read_record(path: str, salt: str) -> dict[str, Any]:
     """Open one file, decode its pixels, and return a non-identifying record (or why it failed)."""
     if path.endswith(NIFTI_SUFFIXES):
-        from insitu.domains.nifti import nifti_record
-
         return nifti_record(path, salt)
     import pydicom
     from pydicom.errors import InvalidDicomError

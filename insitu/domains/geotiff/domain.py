@@ -18,6 +18,7 @@ from insitu.domains.base import (
     DomainOptions,
     Manifest,
     ManifestItem,
+    Predictor,
     QuarantineItem,
     Sample,
     stable_id,
@@ -35,6 +36,7 @@ from insitu.domains.geotiff.read import (
     window_text,
 )
 from insitu.domains.geotiff.scene import Scene, SceneRef, majority_bands, resolve_scene
+from insitu.domains.geotiff.write import write_scene_predictions
 from insitu.errors import EmptyDatasetError
 from insitu.registry import DOMAINS
 
@@ -229,6 +231,12 @@ class GeoTiffDomain(Domain):
     def read_labels(self, scene: Scene, win: Window) -> np.ndarray:
         """uint8 class ids of the window (label nodata -> IGNORE_INDEX), reprojected if configured."""
         return read_labels(scene, win, self.options)
+
+    # ---------------------------------------------------------------- predictions
+
+    def write_predictions(self, model: Predictor, inputs: Path, out_dir: Path) -> list[Path]:
+        """Whole scenes to georeferenced uint8 class maps, one tile row at a time (`write_scene_predictions`)."""
+        return write_scene_predictions(self, model, inputs, out_dir)
 
     # ---------------------------------------------------------------- demo
 

@@ -11,6 +11,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -19,12 +20,32 @@ import torch
 from rasterio.windows import Window
 
 from insitu.domains.base import IGNORE_INDEX
-from insitu.domains.geotiff.domain import GeoTiffDomain
 from insitu.domains.geotiff.read import fill_invalid, grid_offsets
 from insitu.domains.geotiff.scene import Scene, SceneRef
 from insitu.io import atomic_path
 
+if TYPE_CHECKING:  # the domain calls this module (GeoTiffDomain.write_predictions)
+    from insitu.domains.base import Predictor as Model
+    from insitu.domains.geotiff.domain import GeoTiffDomain
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def write_scene_predictions(domain: GeoTiffDomain, model: Model, inputs: Path, out_dir: Path) -> list[Path]:
+    """Whole scenes (``inputs``: a scene file or a folder of them) to georeferenced uint8 class maps, ``<stem>_classes.tif``.
+
+    Tiles are the domain's ``tile_size`` when its options set one, else the model's input size, overlapping by a quarter.
+    """
+    model.require_segmentation("GeoTIFF prediction")
+    tile = int((domain.options.tile_size if "tile_size" in domain.options.model_fields_set else None) or model.image_size)
+    refs, _ = domain.discover(inputs) if inputs.is_dir() else ([str(inputs)], [])
+    written = []
+    for ref in refs:
+        stem = Path(getattr(ref, "path", ref) or "scene").stem
+        dst = out_dir / f"{stem}_classes.tif"
+        predict_scene(domain, ref, lambda t: model.predict([t])[0], dst, model.num_classes, tile_size=tile, overlap=tile // 4)
+        written.append(dst)
+    return written
 
 
 def predict_scene(

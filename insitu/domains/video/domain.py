@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from insitu.domains.base import DemoData, Domain, Manifest, ManifestItem, QuarantineItem, Sample, stable_id
+from insitu.domains.base import DemoData, Domain, Manifest, ManifestItem, Predictor, QuarantineItem, Sample, stable_id
 from insitu.domains.masks import read_binary_mask
 from insitu.domains.video.annotations import annotation_file, frame_phases, read_tool_table, tool_file
 from insitu.domains.video.decode import _INFO, _frame_cache, decode_frames
@@ -16,7 +16,7 @@ from insitu.domains.video.demo import MUCOSA, mucosa_frames
 from insitu.domains.video.fov import downsize
 from insitu.domains.video.options import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, VideoOptions
 from insitu.domains.video.probe import VideoInfo, find_sources, probe_video, sample_at_fps
-from insitu.domains.video.write import write_mp4
+from insitu.domains.video.write import write_mp4, write_video_predictions
 from insitu.errors import ConfigError, DataError, EmptyDatasetError
 from insitu.registry import DOMAINS
 
@@ -44,6 +44,10 @@ class VideoDomain(Domain):
 
     name = "video"
     Options = VideoOptions
+
+    @classmethod
+    def yields(cls, options: VideoOptions) -> tuple[str, int]:
+        return ("clips", options.clip_frames) if options.mode == "clips" else ("images", 1)
 
     def scan(self, root: Path, max_items: int | None = None) -> Manifest:
         root = Path(root)
@@ -217,6 +221,12 @@ class VideoDomain(Domain):
             raise ConfigError(
                 f"data.options.source_weights names {unknown}, which hold no usable item; the sources found are {sorted(sources)}."
             )
+
+    # --- predictions ---------------------------------------------------------------------------
+
+    def write_predictions(self, model: Predictor, inputs: Path, out_dir: Path) -> list[Path]:
+        """Videos: an overlay MP4 (masks or class banner) and a per-frame CSV; image/mask folders: as images."""
+        return write_video_predictions(self, model, inputs, out_dir)
 
     # --- demo ----------------------------------------------------------------------------------
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from insitu.domains.base import IGNORE_INDEX
+from insitu.domains.base import IGNORE_INDEX, Predictor
+from insitu.domains.images import write_image_predictions
+from insitu.domains.video.options import VIDEO_SUFFIXES
 from insitu.io import atomic_path, write_csv
+
+if TYPE_CHECKING:  # the domain calls this module (VideoDomain.write_predictions)
+    from insitu.domains.video.domain import VideoDomain
 
 
 def write_mp4(path: Path, frames: np.ndarray | list[np.ndarray], fps: float = 25, crf: int = 23) -> Path:
@@ -61,3 +68,33 @@ def write_overlay(
             draw.text((3, max(0, bar // 2 - 5)), phases[t], fill=(255, 255, 255))
         out.append(np.asarray(im))
     return write_mp4(path, out, fps)
+
+
+def write_video_predictions(domain: VideoDomain, model: Predictor, inputs: Path, out_dir: Path) -> list[Path]:
+    """Per video under ``inputs``: ``<name>_overlay.mp4`` (masks, or a class banner) and ``<name>_frames.csv``.
+
+    Every frame is predicted (decoded at ``decode_size``, the field of view not cropped). A folder without
+    videos (image/mask pairs, frame folders) is predicted as images, from its ``images/`` folder when it has one.
+    """
+    videos = [inputs] if inputs.is_file() else sorted(p for p in inputs.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        return write_image_predictions(model, inputs / "images" if (inputs / "images").is_dir() else inputs, out_dir)
+    domain = domain.with_options(crop_fov=False)
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    written = []
+    for path in videos:
+        info = domain.info(str(path))
+        frames = domain.read_frames(str(path), list(range(len(info.times))))  # T×H×W×3 uint8 at decode_size
+        images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        fps = len(info.times) / max(info.duration, 1e-6) if len(info.times) > 1 else 25.0
+        if model.task == "segmentation":
+            masks = np.stack([model.segment(im).argmax(0).numpy() for im in images])
+            written.append(write_overlay(out_dir / f"{path.stem}_overlay.mp4", frames, fps, masks=masks))
+            fractions = [round(float((m > 0).mean()), 4) for m in masks]
+            rows = [(i, f"{t:.3f}", f) for i, (t, f) in enumerate(zip(info.times, fractions, strict=True))]
+            written.append(write_csv(out_dir / f"{path.stem}_frames.csv", ["frame", "time_s", "foreground_fraction"], rows))
+        else:
+            preds = [c[0] for c in model.classify(list(images))]
+            written.append(write_overlay(out_dir / f"{path.stem}_overlay.mp4", frames, fps, phases=[names[p] for p in preds]))
+            written.append(write_phase_csv(out_dir / f"{path.stem}_frames.csv", list(info.times), preds, names))
+    return written

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from insitu.domains.base import stable_id
+from insitu.domains.dicom.geometry import Volume
+from insitu.domains.dicom.options import DicomError
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -61,19 +63,15 @@ def _canonical(path: str) -> np.ndarray:
     return data
 
 
-def read_nifti(path: str, record: dict[str, Any]) -> Any:
+def read_nifti(path: str, record: dict[str, Any]) -> Volume:
     """A NIfTI image as a `Volume` (S×1×H×W float32 in RAS-canonical voxel order)."""
-    from insitu.domains.dicom import Volume
-
     data = _canonical(path).astype(np.float32)
     return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)[:, None]), np.asarray(record["direction"]), tuple(record["spacing"]), [])
 
 
-def read_nifti_mask(image_path: str, mask_path: str, vol: Any) -> np.ndarray:
+def read_nifti_mask(image_path: str, mask_path: str, vol: Volume) -> np.ndarray:
     """A label map aligned to its image (S×H×W int64); a geometry mismatch names both files."""
     import nibabel as nib
-
-    from insitu.domains.dicom import DicomError
 
     img, seg = nib.as_closest_canonical(nib.load(image_path)), nib.as_closest_canonical(nib.load(mask_path))
     if img.shape[:3] != seg.shape[:3] or not np.allclose(img.affine, seg.affine, atol=1e-3):
@@ -96,7 +94,7 @@ def crop3d(vol: Any, size: tuple[int, int, int], spacing: tuple[float, float, fl
     affine = np.eye(4)
     affine[:3, :3] = (_RAS_TO_LPS @ vol.direction) * np.asarray(vol.spacing)
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine))
-    x = Orientation(axcodes="RAS")(x)
+    x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)  # MONAI's default today, stated
     if spacing is not None:
         x = Spacing(pixdim=spacing, mode="bilinear")(x)
     d, h, w = size

@@ -1,4 +1,7 @@
-"""Overlays a person can look at: predicted masks tinted over the image, saved as PNG."""
+"""Overlays a person can look at: predicted masks tinted over the image, saved as PNG.
+
+The images domain's prediction output (`ImageFolderDomain.write_predictions`) and `insitu evaluate`'s figures.
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ the tables say so). Every probe scores the frozen backbone, frozen + PCA whiteni
 transform any user could apply), the student adapters and, for objectives with an EMA teacher,
 the teacher's adapters (exported with ``insitu.adapters.package.export_package(weights="teacher")``);
 the packages are kept under ``--out``/adapters/. The primary endpoint per dataset is ``PRIMARY``,
-declared in docs/objectives.md before the first run.
+declared in docs/results/objectives.md before the first run.
 ConVIRT needs text: none
 ships with this data, so each image is paired with SYNTHETIC report text written from its label
 (as in configs/medical/pneumoniamnist_convirt.yaml) and a tiny random-weight BERT (tests/data/
@@ -78,7 +78,7 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "cvrl": {"views": {"frames": 4}},
 }
 VIDEO_OBJECTIVES = {"rsp", "cvrl"}
-# the primary endpoint per dataset, declared in docs/objectives.md (commit 14985cf) before any run of this protocol
+# the primary endpoint per dataset, declared in docs/results/objectives.md (committed in 14985cf) before any run of this protocol
 PRIMARY = {"pneumoniamnist": "knn@0.1", "busi": "dense@1.0:mIoU", "polypgen_A": "knn@0.1", "polypgen_B": "knn@0.1"}
 BASELINE = "frozen + PCA whitening"
 REPORTS = {  # synthetic report text per class, for ConVIRT only

@@ -12,24 +12,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from insitu.errors import ConfigError
-from insitu.raw_config import apply_override
+from insitu.raw_config import config_overrides, upgrade_config
 from insitu.registry import (
     ADAPTERS,
     CLASSIFICATION_HEADS,
     DOMAINS,
     OBJECTIVES,
     SEGMENTATION_HEADS,
-    AdapterOptions,
     Needs,
-    adapter_options,
+    Registry,
     closest_field,
     config_error,
+    option_bound_problems,
     unknown_name_message,
-    validate_options,
 )
+from insitu.registry import validate_options as validate_options  # re-exported: the CLI checks a lone section with it
 from insitu.weights import PACKAGED, shipped_card
 
 MAX_STEPS = 10**8  # a step count past this is a typo (1e30), not a plan
@@ -68,11 +68,31 @@ class BackboneConfig(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class ObjectiveConfig(Strict):
-    """The SSL objective, by registry name, with its own validated options."""
+class ComponentConfig(Strict):
+    """Every component section's one shape: a registered ``name`` and its ``options``, checked by that component's
+    typed ``Options`` (insitu.registry) when the config is validated, and stored completed with its defaults."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdapterConfig(ComponentConfig):
+    """The adapters: ``bottleneck``, ``sequential`` or ``lora`` (insitu.adapters); ``options.blocks`` says which blocks."""
+
+    name: str = "bottleneck"
+
+
+class ObjectiveConfig(ComponentConfig):
+    """The SSL objective (insitu.objectives); a wrapping objective checks ``options.base_options`` by its ``options.base``."""
 
     name: str = "dino"
-    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class HeadConfig(ComponentConfig):
+    """A downstream head of the task (insitu.heads): ``linear``/``mlp`` (classification), ``linear``/``fpn``/``upernet``
+    (segmentation). The blocks a segmentation head reads are ``downstream.layers``, not a head option."""
+
+    name: str = "linear"
 
 
 class TrainConfig(Strict):
@@ -82,6 +102,7 @@ class TrainConfig(Strict):
     max_steps: int = Field(100, gt=0, le=MAX_STEPS, strict=True)
     batch_size: int = Field(32, gt=0, le=1_000_000, strict=True)
     lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)  # where the cosine after the warm-up ends (the fractal base: 1e-5)
     weight_decay: float = Field(0.04, ge=0)
     warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, strict=True)
     # the teacher's base EMA momentum; None derives it from the run length (half-life = ema_half_life * max_steps)
@@ -250,7 +271,7 @@ class ProbeConfig(Strict):
 class DownstreamConfig(Strict):
     """A downstream task on backbone features (never the SSL projection head): head, mode, training.
 
-    ``task``: ``classification``, ``multilabel`` or ``segmentation``. ``head``: ``linear``/``mlp``
+    ``task``: ``classification``, ``multilabel`` or ``segmentation``. ``head``: ``{name, options}``, ``linear``/``mlp``
     (classification), ``linear``/``fpn``/``upernet`` (segmentation). ``mode``: ``head`` trains the
     head only (backbone and adapters frozen), ``adapters`` trains adapters and head (fresh
     zero-initialised adapters from the ``adapter`` section when no package is given). The labelled
@@ -260,13 +281,11 @@ class DownstreamConfig(Strict):
     """
 
     task: Literal["classification", "multilabel", "segmentation"] = "classification"
-    head: str = "linear"
+    head: HeadConfig = Field(default_factory=HeadConfig)
     mode: Literal["head", "adapters"] = "head"
     steps: int = Field(200, gt=0)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, gt=0)
-    hidden_dim: int = Field(256, gt=0)
-    decoder_dim: int = Field(64, gt=0)
     layers: int = Field(4, gt=0)
     num_classes: int | None = Field(None, gt=0)
     class_weights: Literal["none", "balanced"] | list[float] = "none"
@@ -281,7 +300,7 @@ class DownstreamConfig(Strict):
     num_workers: int = Field(0, ge=0)
 
 
-HEAD_OPTIONS = ("hidden_dim", "decoder_dim")  # DownstreamConfig's fields that are some head's options (insitu.heads)
+HEAD_INPUTS = {"levels": "downstream.layers"}  # head Options fields the run sets (from the key named), never written in head.options
 
 
 class TrustConfig(Strict):
@@ -348,7 +367,7 @@ class RunConfig(Strict):
     out_dir: Path = Path("insitu-runs")
     data: DataConfig
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    adapter: SerializeAsAny[AdapterOptions] = Field(default_factory=lambda: adapter_options({}))
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -357,8 +376,6 @@ class RunConfig(Strict):
     downstream: DownstreamConfig | None = None
     federated: FederatedConfig | None = None
     trust: TrustConfig = Field(default_factory=TrustConfig)
-
-    _adapter = field_validator("adapter", mode="before")(adapter_options)
 
     @field_validator("name")
     @classmethod
@@ -376,16 +393,16 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     """Load a YAML file (or a dict), apply `key.sub=value` overrides, validate everything once."""
     where = str(source) if not isinstance(source, dict) else "<dict>"
     raw = read_yaml(Path(source)) if not isinstance(source, dict) else copy.deepcopy(source)  # overrides leave the caller's dict as it was
-    for override in overrides or []:
-        apply_override(raw, override)
-    return validate_config(raw, where, check_paths=check_paths)
+    return validate_config(config_overrides(raw, overrides or []), where, check_paths=check_paths)
 
 
 def validate_config(raw: dict[str, Any], where: str = "<dict>", check_paths: bool = True) -> RunConfig:
+    """``raw`` (old flat component shapes upgraded first) validated once: schema, each component's options, declared needs, paths."""
+    raw = upgrade_config(raw)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise config_error(exc, where, lambda loc: _hint(loc, raw)) from None
+        raise config_error(exc, where, lambda loc: closest_field(RunConfig, loc)) from None  # options: `component_options`
     _validate_component_options(cfg, where)
     check_needs(cfg, where)
     if check_paths:
@@ -411,13 +428,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _hint(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
-    """For an unknown key: the adapter kind it belongs to, or the closest known key."""
-    if loc[0] == "adapter" and len(loc) == 2:
-        return ADAPTERS.unknown_option_hint(raw["adapter"].get("kind", "bottleneck"), str(loc[1]), "adapter")
-    return closest_field(RunConfig, loc)
-
-
 def _validate_component_options(cfg: RunConfig, where: str) -> None:
     sections: list[tuple[str, DataConfig]] = [("data", cfg.data)]
     sections += [(f"probe.{k}", d) for k, d in (("train", cfg.probe.train), ("test", cfg.probe.test)) if d]
@@ -425,24 +435,46 @@ def _validate_component_options(cfg: RunConfig, where: str) -> None:
         sections += [(f"probe.dense.{k}", d) for k, d in (("data", cfg.probe.dense.data), ("test", cfg.probe.dense.test)) if d]
     sections += [(f"federated.sites[{i}]", d) for i, d in enumerate(cfg.federated.sites if cfg.federated else [])]
     for prefix, data in sections:
-        data.options = validate_options(DOMAINS.options(data.domain), data.options, f"{prefix}.options", where)
+        data.options = component_options(DOMAINS, data.domain, data.options, f"{prefix}.options", where, f"{prefix}.domain")
+    cfg.adapter.options = component_options(ADAPTERS, cfg.adapter.name, cfg.adapter.options, "adapter.options", where, skip=("kind",))
     cfg.objective.options = _objective_options(cfg.objective.name, cfg.objective.options, "objective.options", where)
     if cfg.downstream is not None:
-        _check_head(cfg.downstream, where)
+        head, registry = cfg.downstream.head, SEGMENTATION_HEADS if cfg.downstream.task == "segmentation" else CLASSIFICATION_HEADS
+        head.options = component_options(registry, head.name, head.options, "downstream.head.options", where, skip=tuple(HEAD_INPUTS))
 
 
-def _check_head(ds: DownstreamConfig, where: str) -> None:
-    """``downstream.head`` names a registered head of its task, and a head option set away from its default is one the head takes."""
-    registry = SEGMENTATION_HEADS if ds.task == "segmentation" else CLASSIFICATION_HEADS
-    if ds.head not in registry:
-        raise ConfigError(f"Invalid config {where}: 'downstream.head': " + unknown_name_message(registry.kind, ds.head, registry.names()))
-    takes = registry.options(ds.head).model_fields
-    refused = [k for k in HEAD_OPTIONS if k not in takes and getattr(ds, k) != DownstreamConfig.model_fields[k].default]
-    if refused:
-        raise ConfigError(
-            f"Invalid config {where}: 'downstream.{refused[0]}': {registry.kind} {ds.head!r} does not take {', '.join(refused)} "
-            f"(it takes {', '.join(takes) or 'no options'}); remove it, or pick a head that takes it."
-        )
+def component_options(
+    registry: Registry[Any], name: str, options: dict[str, Any], prefix: str, where: str, name_key: str = "", skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``options`` of component ``name`` checked by its typed ``Options`` and returned completed with defaults.
+
+    An unknown name, or a key the component does not take, is a `ConfigError` naming the component and the key with the
+    closest key it does take (or the components that take it). ``skip``: fields of the ``Options`` that are not written
+    in a config (an adapter's ``kind`` is the section's ``name``; a head's ``levels`` is ``downstream.layers``).
+    """
+    name_key = name_key or prefix.removesuffix(".options") + ".name"
+    if name not in registry:
+        raise ConfigError(f"Invalid config {where}: '{name_key}': " + unknown_name_message(registry.kind, name, registry.names()))
+    model, component = registry.options(name), f"{registry.kind} {name!r}"
+    takes = [k for k in model.model_fields if k not in skip]
+    for key in skip:
+        if key in options:
+            set_by = HEAD_INPUTS.get(key, name_key)
+            raise ConfigError(f"Invalid config {where}: '{prefix}.{key}': {component} has it from {set_by}; set {set_by} instead.")
+    try:
+        result = model.model_validate(options)
+    except ValidationError as exc:
+
+        def hint(loc: tuple[Any, ...]) -> str:
+            owners = [n for n in registry.names() if n != name and len(loc) == 1 and str(loc[0]) in registry.options(n).model_fields]
+            near = f": an option of {registry.kind} {' and '.join(map(repr, owners))}, not of {name!r}" if owners else ""
+            return (near or closest_field(model, loc, prefix)) + f" ({component} takes {', '.join(takes) or 'no options'})"
+
+        raise config_error(exc, where, hint, prefix) from None
+    problems = option_bound_problems(result, prefix)
+    if problems:
+        raise ConfigError("\n".join([f"Invalid config {where}: {component}:", *problems]))
+    return result.model_dump(mode="json", exclude=set(skip))
 
 
 MAX_WRAPPED = 4  # sigreg over self_distill over glare is three; deeper is a loop (a YAML alias), not a recipe
@@ -451,7 +483,7 @@ MAX_WRAPPED = 4  # sigreg over self_distill over glare is three; deeper is a loo
 def _objective_options(name: str, options: dict[str, Any], prefix: str, where: str, depth: int = 0) -> dict[str, Any]:
     """An objective's options validated by its ``Options``, and a wrapped objective's (``base``, ``base_options``) by the base's."""
     model = OBJECTIVES.options(name)
-    out = validate_options(model, options, prefix, where)
+    out = component_options(OBJECTIVES, name, options, prefix, where)
     if "base" in model.model_fields and "base_options" in model.model_fields:
         if depth >= MAX_WRAPPED:
             raise ConfigError(f"Invalid config {where}: '{prefix}.base' wraps objectives more than {MAX_WRAPPED} deep; unwrap them.")
@@ -486,6 +518,8 @@ def check_needs(cfg: RunConfig, where: str = "<dict>") -> None:
                 f"  '{key}.options.clip_frames': objective '{name}' needs windows of at least {needs.frames} frames "
                 f"(objective.options.views.frames and speeds); raise {key}.options.clip_frames to {needs.frames} (got {frames})"
             )
+        elif needs.items == "fractals" and items != "fractals":
+            problems.append(f"  '{key}.domain': objective '{name}' learns the labels of generated fractals; set {key}.domain: fractals (got {data.domain})")
         elif needs.items != "clips" and items == "clips":
             problems.append(f"  '{key}.options.mode': objective '{name}' trains on single images; set {key}.options.mode: frames (got clips)")
     if cfg.train.cached_views:
@@ -510,14 +544,14 @@ def _cache_problems(cfg: RunConfig, needs: Needs) -> list[str]:
             "  'train.cached_views': objective.options.views.device: true builds views on the training device, not in the loader "
             "that the cache reads; set one of them off"
         )
-    blocks, depth = cfg.adapter.blocks, cfg.backbone.kwargs.get("depth")
+    blocks, depth = cfg.adapter.options.get("blocks", "all"), cfg.backbone.kwargs.get("depth")
     first = 0 if blocks == "all" else min(b % depth if isinstance(depth, int) else b for b in blocks) if isinstance(blocks, list) else None
     if first is None and isinstance(depth, int) and isinstance(blocks, int):
         first = depth - blocks
     if first == 0:  # unknown depth (a timm name without kwargs.depth): checked again when the backbone is built
         problems.append(
-            f"  'adapter.blocks': train.cached_views needs adapters that start after block 0 (a frozen first block), e.g. "
-            f"adapter.blocks: 2 for the last two (got {blocks!r})"
+            f"  'adapter.options.blocks': train.cached_views needs adapters that start after block 0 (a frozen first block), e.g. "
+            f"adapter.options.blocks: 2 for the last two (got {blocks!r})"
         )
     return problems
 

@@ -32,7 +32,7 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-ItemKind = Literal["images", "pairs", "clips"]
+ItemKind = Literal["images", "pairs", "clips", "fractals"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Needs:
     """What a registered objective requires of the rest of a run; `insitu.config` checks it before anything loads.
 
     ``items``: what one training item must be: ``images`` (C×H×W), ``pairs`` (an image and its text,
-    ``data.domain: pairs``) or ``clips`` (T×C×H×W windows, the video domain's ``mode: clips``), as the
+    ``data.domain: pairs``), ``clips`` (T×C×H×W windows, the video domain's ``mode: clips``) or ``fractals``
+    (generated images with their IFS labels, ``data.domain: fractals``), as the
     domain declares with ``Domain.yields``; ``frames``: the frames a clip needs (``data.options.clip_frames``).
     ``teacher``: the run keeps an EMA teacher (the pipeline builds one and the package stores it).
     ``cacheable_views``: a step only passes the loader's views to the models, so ``train.cached_views`` may
@@ -130,6 +131,7 @@ OBJECTIVES: Registry[Any] = Registry(
         "sigreg": "insitu.objectives.sigreg",
         "self_distill": "insitu.objectives.self_distill",
         "graph_matching": "insitu.objectives.graph_matching",
+        "mip": "insitu.objectives.mip",
     },
 )
 DOMAINS: Registry[Any] = Registry(
@@ -140,6 +142,7 @@ DOMAINS: Registry[Any] = Registry(
         "geotiff": "insitu.domains.geotiff",
         "video": "insitu.domains.video",
         "pairs": "insitu.domains.pairs",
+        "fractals": "insitu.domains.fractals",
     },
 )
 CLASSIFICATION_HEADS: Registry[Any] = Registry(
@@ -152,10 +155,11 @@ REGISTRIES = (ADAPTERS, OBJECTIVES, DOMAINS, CLASSIFICATION_HEADS, SEGMENTATION_
 
 
 class AdapterOptions(BaseModel):
-    """The options every adapter kind shares (a run config's ``adapter:`` section); each kind's module subclasses it.
+    """The options every adapter kind shares (a run config's ``adapter.options``); each kind's module subclasses it.
 
     ``kind``: ``bottleneck`` (parallel to the MLP), ``sequential`` (Houlsby, after each sublayer) or
-    ``lora`` (attention projections); the section is validated by that kind's ``Options``.
+    ``lora`` (attention projections), written in a config as ``adapter.name``; the options are validated by
+    that kind's ``Options``.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -170,10 +174,15 @@ class AdapterOptions(BaseModel):
         return value
 
 
-def adapter_options(section: AdapterOptions | dict[str, Any]) -> AdapterOptions:
-    """The ``adapter:`` section validated by its kind's registered ``Options`` (``bottleneck`` when unnamed)."""
-    if not isinstance(section, dict):
+def adapter_options(section: AdapterOptions | BaseModel | dict[str, Any]) -> AdapterOptions:
+    """An adapter section validated by its kind's registered ``Options``: a run config's ``{name, options}`` (a dict or
+    `insitu.config.AdapterConfig`), or the flat ``{kind, blocks, ...}`` Python callers pass (``bottleneck`` when unnamed)."""
+    if isinstance(section, AdapterOptions):
         return section
+    if isinstance(section, BaseModel):
+        section = section.model_dump()
+    if "name" in section or "options" in section:
+        section = {**section.get("options", {}), "kind": section.get("name", "bottleneck")}
     return ADAPTERS.options(section.get("kind", "bottleneck")).model_validate(section)
 
 

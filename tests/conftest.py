@@ -84,7 +84,7 @@ TINY_QUICKSTART = [
     "backbone.img_size=32",
     "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
     "objective.options.out_dim=64",
-    "adapter.blocks=1",
+    "adapter.options.blocks=1",
     "probe.knn_k=3",
     *TINY_PROBE,
 ]
@@ -109,7 +109,7 @@ def tiny_config(root: Path, out_dir: Path, **sections: Any) -> dict[str, Any]:
         "out_dir": str(out_dir),
         "data": {"domain": "images", "root": str(root), "image_size": 32},
         "backbone": dict(TINY_BACKBONE),
-        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 8},
+        "adapter": {"name": "bottleneck", "options": {"blocks": "all", "bottleneck_dim": 8}},
         "objective": {"name": "dino", "options": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "views": {"local_crops": 1}}},
         "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
         "trainer": {"accelerator": "cpu"},

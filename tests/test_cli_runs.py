@@ -114,9 +114,9 @@ def test_quickstart_defaults_to_the_shipped_base(tmp_path, capsys):
 
 def test_cli_config_error_exit_code(tmp_path, shapes_dir, capsys):
     raw = tiny_config(shapes_dir, tmp_path / "runs")
-    raw["adapter"]["bottleneck"] = 8
+    raw["adapter"]["options"]["bottleneck"] = 8
     assert main(["pretrain", "-c", str(write_cfg(tmp_path, raw))]) == 2
-    assert "unknown key 'adapter.bottleneck'; did you mean 'adapter.bottleneck_dim'" in capsys.readouterr().err.replace("\n", "")
+    assert "unknown key 'adapter.options.bottleneck'; did you mean 'adapter.options.bottleneck_dim'" in capsys.readouterr().err.replace("\n", "")
 
 
 def test_cli_scan_quarantines_but_exits_zero(tmp_path, shapes_dir, capsys):

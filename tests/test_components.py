@@ -93,13 +93,14 @@ def test_unknown_adapter_kind_in_a_config_is_named(tmp_path):
 def test_an_option_of_another_adapter_kind_is_refused_naming_its_kind(tmp_path):
     root = write_shapes(tmp_path / "d", n_per_class=1)
     with pytest.raises(
-        ConfigError, match="unknown key 'adapter.bottleneck_dim': an option of adapter kind 'bottleneck' and 'sequential', not of 'lora'"
+        ConfigError, match="unknown key 'adapter.options.bottleneck_dim': an option of adapter kind 'bottleneck' and 'sequential', not of 'lora'"
     ):
         load_config(tiny_config(root, tmp_path), ["adapter.kind=lora"])  # the tiny config sets bottleneck_dim
-    with pytest.raises(ConfigError, match="unknown key 'adapter.rank': an option of adapter kind 'lora', not of 'bottleneck'"):
-        load_config(tiny_config(root, tmp_path), ["adapter.rank=4"])
-    cfg = load_config(tiny_config(root, tmp_path), ["adapter={kind: lora, rank: 4, blocks: 1}"])
-    assert (cfg.adapter.kind, cfg.adapter.rank, cfg.adapter.targets) == ("lora", 4, ["qkv"])
+    with pytest.raises(ConfigError, match="unknown key 'adapter.options.rank': an option of adapter kind 'lora', not of 'bottleneck'"):
+        load_config(tiny_config(root, tmp_path), ["adapter.options.rank=4"])
+    cfg = load_config(tiny_config(root, tmp_path), ["adapter={name: lora, options: {rank: 4, blocks: 1}}"])
+    assert (cfg.adapter.name, cfg.adapter.options["rank"], cfg.adapter.options["targets"]) == ("lora", 4, ["qkv"])
+    assert cfg == load_config(tiny_config(root, tmp_path), ["adapter={kind: lora, rank: 4, blocks: 1}"])  # the old flat shape
 
 
 @pytest.mark.parametrize("kind", ADAPTERS.names())

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from insitu.cli import main
-from insitu.config import HEAD_OPTIONS, load_config
+from insitu.config import load_config
 from insitu.errors import ConfigError
 from insitu.objectives import create_objective
 from insitu.pipelines import view_cache
@@ -39,7 +39,7 @@ def _pretrain(tmp_path: Path, capsys: pytest.CaptureFixture, raw: dict) -> tuple
 def _wrong_settings(root: Path) -> list[tuple[str, dict, list[str]]]:
     """(id, config sections, what the message must name): one wrong setting for every registered component."""
     cases = [
-        (f"adapter-{k}", {"adapter": {"kind": k, "blocks": 1, "no_such_option": 1}}, ["unknown key 'adapter.no_such_option'"])
+        (f"adapter-{k}", {"adapter": {"name": k, "options": {"blocks": 1, "no_such_option": 1}}}, ["'adapter.options.no_such_option'", f"adapter kind {k!r}"])
         for k in ADAPTERS.names()
     ]
     cases += [
@@ -52,8 +52,9 @@ def _wrong_settings(root: Path) -> list[tuple[str, dict, list[str]]]:
     ]
     for task, registry in HEADS:
         for head in registry.names():
-            key = next(k for k in HEAD_OPTIONS if k not in registry.options(head).model_fields)
-            cases.append((f"{task}-head-{head}", {"downstream": {"task": task, "head": head, key: 16}}, [f"downstream.{key}", repr(head)]))
+            key = next(k for k in ("hidden_dim", "decoder_dim") if k not in registry.options(head).model_fields)
+            ds = {"task": task, "head": {"name": head, "options": {key: 16}}}
+            cases.append((f"{task}-head-{head}", {"downstream": ds}, [f"downstream.head.options.{key}", f"{registry.kind} {head!r}"]))
     return cases
 
 
@@ -80,7 +81,7 @@ def test_every_objective_declares_its_needs():
         else:
             options = optional.get(name, {})
         needs = cls.needs(cls.Options.model_validate(options))
-        assert isinstance(needs, Needs) and needs.items in ("images", "pairs", "clips") and needs.frames >= 1
+        assert isinstance(needs, Needs) and needs.items in ("images", "pairs", "clips", "fractals") and needs.frames >= 1
         if name not in ("sigreg", "self_distill"):  # wrappers take the teacher flag of their base
             assert needs.teacher == cls.needs_teacher and needs.cacheable_views == cls.cacheable_views
     assert OBJECTIVES.get("rsp").needs(OBJECTIVES.options("rsp").model_validate({"speeds": [1, 3]})).frames == 10  # (4 - 1) * 3 + 1
@@ -106,12 +107,12 @@ NEEDS = [
     ("sigreg-bad-base-option", {"objective": {"name": "sigreg", "options": {"base": "simclr", "base_options": {"temprature": 1}}}}, ["objective.options.base_options.temprature"]),
     ("sigreg-base-needs", {"objective": {"name": "sigreg", "options": {"base": "rsp"}}}, ["objective 'sigreg' trains on T×C×H×W clips"]),
     ("cache-glare", {"objective": {"name": "glare"}, "adapter": {"blocks": 1}, "train": {"cached_views": 2}}, ["'train.cached_views'", "objective 'glare'"]),
-    ("cache-all-blocks", {"train": {"cached_views": 2}}, ["'adapter.blocks'", "start after block 0"]),
-    ("cache-block-0", {"adapter": {"blocks": [0, 1]}, "train": {"cached_views": 2}}, ["'adapter.blocks'"]),
-    ("cache-last-2-of-2", {"adapter": {"blocks": 2}, "train": {"cached_views": 2}}, ["'adapter.blocks'"]),  # TINY_BACKBONE has depth 2
+    ("cache-all-blocks", {"train": {"cached_views": 2}}, ["'adapter.options.blocks'", "start after block 0"]),
+    ("cache-block-0", {"adapter": {"blocks": [0, 1]}, "train": {"cached_views": 2}}, ["'adapter.options.blocks'"]),
+    ("cache-last-2-of-2", {"adapter": {"blocks": 2}, "train": {"cached_views": 2}}, ["'adapter.options.blocks'"]),  # TINY_BACKBONE has depth 2
     ("cache-full-finetune", {"adapter": {"blocks": 1}, "train": {"cached_views": 2, "full_finetune": True}}, ["train.full_finetune"]),
     ("cache-device-views", {"adapter": {"blocks": 1}, "train": {"cached_views": 2}, "objective": {"name": "simclr", "options": {"views": {"local_crops": 0, "device": True}}}}, ["views.device"]),
-    ("head-unknown", {"downstream": {"head": "mpl"}}, ["'downstream.head'", "Did you mean 'mlp'"]),
+    ("head-unknown", {"downstream": {"head": {"name": "mpl"}}}, ["'downstream.head.name'", "Did you mean 'mlp'"]),
 ]
 
 
@@ -133,7 +134,9 @@ def test_configs_that_meet_the_needs_still_validate(shapes, tmp_path):
         {"objective": {"name": "glare", "options": {"global_term": False, "views": {"global_crops": 1, "local_crops": 0}}}},
         {"adapter": {"blocks": 1}, "train": {"cached_views": 2}},
         {"adapter": {"blocks": [1]}, "objective": {"name": "simclr", "options": {}}, "train": {"cached_views": 2}},
-        {"downstream": {"task": "segmentation", "head": "fpn", "decoder_dim": 8}},
+        {"downstream": {"task": "segmentation", "head": {"name": "fpn", "options": {"decoder_dim": 8}}}},
+        {"downstream": {"head": {"name": "mlp", "options": {"hidden_dim": 8}}}},
+        {"downstream": {"task": "segmentation", "head": "fpn", "decoder_dim": 8}},  # the old flat shape still loads
         {"downstream": {"head": "mlp", "hidden_dim": 8}},
     ]
     for sections in ok:
@@ -142,8 +145,8 @@ def test_configs_that_meet_the_needs_still_validate(shapes, tmp_path):
 
 def test_overrides_leave_the_callers_dict_as_it_was(shapes, tmp_path):
     raw = tiny_config(shapes, tmp_path / "runs")
-    load_config(raw, ["train.cached_views=2", "adapter.blocks=1"])
-    assert "cached_views" not in raw["train"] and raw["adapter"]["blocks"] == "all"
+    load_config(raw, ["train.cached_views=2", "adapter.options.blocks=1"])
+    assert "cached_views" not in raw["train"] and raw["adapter"]["options"]["blocks"] == "all"
 
 
 def _simclr_source(root: Path):

@@ -12,7 +12,25 @@ from insitu.config import load_config
 from insitu.domains.fractals import FractalStream, SystemBank, fractal_images, labelled_fractal_images, render, sample_systems
 from insitu.errors import ConfigError
 from insitu.weights import shipped_bases, shipped_card
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
+
+BASE_CONFIG = str(REPO / "configs" / "base" / "fractal_vit_tiny.yaml")
+# a tiny base run: two steps of a 2-block ViT at 32 px, in the main process
+TINY_BASE = [
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "data.num_workers=0",
+    "data.image_size=32",
+    "backbone.img_size=32",
+    "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
+]
+
+
+def base_args(tmp_path, *overrides, command=("base", "pretrain")):
+    args = ["--quiet", *command, "-c", BASE_CONFIG, "--set", f"out_dir={tmp_path}"]
+    for o in (*TINY_BASE, *overrides):
+        args += ["--set", o]
+    return args
 
 
 def test_systems_respect_the_sigma_factor_range():
@@ -44,30 +62,20 @@ def test_render_and_images_are_seeded_and_non_trivial():
     assert next(it).shape == (3, 32, 32)
 
 
-def test_base_pretrain_tiny_writes_fp16_weights_and_card(tmp_path, capsys):
-    args = [
-        "--quiet",
-        "base",
-        "pretrain",
-        "--set",
-        f"out_dir={tmp_path}",
-        "--set",
-        "steps=2",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "num_workers=0",
-        "--set",
-        "backbone.img_size=32",
-        "--set",
-        "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}",
-        "--set",
-        "out_dim=64",
-    ]
+def test_base_pretrain_tiny_dino_writes_fp16_weights_and_card_in_a_claimed_folder(tmp_path, capsys):
+    args = base_args(tmp_path, "objective={name: dino, options: {out_dim: 64, head_input_norm: none}}")
     assert main(args) == 0
     weights = tmp_path / "fractal_vit_tiny" / "fractal_vit_tiny.safetensors"
     card = json.loads(weights.with_suffix(".json").read_text())
     assert card["steps"] == 2 and card["images_seen"] == 8 and card["command"].startswith("insitu")
+    assert card["training"].startswith("DINO self-distillation from scratch") and card["config"]["objective"]["name"] == "dino"
+    assert card["views"]["global_crops"] == 2 and card["final_set_acc"] is None
+    owned = json.loads((weights.parent / ".insitu-owned.json").read_text())
+    assert owned["command"] == "base pretrain" and {"fractal_vit_tiny.safetensors", "fractal_vit_tiny.json"} <= set(owned["entries"])
+    assert not list(weights.parent.glob(".*.tmp*"))  # the atomic writes left no temporary file
+    capsys.readouterr()
+    assert main(args) == 2  # an earlier base is replaced only with --overwrite
+    assert "--overwrite" in capsys.readouterr().err
     assert all(v.dtype == torch.float16 for v in load_file(str(weights)).values())
     bb = create_backbone(
         {
@@ -107,17 +115,41 @@ def test_config_can_name_the_shipped_base(tmp_path, shapes_dir):
         load_config(raw)
 
 
-def test_shipped_base_config_validates():
+def test_shipped_base_configs_are_ordinary_run_configs(monkeypatch):
     from insitu.pipelines.base_pretrain import load_base_config
-    from tests.conftest import REPO
 
+    monkeypatch.chdir(REPO)
     cfg = load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", [])
-    assert cfg.name == "fractal_vit_tiny" and cfg.steps > 0
-    for path in sorted((REPO / "configs" / "base").glob("*.yaml")):  # the GPU recipe and the colour-texture attempt too
+    assert cfg.name == "fractal_vit_tiny" and cfg.train.max_steps > 0 and cfg.data.domain == "fractals"
+    assert cfg.objective.name == "mip" and cfg.objective.options["num_systems"] == 100 and cfg.train.full_finetune
+    for path in sorted((REPO / "configs" / "base").glob("*.yaml")):  # the GPU recipe and the continued bases too
         other = load_base_config(path, [])
         assert other.name == path.stem or other.name == path.stem.removesuffix("_gpu"), path
-    with pytest.raises(ConfigError):
-        load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["stepz=3"])
+    with pytest.raises(ConfigError, match="unknown key 'train.stepz'"):
+        load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="unknown key 'steps'"):  # the old base-pretrain schema's keys are gone
+        load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["steps=3"])
+    with pytest.raises(ConfigError, match="unknown key 'objective.options.out_dim'"):  # dino's option, not mip's
+        load_base_config(REPO / "configs" / "base" / "fractal_vit_tiny.yaml", ["objective.options.out_dim=64"])
+
+
+def test_a_base_run_is_checked_at_config_time(monkeypatch, tmp_path, shapes_dir):
+    from insitu.domains import create_domain
+    from insitu.pipelines.base_pretrain import load_base_config
+
+    monkeypatch.chdir(REPO)
+    path = REPO / "configs" / "base" / "fractal_vit_tiny.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_base_config(path, ["train.full_finetune=false", "objective={name: simclr}", "data.image_size=32"])
+    for key in ("'train.full_finetune'", "'objective.name'", "'data.image_size'"):
+        assert key in str(err.value)
+    # mip learns the generator's labels: on a folder of images it is refused before anything loads
+    raw = tiny_config(shapes_dir, tmp_path)
+    with pytest.raises(ConfigError, match="'data.domain': objective 'mip' learns the labels of generated fractals"):
+        load_config(raw, ["objective={name: mip}"])
+    # the fractals domain has no files: an adapter run on it is a typed error naming what it is for
+    with pytest.raises(ConfigError, match="generates its images and has no files"):
+        create_domain("fractals").scan(tmp_path)
 
 
 def test_multi_instance_labels_match_the_drawn_systems():
@@ -143,16 +175,14 @@ def test_multi_instance_labels_match_the_drawn_systems():
     assert iou(c1[0], c2[0]) > iou(c1[0], c2[1]) and iou(c1[1], c2[1]) > iou(c1[1], c2[0])
 
 
-def test_base_pretrain_mip_tiny(tmp_path):
-    args = ["--quiet", "base", "pretrain", "--set", f"out_dir={tmp_path}", "--set", "objective=mip"]
-    for o in ("steps=2", "batch_size=4", "num_workers=0", "num_systems=8", "grey_prob=0.5", "backbone.img_size=32"):
-        args += ["--set", o]
-    args += ["--set", "backbone.kwargs={depth: 2, embed_dim: 48, num_heads: 2}"]
+def test_base_pretrain_mip_tiny_through_the_ordinary_pretrain_command(tmp_path):
+    # `insitu pretrain -c` runs a base config (data.domain: fractals) like `insitu base pretrain -c`
+    args = base_args(tmp_path, "objective.options.num_systems=8", "objective.options.grey_prob=0.5", command=("pretrain",))
     assert main(args) == 0
     weights = tmp_path / "fractal_vit_tiny" / "fractal_vit_tiny.safetensors"
     card = json.loads(weights.with_suffix(".json").read_text())
     assert "multi-instance" in card["training"] and card["steps"] == 2 and 0.0 <= card["final_set_acc"] <= 1.0
-    assert card["config"]["objective"] == "mip" and card["config"]["num_systems"] == 8
+    assert card["config"]["objective"]["name"] == "mip" and card["config"]["objective"]["options"]["num_systems"] == 8
     state = load_file(str(weights))
     assert not any(k.startswith("head") for k in state)  # only the ViT ships, not the bank's classifier
 
@@ -199,19 +229,8 @@ def test_colour_texture_labels_are_seeded_and_carry_colour_and_texture():
 
 
 def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path):
-    args = ["--quiet", "base", "pretrain", "--set", f"out_dir={tmp_path}", "--set", "objective=mip", "--set", "name=ct"]
-    for o in (
-        "steps=2",
-        "batch_size=4",
-        "num_workers=0",
-        "num_systems=8",
-        "grey_prob=0.5",
-        "hue_bins=4",
-        "backbone.img_size=32",
-        "colour_layout=2",
-    ):
-        args += ["--set", o]
-    args += ["--set", "backbone.weights=insitu:fractal_vit_tiny"]
+    options = "{num_systems: 8, grey_prob: 0.5, hue_bins: 4, colour_layout: 2}"
+    args = base_args(tmp_path, "name=ct", f"objective.options={options}", "backbone.weights=insitu:fractal_vit_tiny", "backbone.kwargs={}")
     assert main(args) == 0
     weights = tmp_path / "ct" / "ct.safetensors"
     card = json.loads(weights.with_suffix(".json").read_text())
@@ -227,37 +246,36 @@ def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path
     assert not torch.equal(state["blocks.0.attn.qkv.weight"].float(), start.vit.blocks[0].attn.qkv.weight.detach().half().float())
 
 
-def test_colour_layout_target_is_the_inputs_own_pooled_colour():
-    from insitu.pipelines.base_pretrain import BasePretrainConfig, MIPModule
+def _mip(**options):
+    from insitu.objectives import create_objective
 
-    cfg = BasePretrainConfig(objective="mip", num_systems=4, colour_layout=2, colour_layout_weight=0.5, grey_prob=0.0)
-    cfg.backbone.img_size = 32
-    module = MIPModule(cfg)
-    assert module.layout_head.out_features == 3 * 2 * 2
+    return create_objective("mip", 48, 8, 32, options, 10)
+
+
+def test_colour_layout_target_is_the_inputs_own_pooled_colour():
+    objective = _mip(num_systems=4, colour_layout=2, colour_layout_weight=0.5, grey_prob=0.0)
+    student = create_backbone({"patch_size": 8, "img_size": 32, "kwargs": {"depth": 1, "embed_dim": 48, "num_heads": 2}})
+    assert objective.layout_head.out_features == 3 * 2 * 2
     # a head that predicts the exact pooled colour gives zero layout error: zero the head, use an image whose
     # 2x2 pooled colour is 0 everywhere and is unchanged by a flip (so the random flip cannot matter)
-    torch.nn.init.zeros_(module.layout_head.weight), torch.nn.init.zeros_(module.layout_head.bias)
+    torch.nn.init.zeros_(objective.layout_head.weight), torch.nn.init.zeros_(objective.layout_head.bias)
     x = torch.zeros(2, 3, 32, 32)
-    labels = torch.zeros(2, 4)
-    logged: dict[str, float] = {}
-    module.log = lambda name, value, **_: logged.__setitem__(name, float(torch.as_tensor(value).detach()))  # type: ignore[method-assign]
-    module.training_step([x, labels], 0)
-    assert logged["train/layout_mse"] == 0.0
+    batch = {"image": x, "systems": torch.zeros(2, 4)}
+    assert float(objective(batch, student)["layout_mse"].detach()) == 0.0
     # a colour the head does not predict: the error is the mean square of the pooled colours (hand-computed)
     x[:, 0] = 1.0  # red everywhere: pooled target is 1 on the 4 red cells, 0 on the 8 others
-    loss = float(module.training_step([x, labels], 0).detach())
-    assert abs(logged["train/layout_mse"] - 4 / 12) < 1e-6
+    out = objective(batch, student)
+    assert abs(float(out["layout_mse"].detach()) - 4 / 12) < 1e-6
     # the weight scales that term alone: the same (flip-invariant) batch with weight 1.5 instead of 0.5
-    module.cfg.colour_layout_weight = 1.5
-    assert abs(float(module.training_step([x, labels], 0).detach()) - loss - 1.0 * 4 / 12) < 1e-5
+    heavier = _mip(num_systems=4, colour_layout=2, colour_layout_weight=1.5, grey_prob=0.0)
+    heavier.load_state_dict(objective.state_dict())
+    assert abs(float(heavier(batch, student)["loss"].detach()) - float(out["loss"].detach()) - 1.0 * 4 / 12) < 1e-5
 
 
 def test_bank_seed_keeps_the_classes_while_seed_varies():
-    from insitu.pipelines.base_pretrain import BasePretrainConfig, system_bank
-
-    same = system_bank(BasePretrainConfig(objective="mip", num_systems=6, seed=3, bank_seed=0))
+    same = _mip(num_systems=6, bank_seed=0).system_bank(seed=3)
     reference = SystemBank(6, seed=0)
     assert torch.equal(same.a, reference.a) and torch.equal(same.probs, reference.probs)
     # without bank_seed the run's seed picks the bank, as before
-    own = system_bank(BasePretrainConfig(objective="mip", num_systems=6, seed=3))
+    own = _mip(num_systems=6).system_bank(seed=3)
     assert torch.equal(own.a, SystemBank(6, seed=3).a) and not torch.equal(own.a, reference.a)

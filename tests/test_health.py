@@ -185,7 +185,7 @@ def test_koleo_option_adds_the_weighted_regulariser():
         d = torch.cdist(z, z) + torch.eye(8) * 10
         want.append(-torch.log(d.min(1).values + 1e-8).mean())
     assert b["koleo"] == pytest.approx(float(torch.stack(want).mean()), rel=1e-4)
-    assert float(b["loss"]) == pytest.approx(float(a["loss"] + 0.1 * b["koleo"]), rel=1e-5)
+    assert float(b["loss"].detach()) == pytest.approx(float(a["loss"].detach() + 0.1 * b["koleo"]), rel=1e-5)
     assert "koleo" not in a
 
 

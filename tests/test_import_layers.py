@@ -1,4 +1,4 @@
-"""Imports flow one way (docs: DESIGN.md, package layout): a lower layer never imports a higher one.
+"""Imports flow one way (docs/design.md, package layout): a lower layer never imports a higher one.
 
 Every module under ``insitu/`` is parsed with ``ast``; each import of an ``insitu`` module, at module
 level or inside a function, and each ``__import__``/``importlib.import_module`` of a constant name, is

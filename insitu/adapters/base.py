@@ -18,11 +18,11 @@ def resolve_blocks(blocks: str | int | list[int], num_blocks: int) -> list[int]:
         return list(range(num_blocks))
     if isinstance(blocks, int):
         if blocks > num_blocks:
-            raise ConfigError(f"adapter.blocks={blocks} asks for more blocks than the backbone has ({num_blocks}).")
+            raise ConfigError(f"adapter.options.blocks={blocks} asks for more blocks than the backbone has ({num_blocks}).")
         return list(range(num_blocks - blocks, num_blocks))
     out = sorted({b % num_blocks if -num_blocks <= b < num_blocks else -1 for b in blocks})
     if not out or out[0] < 0:
-        raise ConfigError(f"adapter.blocks={blocks} has an index outside 0..{num_blocks - 1}.")
+        raise ConfigError(f"adapter.options.blocks={blocks} has an index outside 0..{num_blocks - 1}.")
     return out
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from insitu.cli.common import add_overrides, console, probe_table, summary_table
+from insitu.errors import ConfigError
 
 
 def add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +38,12 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 def add_base(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("base", help="the embedded pretrained base (a ViT pretrained on generated fractals)")
     bsub = b.add_subparsers(title="base commands")
-    bp = bsub.add_parser("pretrain", help="pretrain a ViT from scratch on generated fractal images (full-parameter DINO)")
-    bp.add_argument("-c", "--config", type=Path, help="YAML (see configs/base/fractal_vit_tiny.yaml); defaults otherwise")
-    add_overrides(bp, "override a key, e.g. steps=100")
+    bp = bsub.add_parser(
+        "pretrain", help="pretrain a ViT from scratch on generated fractal images (a run config with data.domain: fractals)"
+    )
+    bp.add_argument("-c", "--config", type=Path, required=True, help="YAML run config, e.g. configs/base/fractal_vit_tiny.yaml")
+    add_overrides(bp, "override a key, e.g. train.max_steps=100")
+    bp.add_argument("--overwrite", action="store_true", help="replace the earlier base in the run folder (only the files insitu wrote)")
     bp.set_defaults(func=run_base_pretrain)
 
 
@@ -86,6 +90,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from insitu.pipelines.pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.domain == "fractals":  # a base pretraining run (insitu.pipelines.base_pretrain)
+        if args.resume or args.probe:
+            raise ConfigError("--resume and --probe are for adapter runs; a base run (data.domain: fractals) takes neither.")
+        return _base_run(cfg, args)
     result = pretrain(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if result.adapter_dir is None:  # a non-zero DDP rank
         return 0
@@ -119,10 +127,15 @@ def _probe_after_pretrain(cfg, result) -> list:  # noqa: ANN001 - a RunConfig an
 
 
 def run_base_pretrain(args: argparse.Namespace) -> int:
-    from insitu.pipelines.base_pretrain import base_pretrain, load_base_config
+    from insitu.config import load_config
 
-    cfg = load_base_config(args.config, args.overrides)
-    weights = base_pretrain(cfg, quiet=args.quiet)
+    return _base_run(load_config(args.config, args.overrides), args)
+
+
+def _base_run(cfg, args: argparse.Namespace) -> int:  # noqa: ANN001 - a RunConfig (imported lazily)
+    from insitu.pipelines.base_pretrain import base_pretrain
+
+    weights = base_pretrain(cfg, quiet=args.quiet, overwrite=args.overwrite)
     card = json.loads(weights.with_suffix(".json").read_text())
     summary_table(
         f"insitu base pretrain: {cfg.name}",

@@ -8,16 +8,25 @@ keeps the attractors neither dust-like nor filled blobs (our sampler: draw singu
 rescale them onto a target σ-factor drawn uniformly from that range, keeping σ2 ≤ σ1 ≤ 1).
 Images are rendered with the chaos game in torch (CPU data workers or the GPU alike), coloured
 per map, on random smooth-gradient backgrounds, with 1–3 instances per image.
+
+The ``fractals`` domain (`FractalsDomain`) streams these images to base pretraining
+(``data.domain: fractals``, insitu.pipelines.base_pretrain); it has no files to scan.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
+
+from insitu.domains.base import Domain, DomainOptions, Manifest, ManifestItem, Sample
+from insitu.errors import ConfigError
+from insitu.registry import DOMAINS
 
 
 def sample_systems(n: int, generator: torch.Generator, max_maps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,3 +268,45 @@ class FractalStream(IterableDataset):
             else:
                 images, labels = labelled_fractal_images(self.chunk, self.bank, self.size, g)
                 yield from zip(images, labels, strict=True)
+
+
+class FractalsOptions(DomainOptions):
+    """The ``fractals`` domain takes no options: what the images show is the objective's choice (mip's
+    system bank and hue classes, insitu.objectives.mip); the size is ``data.image_size``."""
+
+
+@DOMAINS.register("fractals")
+class FractalsDomain(Domain):
+    """Generated IFS fractal images for base pretraining: a seeded endless stream, no files.
+
+    An objective that learns the generator's labels (``mip``) asks for a labelled stream over its
+    system bank; ``dino`` takes the plain images. ``scan`` and ``load`` refuse: there is no root.
+    """
+
+    name = "fractals"
+    Options = FractalsOptions
+
+    @classmethod
+    def yields(cls, options: DomainOptions) -> tuple[str, int]:
+        return "fractals", 1
+
+    def stream(self, size: int, seed: int, bank: SystemBank | None = None, hue_bins: int = 0) -> FractalStream:
+        """The run's images (``bank``: with their multi-instance labels; ``hue_bins``: and hue/texture labels)."""
+        return FractalStream(size, seed, bank=bank, hue_bins=hue_bins)
+
+    def scan(self, root: Path, max_items: int | None = None) -> Manifest:
+        raise ConfigError(self._no_files())
+
+    def load(self, item: ManifestItem, manifest: Manifest) -> Sample:
+        raise ConfigError(self._no_files())
+
+    def _no_files(self) -> str:
+        return (
+            "data.domain: fractals generates its images and has no files to read: it is for base pretraining "
+            "(insitu base pretrain -c configs/base/fractal_vit_tiny.yaml, train.full_finetune: true, objective mip or dino). "
+            "For adapters or probes, use a domain that reads your data (images, dicom, geotiff, video, pairs)."
+        )
+
+    @classmethod
+    def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> Any:
+        raise ConfigError("data.domain: fractals has no demo data: it generates its images during base pretraining.")

@@ -21,7 +21,7 @@ distance ≤ 10 links 133). It links 159 pairs in all; the 20 at 64-px correlati
 inspected by eye) the same scan re-cropped, with a marker drawn on, or the next frame of a sweep.
 A correlation of 0.90 alone links different lesions (a benign/malignant pair at hash distance 20), and the hash alone does from distance 12 on BUSI and from
 distance 6 on chest X-rays (all alike at 8×8 frequencies: hash ≤ 10 alone chains 24 different
-radiographs of a 335-image set into one cluster), hence the combination. See docs/evaluation.md for
+radiographs of a 335-image set into one cluster), hence the combination. See docs/results/evaluation.md for
 the clusters found.
 
 Items are grouped by these clusters (:func:`group_near_duplicates`), so near-copies land on the same

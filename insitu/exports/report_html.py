@@ -100,7 +100,7 @@ def _training_sections(cfg: RunConfig, result: Any, run_dir: Path) -> tuple[list
     sections = [
         (
             "Training",
-            f"Objective `{cfg.objective.name}`, adapters `{cfg.adapter.kind}` on `{cfg.backbone.name}` "
+            f"Objective `{cfg.objective.name}`, adapters `{cfg.adapter.name}` on `{cfg.backbone.name}` "
             f"({shown_weights(cfg.backbone.weights)}). {s.get('steps')} steps, "
             f"final loss {s.get('final_loss')}, {s.get('wall_s')} s on {s.get('device')}.",
         ),

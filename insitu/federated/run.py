@@ -37,11 +37,9 @@ class FederationResult:
 def load_federation_config(path: Path, overrides: list[str], role: str) -> RunConfig:
     """A run config with a ``federated`` section. The server reads no data, so its copy may omit ``data``."""
     from insitu.config import read_yaml, validate_config
-    from insitu.raw_config import apply_override
+    from insitu.raw_config import config_overrides
 
-    raw = read_yaml(Path(path))
-    for override in overrides:
-        apply_override(raw, override)
+    raw = config_overrides(read_yaml(Path(path)), overrides)
     sites = (raw.get("federated") or {}).get("sites") or []
     if "data" not in raw and role != "site":
         raw["data"] = sites[0] if sites else {"root": "."}

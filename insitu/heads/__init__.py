@@ -16,7 +16,8 @@ from insitu.registry import CLASSIFICATION_HEADS, SEGMENTATION_HEADS, validated
 
 
 def head_options(task: str, name: str, offered: dict[str, int]) -> dict[str, int]:
-    """The entries of ``offered`` (a downstream config offers every head's options) that head ``name`` takes."""
+    """The entries of ``offered`` that head ``name`` takes (the run offers its inputs, such as ``levels`` from
+    ``downstream.layers``, to whichever head takes them; a config's ``downstream.head.options`` are the head's own)."""
     model = (SEGMENTATION_HEADS if task == "segmentation" else CLASSIFICATION_HEADS).options(name)
     return {k: v for k, v in offered.items() if k in model.model_fields}
 
@@ -24,8 +25,8 @@ def head_options(task: str, name: str, offered: dict[str, int]) -> dict[str, int
 def create_head(task: str, name: str, in_dim: int, num_classes: int, **options: int) -> nn.Module:
     """Build the head named ``name`` for ``task`` (classification, multilabel or segmentation) with its own ``options``.
 
-    A key the head does not take, or a value out of its bounds, is a `ConfigError` naming the head (`head_options`
-    picks a head's own options from a downstream config's).
+    A key the head does not take, or a value out of its bounds, is a `ConfigError` naming the head (a run config's
+    ``downstream.head: {name, options}`` was already checked the same way by `insitu.config`).
     """
     registry = SEGMENTATION_HEADS if task == "segmentation" else CLASSIFICATION_HEADS
     head, model = registry.get(name), registry.options(name)

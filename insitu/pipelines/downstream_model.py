@@ -72,6 +72,6 @@ def build_model(cfg: RunConfig, adapter: Path | None, k: int, backbone: ViTBackb
         adapted = AdaptedBackbone(backbone, create_adapters(backbone, cfg.adapter) if ds.mode == "adapters" else None)
     in_dim = backbone.embed_dim * (1 if ds.task == "segmentation" else 2)
     levels = min(ds.layers, backbone.num_blocks)
-    offered = {"hidden_dim": ds.hidden_dim, "levels": levels, "decoder_dim": ds.decoder_dim}
-    head = create_head(ds.task, ds.head, in_dim, k, **head_options(ds.task, ds.head, offered))
+    inputs = head_options(ds.task, ds.head.name, {"levels": levels})  # what the run sets (insitu.config.HEAD_INPUTS)
+    head = create_head(ds.task, ds.head.name, in_dim, k, **ds.head.options, **inputs)
     return DownstreamModel(adapted, head, ds.task, ds.layers)

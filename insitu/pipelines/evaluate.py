@@ -152,7 +152,7 @@ def write_evaluate_report(
     sections = [
         (
             "What ran",
-            f"Task `{ds.task}`, head `{ds.head}`, mode `{ds.mode}` ({'adapters + head' if ds.mode == 'adapters' else 'head only'}), "
+            f"Task `{ds.task}`, head `{ds.head.name}`, mode `{ds.mode}` ({'adapters + head' if ds.mode == 'adapters' else 'head only'}), "
             f"{ds.steps} steps, seeds {ds.seeds}. Features come from the backbone (never an SSL projection head). "
             f"Backbone `{cfg.backbone.name}` ({shown_weights(cfg.backbone.weights) if cfg.backbone.weights else 'random init: no pretrained base'}).",
         ),

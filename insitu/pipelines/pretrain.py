@@ -50,7 +50,7 @@ class PretrainTask(Task):
         t = cfg.train
         m0 = t.ema_momentum if t.ema_momentum is not None else base_ema_momentum(t.max_steps, t.ema_half_life)
         super().__init__(
-            Optimisation(t.lr, t.max_steps, t.warmup_steps, weight_decay=t.weight_decay, fused=t.fused_optimizer, ema_base=m0),
+            Optimisation(t.lr, t.max_steps, t.warmup_steps, t.min_lr, t.weight_decay, fused=t.fused_optimizer, ema_base=m0),
             {"backbone": cfg.backbone, "adapter": cfg.adapter, "objective": cfg.objective, "train": t},
             NonFinitePolicy(t.nonfinite, t.max_skipped_fraction),
         )

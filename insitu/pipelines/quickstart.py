@@ -20,7 +20,7 @@ from insitu.io import claim_folder, read_owner, write_json
 from insitu.pipelines.pretrain import PretrainResult, pretrain
 from insitu.pipelines.probe import PROBE_NOTE, ProbeRow, probe_table, result_rows, run_probe, write_probe_outputs
 from insitu.privacy import shown_weights
-from insitu.raw_config import apply_override, deep_merge
+from insitu.raw_config import config_overrides, deep_merge
 from insitu.weights import shipped_card
 
 log = logging.getLogger("insitu")
@@ -29,8 +29,7 @@ log = logging.getLogger("insitu")
 def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | None = None) -> tuple[RunConfig, DemoData]:
     """Write the demo data under ``out/data``; return the validated quickstart config and what the demo wrote."""
     raw: dict[str, Any] = yaml.safe_load(resources.files("insitu.pipelines").joinpath("quickstart.yaml").read_text())
-    for override in overrides or []:
-        apply_override(raw, override)
+    raw = config_overrides(raw, overrides or [])
     size = int(raw["data"].get("image_size", 64))
     demo = get_domain_class(domain).make_demo(out / "data", seed=int(raw.get("seed", 0)), size=size)
     raw = deep_merge(raw, demo.recipe)
@@ -38,8 +37,7 @@ def quickstart_config(out: Path, domain: str = "images", overrides: list[str] | 
     raw["probe"] = {**raw.get("probe", {}), "train": demo.probe_train, "test": demo.probe_test}
     raw["backbone"]["in_chans"] = demo.in_chans
     raw["out_dir"], raw["name"] = str(out.resolve().parent), out.resolve().name
-    for override in overrides or []:  # overrides win over the demo's defaults too
-        apply_override(raw, override)
+    raw = config_overrides(raw, overrides or [])  # overrides win over the demo's defaults too
     return validate_config(raw, "quickstart"), demo
 
 
@@ -155,10 +153,10 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
     backbone_note = describe_backbone(cfg)
     probe = markdown_table(*probe_table(rows)) + "\n\n" + PROBE_NOTE
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items())
-    blocks = cfg.adapter.blocks
+    blocks = cfg.adapter.options["blocks"]
     where = "every block" if blocks == "all" else f"the last {blocks} blocks" if isinstance(blocks, int) else f"blocks {blocks}"
     verdict = (
-        f"{cfg.adapter.kind.capitalize()} adapters in {where} of a frozen ViT (`{cfg.backbone.weights or cfg.backbone.name}`) were "
+        f"{cfg.adapter.name.capitalize()} adapters in {where} of a frozen ViT (`{cfg.backbone.weights or cfg.backbone.name}`) were "
         f"trained by `{cfg.objective.name}` self-supervision on {s['items']} unlabelled demo images; then a "
         "linear and a kNN probe compared frozen and adapted features on held-out images.\n\n" + verdict_text(rows)
     )
@@ -178,7 +176,7 @@ def _report(cfg: RunConfig, result: PretrainResult, rows: list[ProbeRow], clock:
         ("What these numbers show", caveat),
         (
             "What ran",
-            f"Continual self-supervised pretraining (`{cfg.objective.name}`) of {cfg.adapter.kind} adapters on a frozen ViT, "
+            f"Continual self-supervised pretraining (`{cfg.objective.name}`) of {cfg.adapter.name} adapters on a frozen ViT, "
             f"on the embedded demo data, then a frozen-feature probe, on {s['device']}. Wall time before this report: "
             f"{clock.total:.0f} s ({phases}).",
         ),

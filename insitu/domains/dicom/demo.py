@@ -11,7 +11,7 @@ DEMO_SLICES = 4
 DEMO_LIVER_HU = (65.0, 20.0)  # mean liver attenuation per class; hepatic steatosis is read below about 40 HU
 # SimCLR views that keep what CT measures: no intensity jitter (a view must keep its HU) and crops of at
 # least 70 % of the slice (a view keeps the organ). With the image demo's views (intensity 0.6, crops
-# down to 30 %) adaptation lost 4-8 points on this demo (docs/quickstart.md).
+# down to 30 %) adaptation lost 4-8 points on this demo (docs/results/quickstart.md).
 DEMO_VIEWS = {"intensity": 0.0, "global_scale": [0.7, 1.0]}
 
 

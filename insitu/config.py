@@ -7,6 +7,7 @@ run and into every adapter package. Relative paths are resolved against the curr
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from insitu.errors import ConfigError
+from insitu.privacy import redact_config
 from insitu.raw_config import config_overrides, upgrade_config
 from insitu.registry import (
     ADAPTERS,
@@ -306,8 +308,8 @@ HEAD_INPUTS = {"levels": "downstream.layers"}  # head Options fields the run set
 class TrustConfig(Strict):
     """Which adapter packages a run accepts (insitu.sharing.signing; docs/sharing.md).
 
-    ``keys``: a folder of trusted public keys (``*.pub``); a signed package must then carry a valid
-    signature by one of them. ``require_signature``: unsigned packages are refused too.
+    ``keys``: a folder of trusted public keys (``*.pub``); every package must then carry a valid
+    signature by one of them (unsigned ones are refused). ``require_signature``: says so explicitly.
     """
 
     keys: Path | None = None
@@ -320,6 +322,54 @@ class TrustConfig(Strict):
         return self
 
 
+# ---- federation addresses: pure rules shared by the config check and insitu.federated.security
+
+
+def address_host(address: str) -> str:
+    """The host part of ``host:port`` (``[v6]:port`` too)."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.strip("[]")
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``address`` names this machine only (127.0.0.0/8, ::1, localhost): nothing else can reach it."""
+    host = address_host(address)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or 0.0.0.0 / [::] (every interface)
+
+
+def insecure_message(address: str) -> str:
+    return (
+        f"federated.address {address} is not a loopback address, so the federation must be authenticated: set federated.tls "
+        "(ca_cert; the server also server_cert and server_key), federated.site_keys on the server and federated.site_key at "
+        f"each site (how to make them: docs/federated.md, 'Security: TLS and site keys'), or federated.insecure: true for a lab test on a network you trust."
+    )
+
+
+
+class FederatedTLS(Strict):
+    """PEM files for the federation's TLS channel (insitu.federated.security; docs/federated.md, "Security: TLS and site keys").
+
+    ``ca_cert`` signs the server's certificate: a site trusts it, the server sends it along. The
+    server also needs ``server_cert`` (its names must include the host the sites connect to) and
+    ``server_key``; a site's copy of the config needs only ``ca_cert``.
+    """
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> FederatedTLS:
+        if (self.server_cert is None) != (self.server_key is None):
+            raise ValueError("server_cert and server_key go together: set both on the server, neither at a site")
+        return self
+
+
 class FederatedConfig(Strict):
     """Federated continual pretraining across sites (``insitu federate``; insitu.federated).
 
@@ -328,7 +378,10 @@ class FederatedConfig(Strict):
     site's item count (``fedavg``; a claim is clipped to ``max_site_items`` and no site's weight
     exceeds ``max_site_share``, or ``1 / sites`` when that is larger; ``weighting: equal`` ignores
     the counts), or sites add FedProx's proximal term ``proximal_mu / 2 *
-    ||w - w_global||^2`` to their loss (``fedprox``, for sites whose data differ). The run's lr,
+    ||w - w_global||^2`` to their loss (``fedprox``, for sites whose data differ), or the server
+    uses one of Flower's robust rules (``trimmed_mean``, ``median``, ``krum``); ``max_update_norm``
+    clips each reply's distance to the global state first. Flower's telemetry is off unless
+    ``telemetry: true``. The run's lr,
     warm-up and EMA schedules span ``rounds * local_steps`` steps (``train.max_steps`` is ignored).
     ``sites`` lists each site's data for ``insitu federate simulate``; a real site uses the
     top-level ``data`` of its own copy of the config, and the server never reads data.
@@ -336,17 +389,33 @@ class FederatedConfig(Strict):
 
     rounds: int = Field(5, gt=0, le=100_000, strict=True)
     local_steps: int = Field(10, gt=0, le=MAX_STEPS, strict=True)
-    aggregation: Literal["fedavg", "fedprox"] = "fedavg"
+    aggregation: Literal["fedavg", "fedprox", "trimmed_mean", "median", "krum"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: the share cut from each end, per coordinate
+    krum_malicious: int = Field(1, ge=0, strict=True)  # krum: the malicious sites it must tolerate (needs 2f + 3 sites)
+    krum_keep: int = Field(0, ge=0, strict=True)  # krum: 0 picks one reply; m > 0 averages the m best (Multi-Krum)
+    max_update_norm: float | None = Field(None, gt=0)  # clip each reply's L2 distance to the global state (None: off)
     # a site's item count is an unverifiable claim: it is clipped, and no site outweighs the others past a share
     weighting: Literal["items", "equal"] = "items"
     max_site_items: int = Field(1_000_000, gt=0, strict=True)  # a larger claim counts as this many items
     max_site_share: float = Field(0.5, gt=0, le=1)  # the largest weight one site can have (or 1 / sites when larger)
     min_sites: int = Field(1, gt=0, strict=True)  # a round waits for this many sites and fails below it
     address: str = "127.0.0.1:8080"  # the server's host:port (server listens on it, sites connect to it)
-    round_timeout_s: float | None = Field(None, gt=0)  # a site slower than this is dropped from the round
+    round_timeout_s: float | None = Field(600.0, gt=0)  # a site slower than this is dropped from the round (null: wait forever)
+    telemetry: bool = Field(False, strict=True)  # true: let Flower (and Ray) send their usage statistics
     site_threads: int = Field(1, gt=0, le=256, strict=True)  # torch threads per simulated site
     sites: list[DataConfig] = Field(default_factory=list)
+    # who may take part (insitu.federated.security): required off loopback for `federate server`/`site` unless insecure
+    tls: FederatedTLS | None = None  # the gRPC channel's certificates
+    site_key: Path | None = None  # a site's Ed25519 private key (`insitu adapter keygen`): it signs every reply
+    site_keys: Path | None = None  # the server's folder of trusted site public keys (<site>.pub): other replies are dropped
+    insecure: bool = Field(False, strict=True)  # true: allow no TLS and unsigned sites off loopback (a lab test only)
+
+    @model_validator(mode="after")
+    def _authenticated_off_loopback(self) -> FederatedConfig:
+        if self.tls is None and not self.insecure and not is_loopback(self.address):
+            raise ValueError(insecure_message(self.address))
+        return self
 
     @model_validator(mode="after")
     def _prox(self) -> FederatedConfig:
@@ -410,10 +479,12 @@ def validate_config(raw: dict[str, Any], where: str = "<dict>", check_paths: boo
     return cfg
 
 
-def dump_config(cfg: RunConfig, path: Path) -> None:
-    """Write the resolved config as YAML (it can be fed back to `load_config`)."""
+def dump_config(cfg: RunConfig, path: Path, redact: bool = False) -> None:
+    """Write the resolved config as YAML (it can be fed back to `load_config`); with ``redact``, every local path
+    is ``<local path>`` (`insitu.privacy.redact_config`: a private run's folder) and it cannot be fed back."""
+    data = cfg.model_dump(mode="json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    path.write_text(yaml.safe_dump(redact_config(data) if redact else data, sort_keys=False))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

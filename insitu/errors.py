@@ -41,3 +41,16 @@ class AdapterMismatchError(InsituError):
 
 class NonFiniteLossError(InsituError):
     """Training produced a NaN/Inf loss; the message names the step and the batch's item ids."""
+
+
+class RunInterrupted(InsituError):
+    """A run stopped by a signal (SIGTERM from a scheduler's time limit, SIGINT from Ctrl+C) after saving a checkpoint.
+
+    The command exits ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), as a shell reports a process the signal
+    killed, so a workflow script does not carry on as if the run had finished.
+    """
+
+    def __init__(self, message: str, signum: int, step: int, checkpoint: str) -> None:
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum

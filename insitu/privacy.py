@@ -4,6 +4,9 @@ Folder names identify people (PACS exports are named after patients), so nothing
 for sharing (adapter packages, reports, manifests, summaries) holds a local path: configs go
 through `redact_config`, manifest paths through `shareable_path` (relative to the scanned root,
 or an opaque salted token), and free text (library error messages) through `scrub_text`.
+A run that says its paths are private (``manifest_paths: token``: DICOM's default, the images
+domain's opt-in; `private_run`) shows every path as a token (`shareable_text` for messages that
+quote one, `shareable_extra` for mask paths) and has its run folder's ``config.yaml`` redacted.
 
 Tokens are salted with a secret that never enters a shareable file: ``INSITU_SALT`` when set
 (stable across machines), else a random salt created once in the private cache folder.
@@ -54,12 +57,26 @@ def path_token(path: str | Path, salt: str, prefix: str = "file") -> str:
     return f"{prefix}-{digest}"
 
 
-def shareable_path(path: str | Path, root: str | Path, salt: str | None = None) -> str:
+def shareable_path(path: str | Path, root: str | Path, salt: str | None = None, token_salt: str | None = None) -> str:
     """``path`` as a manifest may show it: relative to ``root`` (a folder, or a file's folder), else a token.
 
     Values that are neither under ``root`` nor a local path (DICOM tokens) are returned unchanged.
+    With ``token_salt`` (the images domain's ``manifest_paths: token``) every path is shown as a token of its
+    root-relative spelling, salted with it: the token is the same on every machine that shares the salt.
     """
     text = str(path)
+    rel = _relative(text, root)
+    if token_salt is not None:
+        return path_token(rel if rel is not None else text, token_salt)
+    if rel is not None:
+        return rel
+    if Path(text).is_absolute() or _exists(text):
+        return path_token(text, salt if salt is not None else secret_salt())
+    return text
+
+
+def _relative(text: str, root: str | Path) -> str | None:
+    """``text`` relative to ``root`` (a file root gives the file's name), or None when it is not under it."""
     for candidate in (Path(text), Path(text).absolute()):
         for base in _bases(root):
             try:
@@ -67,9 +84,47 @@ def shareable_path(path: str | Path, root: str | Path, salt: str | None = None) 
             except ValueError:
                 continue
             return rel if rel != "." else candidate.name
-    if Path(text).is_absolute() or _exists(text):
-        return path_token(text, salt if salt is not None else secret_salt())
-    return text
+    return None
+
+
+def shareable_text(text: str, root: str | Path, path: str | Path | None = None, token_salt: str | None = None) -> str:
+    """Free text about ``path`` (a decoder's message) as a shareable file may hold it.
+
+    The root's spellings become ``<data root>``; with ``token_salt``, every spelling of ``path`` (as given,
+    absolute, resolved, root-relative, its name) and each folder name between the root and the file become
+    the path's token first, so a message that quotes a patient-named file or folder names neither.
+    """
+    if token_salt is not None and path is not None:
+        token = shareable_path(path, root, token_salt=token_salt)
+        rel = _relative(str(path), root)
+        spellings = {str(path), str(Path(path).absolute()), str(Path(path).resolve()), Path(path).name}
+        if rel is not None:
+            spellings |= {rel, *rel.split("/")[:-1]}
+        for spelling in sorted((s for s in spellings if len(s) >= 3), key=len, reverse=True):
+            text = text.replace(spelling, token)
+    return scrub_text(text, [root])
+
+
+def shareable_extra(extra: dict[str, Any], root: str | Path, token_salt: str | None = None) -> str:
+    """A manifest item's ``extra`` as JSON for a shareable file: with ``token_salt`` each value that names a local
+    file (a mask under ``options.masks``) is a salted token; the root's spellings are scrubbed either way."""
+    if token_salt is not None:
+        extra = {k: path_token(_relative(v, root) or v, token_salt) if isinstance(v, str) and is_private_path(v, k) else v for k, v in extra.items()}
+    return scrub_text(json.dumps(extra, sort_keys=True), [root])
+
+
+def private_run(config: dict[str, Any]) -> bool:
+    """Whether a dumped run config reads private data: any data section (``data``, ``probe.train``, a federated
+    site, ...) with ``options.manifest_paths: token`` (DICOM's default; the images domain's opt-in). The run
+    folder's ``config.yaml`` of such a run holds no local path (`redact_config`)."""
+    if isinstance(config, dict):
+        options = config.get("options")
+        if "domain" in config and isinstance(options, dict) and options.get("manifest_paths") == "token":
+            return True
+        return any(private_run(v) for v in config.values())
+    if isinstance(config, list):
+        return any(private_run(v) for v in config)
+    return False
 
 
 def scrub_text(text: str, roots: Iterable[str | Path]) -> str:

@@ -127,7 +127,7 @@ def test_site_round_trains_only_shared_tensors_and_fedprox_pulls_towards_global(
     # a client refuses to train for a server on another base, and replies with tensors and two scalars only
     trainer = SiteTrainer(cfg.model_copy(update={"data": cfg.federated.sites[0]}))
     client = make_client(trainer)
-    config = {"round": 1, "step_offset": 0, "local_steps": 1, "proximal_mu": 0.0, "fingerprint": "f" * 64}
+    config = {"round": 1, "step_offset": 0, "local_steps": cfg.federated.local_steps, "proximal_mu": 0.0, "fingerprint": "f" * 64}
     arrays, items, metrics = client.fit(state.arrays, config)
     assert items == 0 and "refused" in metrics
     arrays, items, metrics = client.fit(state.arrays, {**config, "fingerprint": state.fingerprint})
@@ -298,7 +298,7 @@ def test_simulated_site_is_built_once_per_worker_and_keeps_its_teacher_in_the_co
     site = flower._SITES[1]
     assert site.items == 12 and set(flower._SITES) == {1}
     state, _ = initial_state(cfg)
-    config = {"round": 1, "step_offset": 0, "local_steps": 1, "proximal_mu": 0.0, "fingerprint": state.fingerprint}
+    config = {"round": 1, "step_offset": 0, "local_steps": cfg.federated.local_steps, "proximal_mu": 0.0, "fingerprint": state.fingerprint}
     first.numpy_client.fit(state.arrays, config)
     teacher = {k: v.clone() for k, v in site.local_state().items()}
     assert "insitu.local" in context.state  # the teacher went into the site's Flower context

@@ -65,6 +65,8 @@ def layer_of(module: str) -> int:
 DYNAMIC_IMPORTS: dict[str, str] = {
     "insitu.registry": "the designed seam: a registry imports the module its table names for a component on first use "
     "(Registry._entry), so a low layer can name components without importing them; not an edge of the graph",
+    "insitu.federated.telemetry": "imports Flower's own modules (never insitu's) by name, so that the telemetry switch is "
+    "applied before Flower's first import (import_flower); not an edge of insitu's graph",
 }
 IMPORT_FUNCTIONS = {"__import__", "import_module"}  # builtins.__import__ and importlib.import_module
 

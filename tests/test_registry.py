@@ -21,7 +21,7 @@ from tests.conftest import TINY_BACKBONE, tiny_package
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """Two tiny packages on different bases (one signed by a trusted key), and the trusted keys folder."""
+    """Two tiny packages on different bases (one signed by a trusted key as registry entry ct-dino v1), and the trusted keys folder."""
     root = tmp_path_factory.mktemp("registry")
     training = {"items": 24, "quarantined": 1, "steps": 2}
     bb, _, pkg = tiny_package(
@@ -37,7 +37,7 @@ def made(tmp_path_factory):
     shutil.copy(public, trusted / public.name)
     signed = root / "signed"
     shutil.copytree(pkg, signed)
-    sign_package(signed, private)
+    sign_package(signed, private, entry_name="ct-dino", entry_version="1")
     other_bb = create_backbone({**TINY_BACKBONE, "init_seed": 3})
     other = save_package(root / "other", other_bb, create_adapters(other_bb, {"bottleneck_dim": 8}), objective={"name": "simclr"})
     return bb, pkg, signed, other, other_bb, trusted, private
@@ -130,10 +130,12 @@ def test_pull_checks_signatures(made, tmp_path):
     _, pkg, signed, _, _, trusted, _ = made
     registry = tmp_path / "registry"
     publish(pkg, registry, name="plain")
-    publish(signed, registry, name="signed")
+    publish(signed, registry)  # its signature binds the name ct-dino: published under it
     with pytest.raises(SignatureError, match="is not signed"):
         pull("plain", registry, tmp_path / "a", trusted_keys=trusted, require_signature=True)
-    pull("plain", registry, tmp_path / "b", trusted_keys=trusted)  # unsigned is fine unless required
+    with pytest.raises(SignatureError, match="is not signed"):  # trusted keys given: a signature is required (issue 35)
+        pull("plain", registry, tmp_path / "b", trusted_keys=trusted)
+    pull("plain", registry, tmp_path / "b")  # without trusted keys an unsigned package is accepted
     stranger, _ = generate_keypair(tmp_path / "k", "stranger")
     restamped = tmp_path / "restamped"
     shutil.copytree(signed, restamped)
@@ -142,16 +144,16 @@ def test_pull_checks_signatures(made, tmp_path):
     with pytest.raises(SignatureError, match="not among the trusted keys"):
         pull("restamped", registry, tmp_path / "c", trusted_keys=trusted)
     # a registry writer who swaps a signed package's metadata and fixes the index hashes: the signature catches it
-    meta_path = registry / "signed" / "insitu.json"
+    meta_path = registry / "ct-dino" / "insitu.json"
     meta = json.loads(meta_path.read_text())
     meta["metrics"] = {"knn_acc": 0.99}
     meta_path.write_text(json.dumps(meta, indent=2))
     index = json.loads((registry / "index.json").read_text())
-    entry = next(e for e in index["packages"] if e["name"] == "signed")
+    entry = next(e for e in index["packages"] if e["name"] == "ct-dino")
     entry["files"]["insitu.json"] = hashlib.sha256(meta_path.read_bytes()).hexdigest()
     (registry / "index.json").write_text(json.dumps(index))
     with pytest.raises(SignatureError, match="insitu.json changed after it was signed"):
-        pull("signed", registry, tmp_path / "d", trusted_keys=trusted)
+        pull("ct-dino", registry, tmp_path / "d", trusted_keys=trusted)
 
 
 def test_cli_publish_list_pull(made, tmp_path, capsys):

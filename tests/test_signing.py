@@ -151,10 +151,12 @@ def test_untrusted_key_refused(made, tmp_path):
         load_package(copy, TrustPolicy(trusted))  # a signature that is present must be trusted, required or not
 
 
-def test_unsigned_refused_only_when_required(made):
+def test_unsigned_refused_whenever_keys_are_trusted(made):
+    """A trust folder given means a signature is required (issue 35: no silent downgrade by stripping signature.json)."""
     bb, pkg, _, _, trusted = made
     assert load_package(pkg).signer is None
-    assert load_package(pkg, TrustPolicy(trusted)).signer is None
+    with pytest.raises(SignatureError, match="is not signed.*trusted keys were given"):
+        load_package(pkg, TrustPolicy(trusted))
     with pytest.raises(SignatureError, match="is not signed"):
         load_package(pkg, TrustPolicy(trusted, require_signature=True))
     with pytest.raises(SignatureError, match="is not signed"):

@@ -146,7 +146,7 @@ def load_package(path: str | Path, trust: TrustPolicy | None = None, weights: st
     """
     vetted = vet_package(path)
     digests = digests_of(vetted)
-    signer = trust.check(digests, str(path)) if trust is not None else None
+    signer = (trust or TrustPolicy()).check(digests, str(path))  # without trust: a present signature must still match
     meta, raw, name = vetted.meta, vetted.tensor_bytes, TENSORS_FILE
     if _weights(weights) == "teacher":
         meta, raw, name = teacher_meta(vetted), _teacher_bytes(vetted), TEACHER_FILE

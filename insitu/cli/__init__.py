@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except InsituError as exc:
         err_console.print(f"[bold red]{type(exc).__name__}[/]: {safe_text(str(exc), 4000)}", highlight=False, markup=True, soft_wrap=True)
-        return 2
+        return getattr(exc, "exit_code", 2)  # RunInterrupted (a quickstart stopped by SIGTERM): 128 + signal
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,8 +65,8 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def trust_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trusted-keys", type=Path, help="folder of trusted signers' .pub files: a signature present must verify")
-    parser.add_argument("--require-signature", action="store_true", help="refuse unsigned packages (needs --trusted-keys)")
+    parser.add_argument("--trusted-keys", type=Path, help="folder of trusted signers' .pub files: a signature by one of them is then required")
+    parser.add_argument("--require-signature", action="store_true", help="say so explicitly: --trusted-keys already refuses unsigned packages")
 
 
 def trust(args: argparse.Namespace):  # noqa: ANN201 - a TrustPolicy (imported lazily)
@@ -76,7 +76,7 @@ def trust(args: argparse.Namespace):  # noqa: ANN201 - a TrustPolicy (imported l
 
 
 def signer_text(signer) -> str:  # noqa: ANN001 - an insitu.sharing.signing.Signer
-    return f"signed by {signer.name!r}, trusted key {signer.key_name} (fingerprint {signer.fingerprint[:16]}…)"
+    return f"signed by {signer.name!r}, trusted key {signer.key_name} (fingerprint {signer.fingerprint[:16]}…); {signer.binding()}"
 
 
 def base_backbone(path: Path):  # noqa: ANN201 - returns a ViTBackbone (imported lazily)

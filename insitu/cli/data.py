@@ -50,5 +50,10 @@ def run_scan(args: argparse.Namespace) -> int:
     if near_duplicates is not None:
         console.print(near_duplicates.line(), highlight=False, soft_wrap=True)
     for q in manifest.quarantine[:20]:
-        console.print(f"  quarantined {q.path}: {q.reason} ({q.message[:120]})", highlight=False, soft_wrap=True)
+        path, message = q.path, q.message
+        if manifest.path_salt is not None:  # manifest_paths: token: the terminal (often a scheduler's log file) shows tokens too
+            from insitu.privacy import shareable_path, shareable_text
+
+            path, message = shareable_path(q.path, manifest.root, token_salt=manifest.path_salt), shareable_text(q.message, manifest.root, q.path, manifest.path_salt)
+        console.print(f"  quarantined {path}: {q.reason} ({message[:120]})", highlight=False, soft_wrap=True)
     return 0 if manifest.items else 1

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
-from insitu.cli.common import add_overrides, console, probe_table, summary_table
-from insitu.errors import ConfigError
+from insitu.cli.common import add_overrides, console, err_console, probe_table, safe_text, summary_table
+from insitu.errors import ConfigError, RunInterrupted
 
 
 def add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +95,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
         if args.resume or args.probe:
             raise ConfigError("--resume and --probe are for adapter runs; a base run (data.domain: fractals) takes neither.")
         return _base_run(cfg, args)
-    result = pretrain(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    try:
+        result = pretrain(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    except RunInterrupted as exc:  # exit 128 + signal, as a shell reports a killed process: a workflow must not carry on
+        again = " ".join(["insitu pretrain -c", shlex.quote(str(args.config)), *(f"--set {shlex.quote(o)}" for o in args.overrides), "--resume"])
+        err_console.print(f"[bold red]RunInterrupted[/]: {safe_text(str(exc), 4000)}", highlight=False, soft_wrap=True)
+        err_console.print(f"resume with: {again}", highlight=False, markup=False, soft_wrap=True)
+        return exc.exit_code
     if result.adapter_dir is None:  # a non-zero DDP rank
         return 0
     summary_table(
@@ -159,8 +166,9 @@ def run_federate(args: argparse.Namespace) -> int:
         console.print(f"site finished: trained on {items} local items; nothing but adapter tensors left this machine", highlight=False)
         return 0
     result = run_simulation(cfg, args.sites, args.overwrite) if args.role == "simulate" else run_server(cfg, args.overwrite)
-    s = result.summary
+    s, fed = result.summary, cfg.federated
     dropped = sum(len(r.dropped) for r in result.state.rounds)
+    security = [("channel, site replies", f"{'TLS' if fed.tls else 'plaintext'}, {'signed (federated.site_keys)' if fed.site_keys else 'not checked'}")]
     summary_table(
         f"insitu federate {args.role}: {cfg.name}",
         [
@@ -170,6 +178,7 @@ def run_federate(args: argparse.Namespace) -> int:
             ("sites dropped (all rounds)", str(dropped)),
             ("sent per site per round", f"{s['shared_bytes_per_site_per_round']:,} bytes (full model: {s['full_model_bytes']:,})"),
             ("wall per round", ", ".join(f"{w:.1f}" for w in s["wall_s_per_round"]) + " s"),
+            *(security if args.role == "server" else []),
         ],
     )
     return 0

@@ -60,6 +60,8 @@ class Manifest:
     quarantine: list[QuarantineItem] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     skipped: list[QuarantineItem] = field(default_factory=list)
+    # set (to the secret salt) when shareable files show paths as opaque salted tokens (images `manifest_paths: token`)
+    path_salt: str | None = None
 
     def write(self, out_dir: Path) -> None:
         """Write ``manifest.csv``, ``quarantine.csv`` (and ``skipped.csv`` if any) and ``manifest.json``.
@@ -67,19 +69,20 @@ class Manifest:
         These files are shareable: paths are written relative to the scanned root (or as opaque
         salted tokens when outside it), and the root's spelling is scrubbed from every message.
         """
-        from insitu.privacy import scrub_text, shareable_path
+        from insitu.privacy import shareable_extra, shareable_path
 
         out_dir.mkdir(parents=True, exist_ok=True)
         cols = ["item_id", "path", "group", "label", "split", "extra"]
+        salt = self.path_salt
         rows = [
             asdict(item)
-            | {"path": shareable_path(item.path, self.root), "extra": scrub_text(json.dumps(item.extra, sort_keys=True), [self.root])}
+            | {"path": shareable_path(item.path, self.root, token_salt=salt), "extra": shareable_extra(item.extra, self.root, salt)}
             for item in self.items
         ]
         write_csv(out_dir / "manifest.csv", cols, rows)
-        _write_rows(out_dir / "quarantine.csv", self.quarantine, self.root)
+        _write_rows(out_dir / "quarantine.csv", self.quarantine, self.root, salt)
         if self.skipped:
-            _write_rows(out_dir / "skipped.csv", self.skipped, self.root)
+            _write_rows(out_dir / "skipped.csv", self.skipped, self.root, salt)
         summary = {"domain": self.domain, "class_names": self.class_names, **self.counts()}
         write_json(out_dir / "manifest.json", summary)
 
@@ -116,10 +119,13 @@ class Manifest:
         }
 
 
-def _write_rows(path: Path, rows: list[QuarantineItem], root: str) -> None:
-    from insitu.privacy import scrub_text, shareable_path
+def _write_rows(path: Path, rows: list[QuarantineItem], root: str, salt: str | None = None) -> None:
+    from insitu.privacy import shareable_path, shareable_text
 
-    shown = [[shareable_path(r.path, root), scrub_text(r.reason, [root]), scrub_text(r.message, [root])] for r in rows]
+    shown = [
+        [shareable_path(r.path, root, token_salt=salt), shareable_text(r.reason, root, r.path, salt), shareable_text(r.message, root, r.path, salt)]
+        for r in rows
+    ]
     write_csv(path, ["path", "reason", "message"], shown)
 
 

@@ -31,6 +31,7 @@ from insitu.domains.overlays import overlay_mask, save_png, to_rgb_uint8
 from insitu.domains.synthetic import LAND_COVER, write_land_cover_folders
 from insitu.errors import DataError, EmptyDatasetError
 from insitu.io import write_csv
+from insitu.privacy import path_token, secret_salt
 from insitu.registry import DOMAINS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -45,6 +46,9 @@ class ImageOptions(DomainOptions):
     masks: str | None = None
     mask_threshold: int = Field(127, ge=0, le=255)
     aspect: Literal["keep", "crop", "pad"] = "keep"
+    manifest_paths: Literal["relative", "token"] = "relative"
+    class_names: Literal["auto", "folders", "token"] = "auto"
+    salt_env: str = "INSITU_SALT"
 
 
 @DOMAINS.register("images")
@@ -66,6 +70,18 @@ class ImageFolderDomain(Domain):
             at the cost of the cut-off sides); ``pad`` extends the short side with the image's own mean
             colour (keeps all content, but the band's width still tells the aspect). A mask gets the same
             crop or pad (padding is ``IGNORE_INDEX``). See docs/surgical_video.md on size shortcuts.
+        manifest_paths: ``relative`` (default: root-relative paths, as public data sets are shared) or ``token``
+            (for a hospital's own folders, often named after patients): ``manifest.csv``, ``quarantine.csv`` and
+            ``near_duplicates.csv`` show opaque salted tokens, quoted file and folder names in decoder messages
+            become the same tokens, and item ids and groups are salted hashes, so a guessed file name cannot be
+            confirmed from a shared manifest. The salt is DICOM's (`insitu.privacy.secret_salt`: ``$INSITU_SALT``,
+            named by ``salt_env``, else a random salt in the private cache); splits by group then depend on it, so
+            set ``INSITU_SALT`` where runs on several machines must split alike.
+        class_names: what the class-folder names become in the manifest and everything downstream (reports,
+            heads, predictions): ``folders`` keeps them (``benign``, ``malignant``: labels the user chose),
+            ``token`` writes ``class-<salted hash>`` (class ``i`` is still the ``i``-th folder in sorted order),
+            ``auto`` (default) is ``token`` with ``manifest_paths: token`` and ``folders`` otherwise: a config
+            that says its paths are private must say ``class_names: folders`` to show folder names.
     """
 
     name = "images"
@@ -109,6 +125,7 @@ class ImageFolderDomain(Domain):
             files = _spread(files, max_items)
         with ThreadPoolExecutor(self.options.workers) as pool:
             problems = list(pool.map(_check_image, files))
+        salt = self._salt()
         items, quarantine = [], []
         for path, problem in zip(files, problems, strict=False):
             if problem:
@@ -120,16 +137,18 @@ class ImageFolderDomain(Domain):
             if self.options.masks:
                 mask = _mask_for(Path(self.options.masks), path.relative_to(root))
                 if mask is None:
-                    quarantine.append(QuarantineItem(str(path), "no mask", f"expected {Path(self.options.masks) / rel} (any image suffix)"))
+                    where = "options.masks at the same relative path" if salt is not None else Path(self.options.masks) / rel
+                    quarantine.append(QuarantineItem(str(path), "no mask", f"expected {where} (any image suffix)"))
                     continue
                 extra["mask"] = str(mask)
-            items.append(ManifestItem(stable_id(rel), str(path), self._group(path.name, rel), label, None, extra))
+            items.append(ManifestItem(stable_id(rel, salt=salt or ""), str(path), self._group(path.name, rel, salt or ""), label, None, extra))
         if not items:
             raise EmptyDatasetError(
                 f"No usable image under {root} ({len(quarantine)} quarantined). "
                 f"Expected {', '.join(IMAGE_SUFFIXES)} files, optionally in one subfolder per class."
             )
-        return Manifest(self.name, str(root), items, quarantine, list(class_dirs) if use_folders else [])
+        names = self._class_names(class_dirs, salt) if use_folders else []
+        return Manifest(self.name, str(root), items, quarantine, names, path_salt=salt)
 
     def _scan_npz(self, path: Path, max_items: int | None) -> Manifest:
         split = self.options.split or "train"
@@ -146,22 +165,36 @@ class ImageFolderDomain(Domain):
         _check_npz_arrays(path, key, images, labels)
         n = len(images) if not max_items else min(len(images), max_items)
         index = _spread(list(range(len(images))), n)
+        salt = self._salt()
         items = []
         for i in index:
             label = int(np.asarray(labels[i]).reshape(-1)[0]) if labels is not None else None
-            item_id = stable_id(path.name, split, str(i))
+            item_id = stable_id(path.name, split, str(i), salt=salt or "")
             items.append(ManifestItem(item_id, str(path), item_id, label, split, {"npz_key": key, "index": i}))
         if not items:
             raise EmptyDatasetError(f"{path} holds no images in '{key}'.")
         n_classes = int(labels.max()) + 1 if labels is not None else 0
-        return Manifest(self.name, str(path), items, [], [str(c) for c in range(n_classes)])
+        return Manifest(self.name, str(path), items, [], [str(c) for c in range(n_classes)], path_salt=salt)
 
-    def _group(self, name: str, rel: str) -> str:
+    def _group(self, name: str, rel: str, salt: str = "") -> str:
         if self.options.group_pattern:
             match = re.search(self.options.group_pattern, name)
             if match:
-                return stable_id(match.group(1) if match.groups() else match.group(0))
-        return stable_id(rel)
+                return stable_id(match.group(1) if match.groups() else match.group(0), salt=salt)
+        return stable_id(rel, salt=salt)
+
+    def _salt(self) -> str | None:
+        """The secret salt when ``manifest_paths: token`` (ids, groups and shown paths are salted), else None."""
+        return secret_salt(None, self.options.salt_env) if self.options.manifest_paths == "token" else None
+
+    def _class_names(self, class_dirs: list[str], salt: str | None) -> list[str]:
+        """Class-folder names as the manifest shows them (``class_names``): the names, or salted tokens."""
+        mode = self.options.class_names
+        if mode == "auto":
+            mode = "token" if salt is not None else "folders"
+        if mode == "folders":
+            return list(class_dirs)
+        return [path_token(name, salt if salt is not None else secret_salt(None, self.options.salt_env), "class") for name in class_dirs]
 
     @classmethod
     def make_demo(cls, out_dir: Path, seed: int = 0, n_per_class: int = 40, size: int = 64) -> DemoData:

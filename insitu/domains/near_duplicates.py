@@ -184,7 +184,7 @@ def write_near_duplicates(manifest: Manifest, out_dir: Path) -> NearDuplicateSum
         spanning += spans
         for item in group:
             label = manifest.class_names[item.label] if item.label is not None and manifest.class_names else item.label
-            rows.append({"cluster": number, "path": shareable_path(item.path, manifest.root), "label": label, "spans_classes": spans})
+            rows.append({"cluster": number, "path": shareable_path(item.path, manifest.root, token_salt=manifest.path_salt), "label": label, "spans_classes": spans})
     write_csv(Path(out_dir) / "near_duplicates.csv", ["cluster", "path", "label", "spans_classes"], rows)
     n_clusters = len({r["cluster"] for r in rows})
     return NearDuplicateSummary(n_clusters, len(rows), spanning)

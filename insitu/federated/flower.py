@@ -10,11 +10,17 @@ proximal weight, the base fingerprint; back: item count, last loss, fingerprint)
 a manifest, an item id or a path. The server checks every reply (:mod:`insitu.federated.aggregate`)
 and drops a site from the round, logging only the server's label for it and the reason, when it
 failed or disconnected, declined, used another base, or sent wrong shapes or non-finite values.
+A site checks what the server asks in turn (:func:`check_request`): its own ``local_steps``, a
+bounded proximal weight, and a global state of the right shapes with finite, bounded values.
+
+Every import of Flower here follows :func:`require_flower`, which switches Flower's telemetry
+off (:mod:`insitu.federated.telemetry`) unless ``federated.telemetry: true``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,14 +30,17 @@ import numpy as np
 import torch
 
 from insitu.config import RunConfig
-from insitu.federated.aggregate import SiteUpdate, WeightPolicy, aggregate
+from insitu.federated.aggregate import SiteUpdate, WeightPolicy, aggregate, check_tensors, site_text, update_norm
 from insitu.federated.site import SiteTrainer, federated_config, get_arrays, shared_names
+from insitu.federated.telemetry import import_flower, set_telemetry
 from insitu.pipelines.pretrain import PretrainModule
 
 log = logging.getLogger("insitu")
 logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; do not repeat them through insitu's handler
 
 FINGERPRINT, ITEMS, LOSS, REFUSED = "fingerprint", "items", "loss", "refused"
+MAX_PROXIMAL_MU = 1.0  # a site refuses a larger proximal weight than this (or than its own config's, when larger)
+MESSAGE_MARGIN, MESSAGE_OVERHEAD = 2, 1 << 20  # gRPC limit: the shared tensors' bytes x 2 + 1 MiB (headers, scalars)
 
 
 @dataclass
@@ -45,7 +54,8 @@ class RoundRecord:
     mean_loss: float | None
     bytes_per_site: int  # the shared tensors one site sends (and receives) per round
     wall_s: float
-    clipped: dict[str, str] = field(default_factory=dict)  # sites whose claimed item count or weight share was capped
+    clipped: dict[str, str] = field(default_factory=dict)  # sites whose item count, weight share or update norm was capped
+    update_norms: dict[str, float] = field(default_factory=dict)  # each accepted reply's L2 distance to the global state
 
 
 @dataclass
@@ -79,16 +89,40 @@ def initial_state(cfg: RunConfig) -> tuple[FederationState, PretrainModule]:
     return FederationState(names, get_arrays(module, names), module.fingerprint, int(full)), module
 
 
-def require_flower() -> Any:
+def message_limit(arrays: list[np.ndarray]) -> int:
+    """The gRPC message limit for a federation sharing ``arrays``: their bytes x 2 + 1 MiB (Flower's default is 2 GiB).
+
+    One message carries the shared tensors once (numpy headers and a few scalars besides), so a
+    larger message is refused by gRPC before it is loaded."""
+    return int(MESSAGE_MARGIN * sum(a.nbytes for a in arrays) + MESSAGE_OVERHEAD)
+
+
+def require_flower(telemetry: bool | None = None) -> Any:
+    """``flwr.common``, imported with Flower's telemetry off (on only with ``telemetry=True``; None keeps the last choice)."""
+    if telemetry is not None:
+        set_telemetry(telemetry)
     try:
-        import flwr  # noqa: F401
+        import_flower("flwr")
     except ImportError:
         from insitu.errors import ConfigError
 
         raise ConfigError("federated training needs Flower: pip install 'insitu[federated]' (flwr with its simulation engine).") from None
-    import flwr.common as common
+    return import_flower("flwr.common")
 
-    return common
+
+def weight_policy(fed: Any) -> WeightPolicy:
+    """The server's aggregation policy from the ``federated`` config section."""
+    rule = fed.aggregation if fed.aggregation in ("trimmed_mean", "median", "krum") else "mean"
+    return WeightPolicy(
+        weighting=fed.weighting,
+        max_items=fed.max_site_items,
+        max_share=fed.max_site_share,
+        rule=rule,
+        max_update_norm=fed.max_update_norm,
+        trim_fraction=fed.trim_fraction,
+        krum_malicious=fed.krum_malicious,
+        krum_keep=fed.krum_keep,
+    )
 
 
 def make_strategy(cfg: RunConfig, state: FederationState, expected_sites: int = 0) -> Any:
@@ -96,9 +130,9 @@ def make_strategy(cfg: RunConfig, state: FederationState, expected_sites: int = 
 
     ``expected_sites`` (a simulation knows how many it launched): every round waits until that many
     have registered, so an early round never runs on whichever sites happened to start first."""
+    common = require_flower(cfg.federated.telemetry)  # first: Flower's telemetry is switched before it is imported
     from flwr.server.strategy import Strategy
 
-    common = require_flower()
     fed = cfg.federated
 
     class InsituStrategy(Strategy):
@@ -124,7 +158,7 @@ def make_strategy(cfg: RunConfig, state: FederationState, expected_sites: int = 
             return [(c, common.FitIns(parameters, dict(config))) for c in clients]
 
         def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
-            policy = WeightPolicy(fed.weighting, fed.max_site_items, fed.max_site_share)
+            policy = weight_policy(fed)
             record = aggregate_round(state, server_round, [res for _, res in results], failures, self._started, policy)
             return common.ndarrays_to_parameters(state.arrays), {"sites": len(record.accepted), "dropped": len(record.dropped)}
 
@@ -146,19 +180,22 @@ def aggregate_round(
     """Check and average one round's replies into ``state`` (unchanged when none passes); record and log the round.
 
     A reply whose bytes do not decode is dropped like any other bad reply: the server never dies of one site."""
+    policy = policy or WeightPolicy()
     updates, undecodable = [], {}
     for i, res in enumerate(replies):
         try:
             updates.append(_update(i, res))
         except Exception as exc:  # hostile or corrupt bytes: Flower would not catch this in aggregate_fit
             undecodable[f"site-{i + 1}"] = f"its reply did not decode ({type(exc).__name__})"
-    new, accepted, dropped, clipped = aggregate(updates, state.shapes, state.fingerprint, policy)
+    new, accepted, dropped, clipped = aggregate(updates, state.shapes, state.fingerprint, policy, reference=state.arrays)
+    norms = {u.site: round(update_norm(u, state.arrays), 6) for u in accepted}
     dropped.update(undecodable)
     for site, note in clipped.items():
         log.warning("round %d: site %s: %s", server_round, site, note)
     for j, failure in enumerate(failures):  # the exception text may name a site's files: keep only its type
         kind = type(failure[1] if isinstance(failure, tuple) else failure).__name__
         dropped[f"failed-{j + 1}"] = f"the site failed, timed out or disconnected ({kind})"
+    dropped = {site: site_text(reason, 400) for site, reason in dropped.items()}  # reasons quote a site's text: bound them again
     for site, reason in dropped.items():
         log.warning("round %d: site %s dropped: %s", server_round, site, reason)
     if new is not None:
@@ -170,11 +207,12 @@ def aggregate_round(
         server_round,
         [u.site for u in accepted],
         dropped,
-        sum(min(u.items, (policy or WeightPolicy()).max_items) for u in accepted),  # items as counted, after the clip
+        sum(min(u.items, policy.max_items) for u in accepted),  # items as counted, after the clip
         float(np.mean(losses)) if losses else None,
         state.shared_bytes,
         round(time.perf_counter() - started, 3),
         clipped,
+        norms,
     )
     state.rounds.append(record)
     log.info(
@@ -191,17 +229,41 @@ def _update(index: int, res: Any) -> SiteUpdate:
         site=f"site-{index + 1}",
         arrays=common.parameters_to_ndarrays(res.parameters),
         items=int(res.num_examples),
-        fingerprint=str(metrics.get(FINGERPRINT, "")),
+        fingerprint=site_text(metrics.get(FINGERPRINT, ""), 128),
         loss=float(loss) if isinstance(loss, int | float) and np.isfinite(loss) else None,
-        refused=str(metrics[REFUSED]) if REFUSED in metrics else None,
+        refused=(site_text(metrics[REFUSED]) or "no reason given") if REFUSED in metrics else None,
     )
 
 
+def check_request(trainer: SiteTrainer, parameters: list[np.ndarray], config: dict[str, Any]) -> str | None:
+    """Why this site declines what the server asks, or None: a site is bound by its own config, not by the server.
+
+    The server must ask for exactly the site's own ``federated.local_steps`` (the configs disagree
+    otherwise, and a hostile server could ask for 10^9), a step offset within the site's schedule,
+    a finite proximal weight in ``[0, max(MAX_PROXIMAL_MU, the site's own)]``, and send a global
+    state the site could hold: its shapes, finite float32 values no larger than 1e6."""
+    fed = trainer.cfg.federated
+    if config.get(FINGERPRINT) != trainer.fingerprint:
+        return "its base differs from the server's"
+    steps, offset, mu = config.get("local_steps"), config.get("step_offset"), config.get("proximal_mu", 0.0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps != fed.local_steps:
+        return f"the server asked for {site_text(steps, 40)} local steps; this site's federated.local_steps is {fed.local_steps}"
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= fed.total_steps - fed.local_steps:
+        return f"the server's step offset {site_text(offset, 40)} is outside this site's schedule (0 to {fed.total_steps - fed.local_steps})"
+    bound = max(MAX_PROXIMAL_MU, fed.proximal_mu)
+    if not isinstance(mu, int | float) or isinstance(mu, bool) or not math.isfinite(mu) or not 0 <= mu <= bound:
+        return f"the server's proximal_mu {site_text(mu, 40)} is not a number in [0, {bound:g}]"
+    shapes = [tuple(v.shape) for v in (trainer.module.state_dict()[k] for k in trainer.names)]
+    reason = check_tensors(parameters, shapes)
+    return f"the server's global state: {reason}" if reason else None
+
+
 def make_client(trainer: SiteTrainer, store: dict[str, torch.Tensor] | None = None) -> Any:
-    """A Flower client for one site: checks the base, trains one round locally, replies with tensors only.
+    """A Flower client for one site: checks what the server asks (`check_request`), trains one round locally, replies with tensors only.
 
     ``store`` keeps the site's teacher between rounds when Flower rebuilds the client each round.
     """
+    require_flower()
     from flwr.client import NumPyClient
 
     class InsituSite(NumPyClient):
@@ -209,14 +271,14 @@ def make_client(trainer: SiteTrainer, store: dict[str, torch.Tensor] | None = No
             return get_arrays(trainer.module, trainer.names)
 
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-            if config.get(FINGERPRINT) != trainer.fingerprint:
-                log.error("the server's base fingerprint differs from this site's base: not training this round")
-                return parameters, 0, {FINGERPRINT: trainer.fingerprint, REFUSED: "its base differs from the server's"}
+            reason = check_request(trainer, parameters, config)
+            if reason is not None:
+                log.error("declining the server's round, not training: %s", reason)
+                return [], 0, {FINGERPRINT: trainer.fingerprint, REFUSED: reason}
             if store:
                 trainer.load_local_state(store)
-            arrays, loss = trainer.train_round(
-                parameters, int(config["step_offset"]), int(config["local_steps"]), float(config["proximal_mu"])
-            )
+            steps = trainer.cfg.federated.local_steps  # the site's own, which the server's request equals
+            arrays, loss = trainer.train_round(parameters, int(config["step_offset"]), steps, float(config.get("proximal_mu", 0.0)))
             if store is not None:
                 store.clear()
                 store.update(trainer.local_state())
@@ -267,7 +329,7 @@ def site_configs(cfg: RunConfig, sites: int | None) -> list[tuple[RunConfig, tup
 
 def simulate(cfg: RunConfig, state: FederationState, sites: int | None = None) -> FederationState:
     """Run the federation from ``state`` on Flower's simulation engine, one virtual site per entry of `site_configs`."""
-    require_flower()
+    require_flower(cfg.federated.telemetry)  # before Ray starts: its workers inherit the telemetry switch
     from flwr.clientapp import ClientApp
     from flwr.server import ServerAppComponents, ServerConfig
     from flwr.serverapp import ServerApp
@@ -296,6 +358,7 @@ def simulate(cfg: RunConfig, state: FederationState, sites: int | None = None) -
 
 def _context_store(context: Any) -> dict[str, torch.Tensor]:
     """A dict view of the site's persistent Flower context state (its teacher between rounds)."""
+    require_flower()
     from flwr.common import ArrayRecord
 
     class Store(dict):

@@ -17,8 +17,18 @@ from typing import Any
 from insitu.adapters.package import save_package
 from insitu.config import RunConfig
 from insitu.errors import ConfigError
-from insitu.federated.flower import FederationState, RoundRecord, initial_state, make_client, make_strategy, require_flower, simulate
-from insitu.federated.site import SiteTrainer, set_arrays
+from insitu.federated import security
+from insitu.federated.flower import (
+    FederationState,
+    RoundRecord,
+    initial_state,
+    make_client,
+    make_strategy,
+    message_limit,
+    require_flower,
+    simulate,
+)
+from insitu.federated.site import SiteTrainer, get_arrays, set_arrays
 from insitu.io import atomic_write_text, claim_folder, csv_text, write_json
 from insitu.pipelines.preprocess import backbone_preprocessing
 from insitu.pipelines.pretrain import PretrainModule
@@ -69,11 +79,16 @@ def run_server(cfg: RunConfig, overwrite: bool = False) -> FederationResult:
     folder = claim_folder(cfg.run_dir, "federate", overwrite, lock=True)
     try:
         fed = cfg.federated
+        security.check_role(fed, "server")
+        certificates, trusted = security.server_certificates(fed), security.load_site_keys(fed)  # refused here, before any round
         state, module = initial_state(cfg)
+        strategy = make_strategy(cfg, state)
         start_server(
             server_address=fed.address,
             config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s),
-            strategy=make_strategy(cfg, state),
+            strategy=strategy if trusted is None else security.authenticated_strategy(strategy, state, trusted),
+            certificates=certificates,
+            grpc_max_message_length=message_limit(state.arrays),  # the real payload, not Flower's 2 GiB
         )
         return write_outputs(cfg, state, module, mode="server")
     finally:
@@ -86,9 +101,30 @@ def run_site(cfg: RunConfig) -> int:
     require_flower()
     from flwr.client import start_client
 
+    fed = cfg.federated
+    security.check_role(fed, "site")
+    root, key = security.root_certificate(fed), security.load_site_key(fed)  # refused here, before the data are read
     trainer = SiteTrainer(cfg)
-    log.info("site ready: %d items (%d quarantined); connecting to %s", trainer.items, trainer.quarantined, cfg.federated.address)
-    start_client(server_address=cfg.federated.address, client=make_client(trainer).to_client(), insecure=True)
+    client = make_client(trainer) if key is None else security.signed_site(make_client(trainer), key)
+    log.info("site ready: %d items (%d quarantined); connecting to %s", trainer.items, trainer.quarantined, fed.address)
+    log.info("channel: %s; replies %s", "TLS" if root else "plaintext", "signed" if key else "unsigned")
+    try:
+        start_client(
+            server_address=fed.address,
+            client=client.to_client(),
+            root_certificates=root,
+            insecure=root is None,
+            grpc_max_message_length=message_limit(get_arrays(trainer.module, trainer.names)),
+        )
+    except Exception as exc:  # grpc.RpcError; a failed TLS handshake is a config fault, said plainly instead of a traceback
+        details = str(getattr(exc, "details", lambda: "")() or "").lower()
+        if root is None or not ("handshake" in details or "certificate" in details):
+            raise
+        raise ConfigError(
+            f"the TLS handshake with the federation server at {fed.address} failed: federated.tls.ca_cert must be the CA that "
+            "signed the server's certificate, and that certificate must name the host in federated.address "
+            f"(see {security.DOCS})."
+        ) from None
     return trainer.items
 
 
@@ -110,7 +146,7 @@ def write_outputs(cfg: RunConfig, state: FederationState, module: PretrainModule
         "wall_s_per_round": [r.wall_s for r in state.rounds],
         "seed": cfg.seed,
     }
-    stored = cfg.model_dump(mode="json", exclude={"data": True, "federated": {"sites"}, "probe": True})
+    stored = cfg.model_dump(mode="json", exclude={"data": True, "federated": {"sites", "tls", "site_key", "site_keys"}, "probe": True})
     adapter_dir = save_package(
         run_dir / "adapter",
         module.backbone,

@@ -25,6 +25,7 @@ from insitu.adapters.package import check_compatible, load_package
 from insitu.objectives.base import Objective, ObjectiveOptions, wrapped_needs
 from insitu.objectives.views import resize_square
 from insitu.registry import OBJECTIVES, Needs
+from insitu.sharing.signing import current_trust
 
 
 class SelfDistillOptions(ObjectiveOptions):
@@ -65,7 +66,7 @@ class SelfDistillObjective(Objective):
         o = self.opts
         self.base = create_objective(o.base, embed_dim, patch_size, image_size, o.base_options, max_steps)
         self.needs_teacher = self.base.needs_teacher
-        self.package = load_package(o.adapter)
+        self.package = load_package(o.adapter, current_trust())  # the run's trust policy (run_trust), as every loader
         self.further = adapters_from_package(self.package.meta.adapter)
         self.further.load_state_dict(self.package.adapter_state(), strict=True)
         self.further.requires_grad_(False)

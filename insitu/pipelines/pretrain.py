@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from insitu.backbones import create_backbone
 from insitu.checkpoints import check_checkpoint
 from insitu.config import RunConfig, dump_config
 from insitu.engine import NonFinitePolicy, Optimisation, Task, base_ema_momentum, resolve_precision
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, RunInterrupted
 from insitu.io import OutputExistsError, OwnedFolder, claim_folder, is_secondary_rank, read_owner, write_json
 from insitu.objectives import create_objective
 from insitu.objectives.views import MultiCrop
@@ -36,8 +37,10 @@ from insitu.pipelines.data import PretrainDataModule, SampleDataset, ScannedData
 from insitu.pipelines.health import HealthMonitor
 from insitu.pipelines.holdout import pretraining_items
 from insitu.pipelines.preprocess import Preprocessing, resolve_preprocessing
-from insitu.pipelines.trainer import build_trainer, device_name, final_loss, merge_metrics, set_aside_metrics
+from insitu.pipelines.trainer import StopOnSignal, build_trainer, device_name, final_loss, merge_metrics, set_aside_metrics
 from insitu.pipelines.view_cache import build_view_cache, check_cacheable
+from insitu.privacy import private_run
+from insitu.sharing.signing import run_trust, trust_of
 
 log = logging.getLogger("insitu")
 
@@ -64,14 +67,15 @@ class PretrainTask(Task):
         self.student = create_adapters(self.backbone, cfg.adapter)
         self.teacher = copy.deepcopy(self.student)
         deactivate_requires_grad(self.teacher)
-        self.objective = create_objective(
-            cfg.objective.name,
-            self.backbone.embed_dim,
-            self.backbone.patch_size,
-            cfg.data.image_size,
-            cfg.objective.options,
-            cfg.train.max_steps,
-        )
+        with run_trust(trust_of(cfg)):  # an objective that loads a package (self_distill) does so under the run's trust policy
+            self.objective = create_objective(
+                cfg.objective.name,
+                self.backbone.embed_dim,
+                self.backbone.patch_size,
+                cfg.data.image_size,
+                cfg.objective.options,
+                cfg.train.max_steps,
+            )
         # train.compile: the objective's forward (views -> loss, student and teacher passes) through torch.compile;
         # the module and its state_dict stay as they are (checkpoints and packages are unchanged)
         compile_mode = cfg.train.compile
@@ -216,7 +220,7 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     # a tampered or foreign checkpoint is a typed error naming it, before Lightning reads it
     resume_step = check_checkpoint(last)["global_step"] if resume else None
     if folder is not None:
-        dump_config(cfg, run_dir / "config.yaml")
+        dump_config(cfg, run_dir / "config.yaml", redact=private_run(cfg.model_dump(mode="json")))  # resume reads -c, not this
     prior_metrics = set_aside_metrics(run_dir / "logs", resume_step) if resume_step is not None and folder else None
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -234,13 +238,24 @@ def _run(cfg: RunConfig, resume: bool, quiet: bool, folder: OwnedFolder | None) 
     dm = _data_module(cfg, module, prep.dataset(data, items, recipe))
     dm.device_views, dm.view_seed = device_views, cfg.seed
     trainer = build_trainer(cfg, ckpt_dir, quiet)
+    stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    with stop.installed():  # SIGTERM / SIGINT: the step in flight finishes, then the run stops (below)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
     wall = module.wall_offset + time.perf_counter() - start  # resumed runs count their earlier segments too
     if prior_metrics is not None and trainer.is_global_zero:
         merge_metrics(run_dir / "logs", *prior_metrics)
-    if trainer.global_step >= cfg.train.max_steps or not last.exists():
+    interrupted = stop.signum is not None and trainer.global_step < cfg.train.max_steps
+    if interrupted or trainer.global_step >= cfg.train.max_steps or not last.exists():
         trainer.save_checkpoint(last)
+    if interrupted:
+        name = signal.Signals(stop.signum).name
+        raise RunInterrupted(
+            f"{name} stopped the run at step {trainer.global_step} of {cfg.train.max_steps}; checkpoint saved to {last}",
+            stop.signum,
+            trainer.global_step,
+            str(last),
+        )
     summary = _summary(cfg, module, trainer, wall, len(items), len(data.manifest.quarantine))
     adapter_dir = _save_outputs(cfg, module, prep, summary) if trainer.is_global_zero else None
     return PretrainResult(

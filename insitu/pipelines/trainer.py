@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import csv
 import platform
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from insitu.config import RunConfig
@@ -19,6 +23,50 @@ from insitu.io import write_csv
 from insitu.pipelines.health import HealthMonitor
 
 PRIOR_METRICS = "metrics.before-resume.csv"
+
+
+class StopOnSignal(Callback):
+    """SIGTERM (a scheduler's time limit) or SIGINT (Ctrl+C) during ``fit``: finish the current batch, then stop.
+
+    `installed` puts insitu's handler in place around ``trainer.fit``; it only records the signal. Lightning's own
+    SIGTERM handling (its signal connector, which also does SLURM's auto-requeue) stays: when ``fit`` starts it
+    chains the handler found here after its own, sets ``trainer.received_sigterm`` and ends the loop at the next
+    batch end with `SIGTERMException` (a ``SystemExit`` that would exit 0), which `installed` absorbs. SIGINT is
+    insitu's alone (a raw ``KeyboardInterrupt`` could land mid-step): ``trainer.should_stop`` at the next batch end.
+    A second SIGINT interrupts at once. The caller saves a checkpoint and raises `insitu.errors.RunInterrupted`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self._record)
+        try:
+            yield self
+        except SIGTERMException:
+            self.signum = self.signum or signal.SIGTERM
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.signum is not None:
+            trainer.should_stop = True
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -70,7 +118,8 @@ def build_trainer(cfg: RunConfig, ckpt_dir: Path, quiet: bool) -> L.Trainer:
             save_last=True,
             save_top_k=1,
             auto_insert_metric_name=False,
-        )
+        ),
+        StopOnSignal(),
     ]
     if cfg.health.enabled:
         callbacks.append(HealthMonitor(cfg.health, cfg.train.max_steps))

@@ -13,15 +13,18 @@ fingerprint and source, domain, channels/bands, objective, a data description, m
 signer) and what makes a pull safe (the sha256 of every file and the package's content hash).
 Publishing vets the package, never replaces a name, writes the package folder under a temporary
 name and renames it, and rewrites the index last. Pulling re-reads every file with a size cap,
-checks it against the index *and* the package's own hashes (and its signature when trusted keys
-are given) before anything is written to ``out``. The index is as hostile as any package: it is
-read with a size cap and a strict schema. No network: a Hub registry is downloaded or uploaded
-with the Hub's own tools (see docs/sharing.md).
+checks it against the index *and* the package's own hashes, checks every claim the index makes
+about the package (base, signer, version, metrics, item counts) against the package itself, and
+with trusted keys requires a signature by one of them that binds this very entry name, all before
+anything is written to ``out``. The index is as hostile as any package: it is read with a size cap
+and a strict schema, and neither it nor an entry's files are followed through symbolic links. No
+network: a Hub registry is downloaded or uploaded with the Hub's own tools (see docs/sharing.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -34,8 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from insitu.errors import RegistryError
-from insitu.io import atomic_write_bytes, claim_folder, read_capped
+from insitu.errors import RegistryError, SignatureError
+from insitu.io import atomic_write_bytes, claim_folder
 from insitu.package_format import (
     CARD_FILE,
     MAX_CARD_BYTES,
@@ -51,7 +54,7 @@ from insitu.package_format import (
     vet_package,
     write_package_folder,
 )
-from insitu.sharing.signing import NAME_PATTERN, Signer, TrustPolicy, digests_of, signature_claim
+from insitu.sharing.signing import NAME_PATTERN, Signer, TrustPolicy, digests_of, load_trusted_keys, signature_claim
 
 INDEX_FILE = "index.json"
 REGISTRY_FORMAT = "insitu-registry"
@@ -83,6 +86,8 @@ class IndexEntry(BaseModel):
     data: str = Field(default="", max_length=512)
     metrics: dict[str, float | int | bool] = Field(default_factory=dict, max_length=256)
     signer: SignerInfo | None = None  # checked against the key it names at publish time; trust is the puller's call
+    version: str | None = Field(default=None, pattern=NAME_PATTERN)  # the version the signature binds (omitted when none)
+    signed_at: str | None = Field(default=None, max_length=64)  # when it was signed (version-2 signatures; omitted when none)
     content_sha256: str = Field(pattern=_HEX64)
     files: dict[str, str]
     size_bytes: int = Field(ge=0)
@@ -93,7 +98,7 @@ class IndexEntry(BaseModel):
     def _known_files(cls, value: dict[str, str]) -> dict[str, str]:
         if not {TENSORS_FILE, META_FILE} <= set(value) or not set(value) <= set(FILE_CAPS):
             raise ValueError(f"must list {TENSORS_FILE} and {META_FILE}, and only package files {sorted(FILE_CAPS)}")
-        if not all(re.match(_HEX64, h) for h in value.values()):
+        if not all(re.fullmatch(_HEX64, h) for h in value.values()):
             raise ValueError("every file hash must be 64 lowercase hex digits")
         return value
 
@@ -110,12 +115,27 @@ class RegistryIndex(BaseModel):
         return next((e for e in self.packages if e.name == name), None)
 
 
+def _read_no_link(path: Path, cap: int) -> bytes | None:
+    """``path``'s bytes (None above ``cap``), refusing a symbolic link: a registry's files are its own, never links elsewhere."""
+    if path.is_symlink():
+        raise RegistryError(f"{path} is a symbolic link; a registry holds plain files. Replace it with the file itself.")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # no window between the check and the open
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RegistryError(f"{path} is a symbolic link; a registry holds plain files. Replace it with the file itself.") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(cap + 1)
+    return data if len(data) <= cap else None
+
+
 def read_index(registry: str | Path) -> RegistryIndex:
-    """The registry's index, read with a size cap and checked against the schema."""
+    """The registry's index, read with a size cap (never through a link) and checked against the schema."""
     path = Path(registry) / INDEX_FILE
     if not path.is_file():
         raise RegistryError(f"{registry} is not an insitu registry (no {INDEX_FILE}); pass the folder you published into.")
-    raw = read_capped(path, MAX_INDEX_BYTES)
+    raw = _read_no_link(path, MAX_INDEX_BYTES)
     if raw is None:
         raise RegistryError(f"{path} is larger than insitu allows ({MAX_INDEX_BYTES:,} bytes); it is not a registry index.")
     try:
@@ -131,7 +151,12 @@ def read_index(registry: str | Path) -> RegistryIndex:
 
 def _write_index(registry: Path, index: RegistryIndex) -> None:
     index.packages.sort(key=lambda e: e.name)
-    atomic_write_bytes(registry / INDEX_FILE, (json.dumps(index.model_dump(mode="json"), indent=2) + "\n").encode())
+    data = index.model_dump(mode="json")
+    for entry in data["packages"]:  # left out when empty, so an insitu from before these fields still reads the index
+        for key in ("version", "signed_at"):
+            if entry[key] is None:
+                del entry[key]
+    atomic_write_bytes(registry / INDEX_FILE, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _open_registry(registry: Path) -> RegistryIndex:
@@ -151,8 +176,13 @@ def _open_registry(registry: Path) -> RegistryIndex:
 
 @contextlib.contextmanager
 def _locked(registry: Path) -> Iterator[None]:
-    """Serialise publishers on this machine (an advisory lock; shared drives may not honour it)."""
-    fd = os.open(registry / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    """Serialise publishers on this machine (an advisory lock; shared drives may not honour it). Never through a link."""
+    try:
+        fd = os.open(registry / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RegistryError(f"{registry / LOCK_FILE} is a symbolic link; remove it (insitu makes its own lock file).") from None
+        raise
     try:
         try:
             import fcntl
@@ -172,7 +202,7 @@ def default_name(vetted: VettedPackage) -> str:
 
 
 def check_name(name: str) -> str:
-    if not re.match(NAME_PATTERN, name or "") or name.startswith("."):
+    if not re.fullmatch(NAME_PATTERN, name or "") or name.startswith("."):  # fullmatch: "$" would let "name\n" through
         raise RegistryError(f"package name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
     return name
 
@@ -193,7 +223,8 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float | int | bool]:
     return dict(list(ok.items())[:256])
 
 
-def _entry(name: str, vetted: VettedPackage, files: dict[str, bytes], signer: Signer | None) -> IndexEntry:
+def _entry(name: str, vetted: VettedPackage, files: dict[str, bytes], signer: Signer | None, published: str | None = None) -> IndexEntry:
+    """The index entry for a package: every field computed from the package (``published`` aside)."""
     meta, inp = vetted.meta, vetted.meta.input
     bands = inp.get("bands")
     return IndexEntry(
@@ -207,10 +238,12 @@ def _entry(name: str, vetted: VettedPackage, files: dict[str, bytes], signer: Si
         data=_data_description(meta.training),
         metrics=_scalar_metrics(meta.metrics),
         signer=SignerInfo(name=signer.name, fingerprint=signer.fingerprint) if signer else None,
+        version=signer.entry_version if signer else None,
+        signed_at=signer.signed_at if signer else None,
         content_sha256=hashlib.sha256(vetted.tensor_bytes).hexdigest(),
         files={n: hashlib.sha256(data).hexdigest() for n, data in files.items()},
         size_bytes=sum(len(d) for d in files.values()),
-        published=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        published=published or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
 
 
@@ -223,23 +256,31 @@ def _package_files(vetted: VettedPackage) -> dict[str, bytes]:
 def publish(pkg: str | Path, registry: str | Path, name: str | None = None) -> IndexEntry:
     """Copy a vetted package into ``registry`` under ``name`` and list it in the index; returns its entry.
 
-    A signed package's signature must match its files (`SignatureError` otherwise). A name already
-    published is refused (`RegistryError`): entries are never replaced.
+    A signed package's signature must match its files (`SignatureError` otherwise); one bound to a
+    registry name is published under that name (the default) and refused under another. A name
+    already published is refused (`RegistryError`): entries are never replaced.
     """
     registry = Path(registry)
     vetted = vet_package(pkg)
     signer = signature_claim(digests_of(vetted), str(pkg))
-    name = check_name(name or default_name(vetted))
+    bound = signer.entry_name if signer else None
+    if bound is not None and name is not None and name != bound:
+        raise SignatureError(
+            f"{pkg} is signed for the registry name {bound!r}, not {name!r}; publish it as {bound!r} (leave out --name), "
+            f"or ask its signer to sign it again with --name {name}."
+        )
+    name = check_name(name or bound or default_name(vetted))
     files = _package_files(vetted)
+    entry = _entry(name, vetted, files, signer)  # before anything is written: a bad entry leaves no orphan folder
     _open_registry(registry)
     with _locked(registry):
         index = read_index(registry)  # re-read under the lock: another publisher may have added names
-        if index.get(name) is not None or (registry / name).exists():
+        folder = registry / name
+        if index.get(name) is not None or folder.exists() or folder.is_symlink():
             raise RegistryError(
                 f"{registry} already holds a package named {name!r}; pick another name with --name (entries are never replaced)."
             )
         _write_package_folder(registry, name, files)
-        entry = _entry(name, vetted, files, signer)
         index.packages.append(entry)
         _write_index(registry, index)
     return entry
@@ -260,19 +301,21 @@ def list_packages(registry: str | Path, base: str | None = None) -> list[IndexEn
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
-    data = read_capped(path, cap)
+    data = _read_no_link(path, cap)
     if data is None:
         raise RegistryError(f"{path} is larger than insitu allows ({cap:,} bytes); the registry entry is damaged.")
     return data
 
 
 def read_entry(registry: Path, entry: IndexEntry) -> dict[str, bytes]:
-    """The entry's files, each checked against the sha256 the index records."""
+    """The entry's files, each checked against the sha256 the index records (never read through a link)."""
     folder = registry / entry.name
+    if folder.is_symlink():
+        raise RegistryError(f"{folder} is a symbolic link; a registry entry is a plain folder. Ask its publisher to publish it again.")
     files = {}
     for file_name, digest in entry.files.items():
         path = folder / file_name
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             raise RegistryError(f"{path} is missing; the registry entry {entry.name!r} is damaged. Ask its publisher to publish it again.")
         data = _read_capped(path, FILE_CAPS[file_name])
         if hashlib.sha256(data).hexdigest() != digest:
@@ -290,13 +333,22 @@ def _check_empty(out: Path) -> None:
 
 
 def pull(
-    name: str, registry: str | Path, out: str | Path, trusted_keys: str | Path | None = None, require_signature: bool = False
+    name: str,
+    registry: str | Path,
+    out: str | Path,
+    trusted_keys: str | Path | None = None,
+    require_signature: bool = False,
+    version: str | None = None,
 ) -> tuple[IndexEntry, Signer | None]:
     """Copy the package ``name`` from ``registry`` into the new folder ``out`` after checking every byte.
 
-    Returns the index entry and, with ``trusted_keys``, the verified signer. Refuses a corrupted
-    entry (`RegistryError`), a bad or untrusted signature (`SignatureError`), and an ``out`` that
-    exists and is not empty.
+    Returns the index entry and the signer (verified against ``trusted_keys`` when given; the
+    signature's own claim otherwise; None when unsigned). Refuses a corrupted entry or an index
+    whose claims differ from the package (`RegistryError`); a present signature that does not match
+    the files, or one bound to another registry name or version (`SignatureError`); with
+    ``trusted_keys``, an unsigned package, an untrusted signer, or a signature bound to no name
+    (a rollback: an old signed package listed under a new name); and an ``out`` that exists and is
+    not empty. ``version``: the version the signature must bind.
     """
     registry, out = Path(registry), Path(out)
     trust = TrustPolicy(Path(trusted_keys) if trusted_keys is not None else None, require_signature)
@@ -305,13 +357,68 @@ def pull(
         raise RegistryError(f"{registry} has no package named {name!r}; `insitu adapter list {registry}` shows what it holds.")
     _check_empty(out)
     files = read_entry(registry, entry)
-    vetted = vet_files(files, registry / entry.name)  # the package's own checks, content_sha256 included
+    where = registry / entry.name
+    vetted = vet_files(files, where)  # the package's own checks, content_sha256 included
     if hashlib.sha256(vetted.tensor_bytes).hexdigest() != entry.content_sha256:
-        raise RegistryError(f"{registry / entry.name}: the content hash differs from the index's; the entry {name!r} is corrupted.")
-    signer = trust.check(digests_of(vetted), str(registry / entry.name))
+        raise RegistryError(f"{where}: the content hash differs from the index's; the entry {name!r} is corrupted.")
+    digests = digests_of(vetted)
+    signer = trust.check(digests, str(where)) or signature_claim(digests, str(where))
+    _check_binding(entry, signer, trust, version, where)
+    _check_claims(entry, vetted, files, signer, where)
     _check_empty(out)
     folder = claim_folder(out, "adapter pull")
     for file_name, data in files.items():
         atomic_write_bytes(out / file_name, data)
     folder.record()
     return entry, signer
+
+
+def _check_binding(entry: IndexEntry, signer: Signer | None, trust: TrustPolicy, version: str | None, where: Path) -> None:
+    """The signature names this very entry (and ``version``): an old signed package under a new name is a rollback."""
+    if signer is None:
+        if version is not None:
+            raise SignatureError(f"{where} is not signed, so nothing binds it to version {version!r}; drop --version or ask for a signed package.")
+        return
+    if signer.entry_name is None and (trust.keys is not None or version is not None):
+        raise SignatureError(
+            f"{where} is signed by {signer.name!r} ({signer.binding()}): any registry could list it under any name, so "
+            f"it cannot be pulled as {entry.name!r} with trusted keys. Ask the signer to sign it again with "
+            f"`insitu adapter sign PKG --key KEY --name {entry.name} [--version V]` and publish that."
+        )
+    if signer.entry_name is not None and signer.entry_name != entry.name:
+        raise SignatureError(
+            f"{where} is signed for the registry name {signer.entry_name!r}, but the index lists it as {entry.name!r}: "
+            "a signed package republished under another name (a rollback). Nothing was written; pull it by its own name, "
+            "or tell the registry's maintainers."
+        )
+    if version is not None and signer.entry_version != version:
+        raise SignatureError(
+            f"{where} is signed as version {signer.entry_version!r} of {entry.name!r}, not {version!r}; nothing was written."
+        )
+
+
+def _check_claims(entry: IndexEntry, vetted: VettedPackage, files: dict[str, bytes], signer: Signer | None, where: Path) -> None:
+    """Every field the index shows about the entry (``list``) must be what the package itself says."""
+    want = _entry(entry.name, vetted, files, signer, entry.published).model_dump(mode="json")
+    have = entry.model_dump(mode="json")
+    wrong = sorted(k for k in want if want[k] != have[k])
+    if wrong:
+        raise RegistryError(
+            f"{where}: {INDEX_FILE} claims {wrong} that differ from the package itself (what `list` shows is not what "
+            f"the package holds). Nothing was written; the entry {entry.name!r} was altered after publishing. Ask its publisher "
+            "to publish it again."
+        )
+
+
+def trusted_key_name(entry: IndexEntry, trusted: dict[str, tuple[str, object]]) -> str | None:
+    """The trusted key file (stem) whose fingerprint the entry's signer claims; None when untrusted or unsigned.
+
+    This is the index's *claim*: ``pull`` checks it against the signature itself.
+    """
+    if entry.signer is None or entry.signer.fingerprint not in trusted:
+        return None
+    return trusted[entry.signer.fingerprint][0]
+
+
+def trusted_keys_of(folder: str | Path | None) -> dict[str, tuple[str, object]] | None:
+    return load_trusted_keys(folder) if folder is not None else None

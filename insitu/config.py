@@ -616,6 +616,8 @@ def _cache_problems(cfg: RunConfig, needs: Needs) -> list[str]:
             "that the cache reads; set one of them off"
         )
     blocks, depth = cfg.adapter.options.get("blocks", "all"), cfg.backbone.kwargs.get("depth")
+    if cfg.backbone.weights is not None:  # weights bring their own architecture (an insitu base ignores kwargs.depth)
+        depth = None
     first = 0 if blocks == "all" else min(b % depth if isinstance(depth, int) else b for b in blocks) if isinstance(blocks, list) else None
     if first is None and isinstance(depth, int) and isinstance(blocks, int):
         first = depth - blocks

@@ -473,6 +473,23 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def reprobe(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A finished run probed again from its kept packages (``--from-runs ... --reprobe``): same data sides and seed,
+    this invocation's probe settings and ``--set`` overrides; nothing is trained."""
+    if not run.get("kept_adapters"):
+        raise SystemExit(f"{run['dataset']} {run['objective']} seed {run['seed']}: no kept packages (runs before --out kept them)")
+    raw = run_config(args, run["dataset"], run["objective"].split(" [")[0], run["seed"], Path(tempfile.gettempdir()), None)
+    for override in [*run.get("overrides", []), *args.set]:
+        apply_override(raw, override)
+    staged = Path(tempfile.mkdtemp(prefix="insitu_reprobe_"))  # <run name>[_teacher]/adapter: the probe names models by folder
+    adapters = [str(shutil.copytree(k, staged / Path(k).name / "adapter")) for k in run["kept_adapters"]]
+    probed = in_child(probe_job, raw, adapters)
+    shutil.rmtree(staged)
+    out = {**run, "probe": probed["rows"], "probe_s": probed["probe_s"], "objective": variant_label(run["objective"], args.set)}
+    print(f"[{run['dataset']}] {run['objective']} seed {run['seed']}: probed again in {probed['probe_s']:.0f} s", flush=True)
+    return out
+
+
 def variant_label(objective: str, overrides: list[str]) -> str:
     """The objective's name in every table; a run with ``--set`` overrides carries them, so its rows never pool with the default's."""
     return f"{objective} [{', '.join(overrides)}]" if overrides else objective
@@ -494,7 +511,7 @@ def keep_metrics(run_dir: Path, out: Path, name: str) -> str | None:
 def keep_adapters(adapters: list[str], dst: Path) -> list[str]:
     """Copy the run's packages (student, teacher) out of the temporary run folder, never over a folder: they can be probed again."""
     kept = []
-    for src in adapters:
+    for src in adapters:  # named by run (<run>, <run>_teacher): the probe names each model by its package's folder
         target, n = dst / Path(src).parent.name, 1
         while target.exists():
             target, n = dst / f"{Path(src).parent.name}_{n}", n + 1
@@ -537,6 +554,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--from-runs", type=Path, nargs="+", default=None, help="runs.jsonl files of finished benchmarks: print their tables, train nothing"
     )
     p.add_argument(
+        "--reprobe",
+        action="store_true",
+        help="with --from-runs: probe the kept packages again under this invocation's probe flags and --set (e.g. probe.knn_features=raw)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -552,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"protocol: {json.dumps({k: str(v) for k, v in vars(args).items()})}", flush=True)
     if args.from_runs:  # re-tabulate finished runs (several benchmark invocations) without training
         runs = [json.loads(line) for path in args.from_runs for line in path.read_text().splitlines() if line.strip()]
+        if args.reprobe:  # probe the kept packages again under this invocation's probe settings (e.g. --set probe.knn_features=raw)
+            runs = [reprobe(run, args) for run in runs]
     else:
         with tempfile.TemporaryDirectory(prefix="insitu_bench_objectives_") as tmp:
             runs = run_all(args, Path(tmp))

@@ -90,7 +90,10 @@ def test_deep_merge_descends_copies_and_keeps_leaves_whole():
 # One shape for every component section: {name, options}; the older flat shapes still load.
 
 
-def test_old_flat_adapter_and_head_load_as_the_new_shape_with_one_note(tmp_path, shapes_dir, caplog):
+def test_old_flat_adapter_and_head_load_as_the_new_shape_with_one_note(tmp_path, shapes_dir, caplog, monkeypatch):
+    import insitu.raw_config
+
+    monkeypatch.setattr(insitu.raw_config, "_noted", set())  # each note is said once per process: start from none said
     base = tiny_config(shapes_dir, tmp_path)
     new = {
         **base,

@@ -66,7 +66,7 @@ def task_config(task: str, head: str, mode: str, args: argparse.Namespace, out: 
         "out_dir": str(out),
         "data": data,
         "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": args.size, "in_chans": chans},
-        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 32, "scale": 0.1},
+        "adapter": {"name": "bottleneck", "options": {"blocks": "all", "bottleneck_dim": 32, "scale": 0.1}},
         "trainer": {"accelerator": args.accelerator},
         "probe": probe,
         "downstream": {

@@ -134,7 +134,7 @@ def run_config(name: str, seed: int, out: Path, data: Path, in_chans: int, steps
             "image_size": 64,
         },
         "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": 64, "in_chans": in_chans},
-        "adapter": {"kind": "bottleneck", "blocks": 2, "bottleneck_dim": 64, "scale": 0.1},
+        "adapter": {"name": "bottleneck", "options": {"blocks": 2, "bottleneck_dim": 64, "scale": 0.1}},
         "objective": {
             "name": "simclr",
             "options": {"temperature": 0.2, "views": {"global_crops": 2, "local_crops": 0, "global_scale": [0.3, 1.0], "intensity": 0.6}},

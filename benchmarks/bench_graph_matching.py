@@ -59,7 +59,7 @@ def run_config(args: argparse.Namespace, row: str, seed: int, out_dir: Path) -> 
         "out_dir": str(out_dir),
         "data": {**data_side("train"), "image_size": args.size},
         "backbone": backbone_spec(args),
-        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 32, "scale": 0.1},
+        "adapter": {"name": "bottleneck", "options": {"blocks": "all", "bottleneck_dim": 32, "scale": 0.1}},
         "objective": {"name": "graph_matching", "options": {"graph_size": 16, "knn": 5, **ROWS[row]}},
         "train": {
             "max_steps": args.steps,

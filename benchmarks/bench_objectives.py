@@ -163,7 +163,7 @@ def run_config(
         "out_dir": str(out_dir),
         "data": data,
         "backbone": {"weights": "insitu:fractal_vit_tiny", "img_size": args.size, "in_chans": 3 if video else 1},
-        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 32, "scale": 0.1},
+        "adapter": {"name": "bottleneck", "options": {"blocks": "all", "bottleneck_dim": 32, "scale": 0.1}},
         "objective": {"name": objective, "options": options},
         "train": {
             "max_steps": args.steps,

@@ -74,7 +74,7 @@ def run_config(args: argparse.Namespace, data: dict[str, Any], row: str, seed: i
         "out_dir": str(out_dir),
         "data": {**data, "image_size": args.size},
         "backbone": backbone_spec(args),
-        "adapter": {"kind": "bottleneck", "blocks": "all", "bottleneck_dim": 32, "scale": 0.1},
+        "adapter": {"name": "bottleneck", "options": {"blocks": "all", "bottleneck_dim": 32, "scale": 0.1}},
         "objective": {"name": "glare", "options": options},
         "train": {
             "max_steps": args.steps,

@@ -146,6 +146,8 @@ def test_dicom_reference_in_a_manifest(tmp_path: Path) -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="capture group"):
         PairsDomain({"section_pattern": "[A-Z]+:"})
+    with pytest.raises(ValueError, match="not a valid regular expression"):  # re.error would be a traceback
+        PairsDomain({"section_pattern": "([A-Z"})
     with pytest.raises(ValueError, match="label_text"):
         PairsDomain({"label_text": {0: []}})
 

@@ -70,7 +70,11 @@ class PairsOptions(DomainOptions):
     @field_validator("section_pattern")
     @classmethod
     def _one_group(cls, value: str) -> str:
-        if re.compile(value).groups < 1:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:  # a user's pattern: a config error naming the key, never a traceback
+            raise ValueError(f"section_pattern is not a valid regular expression ({exc})") from None
+        if compiled.groups < 1:
             raise ValueError("section_pattern needs one capture group: the section name")
         return value
 

@@ -1,12 +1,10 @@
 """Issue 35, "signatures that bind": each finding of the signing and registry audit, as an attack that must now be refused."""
 
 import base64
-import hashlib
 import json
 import os
 import re
 import shutil
-import struct
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +24,7 @@ from insitu.sharing.signing import (
     verify_signature,
 )
 from tests.conftest import tiny_package
+from tests.test_signing import _flip_first_weight_byte  # one weight changed, its hash updated: what a registry can do
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +53,6 @@ def flat(text):
     return re.sub(r"[\s\u2500-\u257f]+", " ", text)
 
 
-def _tamper_weights(pkg):
-    """One weight byte flipped, and insitu.json's content_sha256 updated to match (what a registry can do)."""
-    tensors = pkg / "adapter.safetensors"
-    raw = bytearray(tensors.read_bytes())
-    raw[8 + struct.unpack("<Q", raw[:8])[0]] ^= 1
-    tensors.write_bytes(bytes(raw))
-    meta = json.loads((pkg / "insitu.json").read_text())
-    meta["content_sha256"] = hashlib.sha256(bytes(raw)).hexdigest()
-    (pkg / "insitu.json").write_text(json.dumps(meta, indent=2))
-
-
 def _edit_index(registry, entry_name, **fields):
     index = json.loads((registry / "index.json").read_text())
     entry = next(e for e in index["packages"] if e["name"] == entry_name)
@@ -78,7 +66,7 @@ def test_stripped_signature_is_refused_when_keys_are_given(made, tmp_path, capsy
     stripped = tmp_path / "stripped"
     shutil.copytree(signed, stripped)
     (stripped / "signature.json").unlink()
-    _tamper_weights(stripped)
+    _flip_first_weight_byte(stripped)
     registry = tmp_path / "registry"
     publish(stripped, registry, name="ct-dino")  # a hostile registry: every hash in the index is consistent
     out = tmp_path / "got"
@@ -208,7 +196,7 @@ def test_present_but_invalid_signature_refused_without_trust(made, tmp_path, cap
     _, signed, _, _, _ = made
     broken = tmp_path / "broken"
     shutil.copytree(signed, broken)
-    _tamper_weights(broken)
+    _flip_first_weight_byte(broken)
     with pytest.raises(SignatureError, match="changed after it was signed"):
         load_package(broken)
     with pytest.raises(SignatureError, match="changed after it was signed"):

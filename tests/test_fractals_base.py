@@ -11,6 +11,7 @@ from insitu.cli import main
 from insitu.config import load_config
 from insitu.domains.fractals import FractalStream, SystemBank, fractal_images, labelled_fractal_images, render, sample_systems
 from insitu.errors import ConfigError
+from insitu.pipelines.base_pretrain import distinct_images, init_streams, next_stream_offset
 from insitu.weights import shipped_bases, shipped_card
 from tests.conftest import REPO, tiny_config
 
@@ -60,6 +61,18 @@ def test_render_and_images_are_seeded_and_non_trivial():
     assert not torch.equal(x1, fractal_images(6, 32, torch.Generator().manual_seed(6)))
     it = iter(FractalStream(32, seed=0, chunk=4))
     assert next(it).shape == (3, 32, 32)
+
+
+def test_a_continued_base_draws_a_stream_its_chain_never_saw():
+    first = next(iter(FractalStream(32, seed=0, chunk=4)))
+    # offset 0 is the stream the shipped bases were trained on (seed * 1000 + worker): unchanged
+    assert torch.equal(first, fractal_images(4, 32, torch.Generator().manual_seed(0))[0])
+    assert not torch.equal(first, next(iter(FractalStream(32, seed=0, chunk=4, offset=1))))
+    # the shipped colour base continued fractal_vit_tiny on the same stream before offsets existed:
+    # its chain counts the replayed images once
+    chain = init_streams("insitu:colour_vit_tiny")
+    assert chain == [{"seed": 0, "offset": 0, "images": 153600}, {"seed": 0, "offset": 0, "images": 51200}]
+    assert distinct_images(chain) == 153600 and next_stream_offset(chain, 0) == 1 and next_stream_offset(chain, 3) == 0
 
 
 def test_base_pretrain_tiny_dino_writes_fp16_weights_and_card_in_a_claimed_folder(tmp_path, capsys):
@@ -237,6 +250,9 @@ def test_base_pretrain_continues_a_shipped_base_with_colour_and_texture(tmp_path
     shipped = shipped_card("fractal_vit_tiny")
     assert card["init"] == "insitu:fractal_vit_tiny" and "continued from insitu:fractal_vit_tiny" in card["training"]
     assert card["images_seen"] == 8 and card["images_seen_total"] == shipped["images_seen"] + 8
+    # a continued run draws a stream its init never saw, so every image it sees is new
+    assert card["streams"] == [{"seed": 0, "offset": 0, "images": shipped["images_seen"]}, {"seed": 0, "offset": 1, "images": 8}]
+    assert card["distinct_images_seen_total"] == card["images_seen_total"]
     assert "hue classes" in card["data"] and 0.0 <= card["final_texture_acc"] <= 1.0
     assert "colour on a 2x2 grid" in card["training"] and card["final_layout_mse"] > 0.0
     state = load_file(str(weights))

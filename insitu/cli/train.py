@@ -150,6 +150,7 @@ def _base_run(cfg, args: argparse.Namespace) -> int:  # noqa: ANN001 - a RunConf
             ("weights", str(weights)),
             ("card", str(weights.with_suffix(".json"))),
             ("steps / images seen", f"{card['steps']} / {card['images_seen']:,}"),
+            ("distinct images, whole chain", f"{card['distinct_images_seen_total']:,} of {card['images_seen_total']:,} seen"),
             ("final loss", f"{card['final_loss']:.4f}"),
             ("wall time", f"{card['wall_s']} s on {card['device']}"),
         ],

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
@@ -245,21 +246,36 @@ def labelled_colour_texture_images(
     return images, systems, hues, texture
 
 
+def stream_seed(seed: int, worker: int, offset: int = 0) -> int:
+    """The generator seed of one worker's stream.
+
+    ``offset`` 0 is the original stream (``seed * 1000 + worker``, the one the shipped bases were
+    trained on). A continued run (``offset`` = how many runs its init chain already holds) draws
+    from a different stream, so continuing a base never replays the images it was trained on.
+    """
+    if offset == 0:
+        return seed * 1000 + worker
+    return int(np.random.SeedSequence([seed, worker, offset]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
 class FractalStream(IterableDataset):
     """An endless stream of fractal images (3×size×size in [0, 1]); each worker has its own seed.
 
     With a ``bank``, items are ``(image, multi-hot labels)`` for multi-instance prediction; with a
     bank and ``hue_bins > 0``, ``(image, systems, hues, texture)`` (see ``labelled_colour_texture_images``).
+    ``offset`` picks a stream distinct from the ones earlier runs of a chain saw (`stream_seed`).
     """
 
-    def __init__(self, size: int = 64, seed: int = 0, chunk: int = 64, bank: SystemBank | None = None, hue_bins: int = 0) -> None:
+    def __init__(
+        self, size: int = 64, seed: int = 0, chunk: int = 64, bank: SystemBank | None = None, hue_bins: int = 0, offset: int = 0
+    ) -> None:
         super().__init__()
-        self.size, self.seed, self.chunk, self.bank, self.hue_bins = size, seed, chunk, bank, hue_bins
+        self.size, self.seed, self.chunk, self.bank, self.hue_bins, self.offset = size, seed, chunk, bank, hue_bins, offset
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        g = torch.Generator().manual_seed(self.seed * 1000 + worker)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, worker, self.offset))
         while True:
             if self.bank is None:
                 yield from fractal_images(self.chunk, self.size, g)
@@ -290,9 +306,10 @@ class FractalsDomain(Domain):
     def yields(cls, options: DomainOptions) -> tuple[str, int]:
         return "fractals", 1
 
-    def stream(self, size: int, seed: int, bank: SystemBank | None = None, hue_bins: int = 0) -> FractalStream:
-        """The run's images (``bank``: with their multi-instance labels; ``hue_bins``: and hue/texture labels)."""
-        return FractalStream(size, seed, bank=bank, hue_bins=hue_bins)
+    def stream(self, size: int, seed: int, bank: SystemBank | None = None, hue_bins: int = 0, offset: int = 0) -> FractalStream:
+        """The run's images (``bank``: with their multi-instance labels; ``hue_bins``: and hue/texture labels;
+        ``offset``: a stream distinct from earlier runs of a continued base's chain)."""
+        return FractalStream(size, seed, bank=bank, hue_bins=hue_bins, offset=offset)
 
     def scan(self, root: Path, max_items: int | None = None) -> Manifest:
         raise ConfigError(self._no_files())

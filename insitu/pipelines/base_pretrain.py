@@ -190,11 +190,12 @@ def _run(cfg: RunConfig, quiet: bool) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = BaseTask(cfg)
     domain, size, t = create_domain(cfg.data.domain, cfg.data.options), cfg.data.image_size, cfg.train
+    offset = next_stream_offset(init_streams(cfg.backbone.weights), cfg.seed)
     if isinstance(module.objective, MIPObjective):
-        stream = domain.stream(size, cfg.seed, bank=module.objective.system_bank(cfg.seed), hue_bins=module.objective.opts.hue_bins)
-        data = _Images(stream)
+        bank = module.objective.system_bank(cfg.seed)
+        data = _Images(domain.stream(size, cfg.seed, bank=bank, hue_bins=module.objective.opts.hue_bins, offset=offset))
     else:
-        data = _Images(domain.stream(size, cfg.seed), module.objective.view_transform())
+        data = _Images(domain.stream(size, cfg.seed, offset=offset), module.objective.view_transform())
     loader = DataLoader(data, batch_size=t.batch_size, num_workers=cfg.data.num_workers)
     start = time.perf_counter()
     trainer = make_trainer(
@@ -226,6 +227,8 @@ def export_base(module: BaseTask, cfg: RunConfig, wall: float, trainer: L.Traine
         else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     )
     hue_bins = cfg.objective.options.get("hue_bins", 0)
+    chain = init_streams(cfg.backbone.weights)
+    streams = [*chain, {"seed": cfg.seed, "offset": next_stream_offset(chain, cfg.seed), "images": trainer.global_step * t.batch_size}]
     card = {
         "name": cfg.name,
         "architecture": cfg.backbone.model_dump(mode="json", exclude={"weights", "pretrained"}),
@@ -237,6 +240,8 @@ def export_base(module: BaseTask, cfg: RunConfig, wall: float, trainer: L.Traine
         "batch_size": t.batch_size,
         "images_seen": trainer.global_step * t.batch_size,
         "images_seen_total": trainer.global_step * t.batch_size + _init_images(cfg.backbone.weights),
+        "distinct_images_seen_total": distinct_images(streams),
+        "streams": streams,
         "views": cfg.objective.options.get("views"),
         "normalizer": {"mean": FRACTAL_MEAN, "std": FRACTAL_STD},
         "seed": cfg.seed,
@@ -257,6 +262,37 @@ def export_base(module: BaseTask, cfg: RunConfig, wall: float, trainer: L.Traine
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:
     return float(trainer.callback_metrics[name]) if name in trainer.callback_metrics else None
+
+
+def init_streams(weights: str | None) -> list[dict[str, int]]:
+    """The generated streams an embedded base's chain was trained on: ``{seed, offset, images}`` per run.
+
+    Cards written before streams were recorded say only their seed and images seen; those runs all
+    drew offset 0 (a continued run replayed its init's first images), and the chain is rebuilt
+    from their ``init`` fields. Random init or a weights file: an empty chain.
+    """
+    if not (weights and weights.startswith(PACKAGED)):
+        return []
+    card = shipped_card(weights[len(PACKAGED) :])
+    if "streams" in card:
+        return [{k: int(v) for k, v in s.items()} for s in card["streams"]]
+    return [*init_streams(card.get("init")), {"seed": int(card["seed"]), "offset": 0, "images": int(card["images_seen"])}]
+
+
+def next_stream_offset(chain: list[dict[str, int]], seed: int) -> int:
+    """A stream offset no earlier run of the chain with the same seed used (0 when none did)."""
+    used = [s["offset"] for s in chain if s["seed"] == seed]
+    return max(used) + 1 if used else 0
+
+
+def distinct_images(streams: list[dict[str, int]]) -> int:
+    """Distinct generated images a chain saw: runs on the same stream replay it from its start, so
+    each ``(seed, offset)`` stream counts once, with the most images any run drew from it."""
+    most: dict[tuple[int, int], int] = {}
+    for s in streams:
+        key = (s["seed"], s["offset"])
+        most[key] = max(most.get(key, 0), s["images"])
+    return sum(most.values())
 
 
 def _init_images(weights: str | None) -> int:

@@ -22,8 +22,17 @@ protocol (stratified group 5-fold x repeats, full and 10 % labels, linear and kN
 as the frozen base. Across seeds: mean +/- std, and paired differences (federated - mean of sites
 alone, federated - pooled, federated - frozen) with a 95 % t interval over seeds.
 
+With ``--aggregation fedavg trimmed_mean median krum`` the conditions are instead one federation
+per aggregation rule (same seed, same sites, same recipe; ``federated.aggregation`` alone
+differs), all probed in the same run; reported per rule: probe accuracy, the paired difference to
+``fedavg`` over seeds, the simulation's wall time per round, and the bytes per round the server
+sends and receives (the serialised payloads: the shared tensors as Flower encodes them, per site).
+The sites-alone and pooled conditions are not run in this mode. The real gRPC transport with TLS
+on and off is timed by ``benchmarks/bench_federated_tls.py`` (simulation has no transport).
+
     python benchmarks/bench_federated.py                         # all three datasets, seeds 0 1 2
     python benchmarks/bench_federated.py --datasets polypgen --seeds 0 --rounds 2 --local-steps 2   # smoke
+    python benchmarks/bench_federated.py --datasets pneumoniamnist polypgen --aggregation fedavg trimmed_mean median krum
 """
 
 from __future__ import annotations
@@ -189,6 +198,88 @@ def one_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> di
     }
 
 
+def payload_bytes(arrays: list[np.ndarray]) -> int:
+    """The bytes of one message's tensors as Flower serialises them (``ndarrays_to_parameters``: numpy .npy per tensor)."""
+    from insitu.federated.flower import require_flower
+
+    common = require_flower()
+    return int(sum(len(t) for t in common.ndarrays_to_parameters(arrays).tensors))
+
+
+def rules_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One federation per aggregation rule on the same sites and seed, then one probe run over all of them."""
+    sites, probe, chans = SITES[dataset](tmp / "data", seed, args)
+    out = tmp / "runs"
+    adapters, rounds, timing, traffic = {}, {}, {}, {}
+    for rule in args.aggregation:
+        raw = run_config(f"federated_{rule}", seed, out, sites[0], chans, args.rounds * args.local_steps, probe)
+        raw["federated"] = {"rounds": args.rounds, "local_steps": args.local_steps, "site_threads": args.site_threads, "aggregation": rule}
+        raw["federated"]["sites"] = [{**raw["data"], "root": str(s)} for s in sites]
+        start = time.perf_counter()
+        fed = run_simulation(load_config(raw))
+        timing[rule] = time.perf_counter() - start
+        adapters[rule] = fed.adapter_dir
+        rounds[rule] = [r.wall_s for r in fed.state.rounds]
+        message = payload_bytes(fed.state.arrays)  # every message carries the shared tensors once, each way
+        sent = [message * (len(r.accepted) + sum(1 for k in r.dropped if not k.startswith("failed-"))) for r in fed.state.rounds]
+        received = [message * len(r.accepted) for r in fed.state.rounds]
+        traffic[rule] = {"message": message, "sent": sent, "received": received, "accepted": [len(r.accepted) for r in fed.state.rounds]}
+        print(f"  [{dataset} seed {seed} {rule}: {timing[rule]:.0f} s, rounds {', '.join(f'{w:.1f}' for w in rounds[rule])} s]", flush=True)
+    cfg = load_config(run_config("probe", seed, out, sites[0], chans, 1, probe))
+    rows = run_probe(cfg, list(adapters.values()))
+    names = ["frozen", *adapters]
+    scores = {n: {(r.probe, r.labels): r for r in row.results} for n, row in zip(names, rows[: len(names)], strict=True)}
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "sites": len(sites),
+        "items": [len([p for p in s.rglob("*") if p.is_file() or p.is_symlink()]) for s in sites],
+        "scores": {n: {f"{p} {lab:.0%}": (r.mean, r.delta, r.ci_low, r.ci_high) for (p, lab), r in s.items()} for n, s in scores.items()},
+        "wall_s": timing,
+        "round_wall_s": rounds,
+        "traffic": traffic,
+    }
+
+
+def report_rules(results: list[dict[str, Any]]) -> None:
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        runs = [r for r in results if r["dataset"] == dataset]
+        rules = list(runs[0]["wall_s"])
+        keys = list(runs[0]["scores"]["frozen"])
+        r0 = runs[0]
+        print(f"\n### {dataset}: {r0['sites']} sites ({', '.join(map(str, r0['items']))} images), seeds {[r['seed'] for r in runs]}\n")
+        print("Probe accuracy, mean ± std over seeds:\n")
+        print("| model | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for m in ["frozen", *rules]:
+            cells = []
+            for key in keys:
+                v = [r["scores"][m][key][0] for r in runs]
+                cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+        print("\nPaired difference to fedavg over seeds, mean [95 % t interval]:\n")
+        print("| rule | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for m in [x for x in ["frozen", *rules] if x != "fedavg"]:
+            cells = [t_interval([r["scores"][m][k][0] - r["scores"]["fedavg"][k][0] for r in runs]) for k in keys]
+            print(f"| {m} − fedavg | " + " | ".join(cells) + " |")
+        print("\nCost per round (simulation, this CPU): wall of round 1 (Ray start, sites build their data) and of the later rounds; bytes the server sends and receives:\n")
+        print("| rule | round 1 wall s | later rounds wall s, mean (min–max) | sent per round | received per round | sites averaged per round |")
+        print("|---|---|---|---|---|---|")
+        for m in rules:
+            first = [r["round_wall_s"][m][0] for r in runs]
+            later = [w for r in runs for w in r["round_wall_s"][m][1:]]
+            sent = sorted({b for r in runs for b in r["traffic"][m]["sent"]})
+            received = sorted({b for r in runs for b in r["traffic"][m]["received"]})
+            accepted = sorted({a for r in runs for a in r["traffic"][m]["accepted"]})
+            later_text = f"{np.mean(later):.1f} ({min(later):.1f}–{max(later):.1f})" if later else "-"
+            print(
+                f"| {m} | {np.mean(first):.1f} ({min(first):.1f}–{max(first):.1f}) | {later_text} | "
+                f"{' / '.join(f'{b:,}' for b in sent)} | {' / '.join(f'{b:,}' for b in received)} | {', '.join(map(str, accepted))} |"
+            )
+        print(f"\nOne message (the shared tensors, serialised) is {r0['traffic'][rules[0]]['message']:,} bytes each way per site.")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -249,16 +340,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    p.add_argument(
+        "--aggregation",
+        nargs="+",
+        default=None,
+        choices=["fedavg", "trimmed_mean", "median", "krum"],
+        help="compare these aggregation rules (fedavg is always included: the reference) instead of federated vs alone vs pooled",
+    )
     args = p.parse_args()
+    if args.aggregation is not None:
+        args.aggregation = ["fedavg", *[r for r in dict.fromkeys(args.aggregation) if r != "fedavg"]]
     results = []
     for dataset in args.datasets:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory(prefix="bench_federated_") as tmp:
-                results.append(one_seed(dataset, seed, args, Path(tmp)))
+                run = one_seed if args.aggregation is None else rules_seed
+                results.append(run(dataset, seed, args, Path(tmp)))
                 print(f"[{dataset} seed {seed} done: {sum(results[-1]['wall_s'].values()):.0f} s of training]", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1, default=str))
-    report(results)
+    (report if args.aggregation is None else report_rules)(results)
 
 
 if __name__ == "__main__":

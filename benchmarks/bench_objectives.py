@@ -534,7 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5, help="fold assignments per run; repeats enter the bootstrap CI")
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--dense-steps", type=int, default=100)
+    p.add_argument("--dense-steps", type=int, default=2000, help="the dense probe's cap on steps (it stops at its loss plateau; 100 was the fixed count before issue 38)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense probe on BUSI")
     p.add_argument("--text-encoder", default=None, help="a local text encoder folder for ConVIRT (default: a tiny random BERT)")
     p.add_argument("--accelerator", default="auto")

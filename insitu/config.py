@@ -28,6 +28,7 @@ from insitu.registry import (
     Registry,
     closest_field,
     config_error,
+    join_and,
     option_bound_problems,
     unknown_name_message,
 )
@@ -65,7 +66,7 @@ class BackboneConfig(Strict):
     img_size: int = Field(64, gt=0)
     patch_size: int | None = Field(None, gt=0)
     init_seed: int = 0
-    channel_init: Literal["mean", "repeat", "rgb_map"] = "mean"
+    channel_init: Literal["mean", "repeat", "rgb_map", "rgb_nearest"] = "mean"
     bands: list[str] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -138,16 +139,22 @@ class HealthConfig(Strict):
     """Label-free training health (``health/...`` metrics) and the collapse guard.
 
     The guard acts when, for ``window`` optimizer steps (at most a third of the run), the teacher's
-    entropy stays above ``max_entropy_ratio`` × ln K, or the effective rank (RankMe) of the
-    monitor's fixed batch stays below ``min_rank_fraction`` of its first value: ``warn`` logs a
-    warning and puts it in the report, ``stop`` also ends the run, ``off`` only records metrics.
+    entropy stays above ``max_entropy_ratio`` × ln K (uniform targets), its batch-marginal entropy
+    below ``min_marginal_entropy_ratio`` × ln K (one-prototype collapse), the centred RankMe of the
+    monitor's fixed set of ``rank_items`` items below ``min_rank_fraction`` of its start
+    (dimensional collapse), or the objective's ``embedding_spread`` below ``min_spread_fraction`` of
+    its start (head/projector collapse): ``warn`` logs a warning and puts it in the report, ``stop``
+    also ends the run, ``off`` only records metrics (docs/objectives.md, "Training health").
     """
 
     enabled: bool = True
     batch_size: int = Field(32, gt=1)
+    rank_items: int = Field(256, gt=1)
     guard: Literal["warn", "stop", "off"] = "warn"
     max_entropy_ratio: float = Field(0.95, gt=0, le=1)
+    min_marginal_entropy_ratio: float = Field(0.1, ge=0, le=1)
     min_rank_fraction: float = Field(0.5, ge=0, le=1)
+    min_spread_fraction: float = Field(0.5, ge=0, le=1)
     window: int = Field(50, gt=0)
 
 
@@ -187,7 +194,10 @@ class DenseProbeConfig(Strict):
     data: DataConfig
     test: DataConfig | None = None
     num_classes: int = Field(2, ge=2)
-    steps: int = Field(100, gt=0)
+    steps: int = Field(2000, gt=0)  # the cap; the head stops earlier once its loss plateaus (insitu.pipelines.probe_dense)
+    tolerance: float = Field(1e-3, ge=0)  # relative change of the window-mean loss that counts as a plateau; 0: run exactly `steps`
+    window: int = Field(25, gt=0)
+    class_weight: Literal["sqrt", "balanced", "none"] = "sqrt"  # per-class loss weights: 1/sqrt(frequency), inverse frequency, none
     lr: float = Field(0.05, gt=0)
     ignore_index: int = 255
 
@@ -538,7 +548,7 @@ def component_options(
 
         def hint(loc: tuple[Any, ...]) -> str:
             owners = [n for n in registry.names() if n != name and len(loc) == 1 and str(loc[0]) in registry.options(n).model_fields]
-            near = f": an option of {registry.kind} {' and '.join(map(repr, owners))}, not of {name!r}" if owners else ""
+            near = f": an option of {registry.kind} {join_and(owners)}, not of {name!r}" if owners else ""
             return (near or closest_field(model, loc, prefix)) + f" ({component} takes {', '.join(takes) or 'no options'})"
 
         raise config_error(exc, where, hint, prefix) from None

@@ -26,6 +26,12 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 
+def join_and(names: list[str]) -> str:
+    """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``: names quoted for a message."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
 class NoOptions(BaseModel):
     """The options of a component that takes none."""
 
@@ -104,7 +110,7 @@ class Registry(Generic[T]):
         """For an option ``key`` that ``name`` does not take: the names that take it, or ``name``'s closest option."""
         owners = [n for n in self.names() if key in self.options(n).model_fields]
         if owners:
-            return f": an option of {self.kind} {' and '.join(map(repr, owners))}, not of {name!r}"
+            return f": an option of {self.kind} {join_and(owners)}, not of {name!r}"
         return closest_field(self.options(name), (key,), prefix)
 
     def __contains__(self, name: object) -> bool:
@@ -116,7 +122,12 @@ class Registry(Generic[T]):
 
 ADAPTERS: Registry[Any] = Registry(
     "adapter kind",
-    {"bottleneck": "insitu.adapters.bottleneck", "sequential": "insitu.adapters.sequential", "lora": "insitu.adapters.lora"},
+    {
+        "bottleneck": "insitu.adapters.bottleneck",
+        "sequential": "insitu.adapters.sequential",
+        "lora": "insitu.adapters.lora",
+        "spectral": "insitu.adapters.spectral",
+    },
 )
 OBJECTIVES: Registry[Any] = Registry(
     "objective",

@@ -93,7 +93,7 @@ def test_unknown_adapter_kind_in_a_config_is_named(tmp_path):
 def test_an_option_of_another_adapter_kind_is_refused_naming_its_kind(tmp_path):
     root = write_shapes(tmp_path / "d", n_per_class=1)
     with pytest.raises(
-        ConfigError, match="unknown key 'adapter.options.bottleneck_dim': an option of adapter kind 'bottleneck' and 'sequential', not of 'lora'"
+        ConfigError, match="unknown key 'adapter.options.bottleneck_dim': an option of adapter kind 'bottleneck', 'sequential' and 'spectral', not of 'lora'"
     ):
         load_config(tiny_config(root, tmp_path), ["adapter.kind=lora"])  # the tiny config sets bottleneck_dim
     with pytest.raises(ConfigError, match="unknown key 'adapter.options.rank': an option of adapter kind 'lora', not of 'bottleneck'"):

@@ -148,8 +148,11 @@ def test_the_server_drops_unsigned_unknown_and_duplicate_replies_and_records_the
     cfg = load_config(raw)
     state, _ = initial_state(cfg)
     strategy = security.authenticated_strategy(make_strategy(cfg, state), state, trusted)
-    proxy = SimpleNamespace(cid="x")
-    manager = SimpleNamespace(num_available=lambda: 1, sample=lambda num_clients, min_num_clients: [proxy])
+    def answer(ins: object, timeout: float | None, group_id: int | None) -> object:  # the admission challenge, as the trusted site
+        return common.GetPropertiesRes(common.Status(common.Code.OK, ""), security.answer_challenge(good, ins.config))
+
+    proxy = SimpleNamespace(cid="x", get_properties=answer)
+    manager = SimpleNamespace(all=lambda: {"x": proxy}, wait_for=lambda num_clients, timeout: True)
     [(_, ins)] = strategy.configure_fit(1, common.ndarrays_to_parameters(state.arrays), manager)
     nonce = ins.config[security.NONCE]
     assert len(nonce) == 64 and ins.config["round"] == 1
@@ -203,7 +206,7 @@ def test_tls_federation_over_grpc_admits_only_credentialed_sites(tmp_path: Path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     raw = tiny_config(roots[0], tmp_path / "runs", objective={"name": "simclr", "options": {"out_dim": 32, "hidden_dim": 32}})
-    fed = {"rounds": 2, "local_steps": 1, "min_sites": 3, "address": f"127.0.0.1:{port}"}
+    fed = {"rounds": 2, "local_steps": 1, "min_sites": 2, "address": f"127.0.0.1:{port}"}  # the keyless site never counts
     server = {k: v for k, v in raw.items() if k != "data"}
     server["federated"] = {
         **fed,
@@ -234,10 +237,10 @@ def test_tls_federation_over_grpc_admits_only_credentialed_sites(tmp_path: Path)
                     break
             assert procs["server"].poll() is None, tails()
             time.sleep(0.5)
+        procs["no-key"] = site("no-key", roots[2])  # first, so that it has connected before the round it is refused in
         procs["wrong-ca"] = site("wrong-ca", roots[2], f"federated.tls.ca_cert={wrong_ca}", f"federated.site_key={tmp_path / 'keys' / 'site-a.key'}")
         procs["site-a"] = site("site-a", roots[0], f"federated.site_key={tmp_path / 'keys' / 'site-a.key'}")
         procs["site-b"] = site("site-b", roots[1], f"federated.site_key={tmp_path / 'keys' / 'site-b.key'}")
-        procs["no-key"] = site("no-key", roots[2])
         deadline = time.monotonic() + 240
         codes = {n: procs[n].wait(timeout=max(1.0, deadline - time.monotonic())) for n in ("server", "site-a", "site-b", "no-key")}
         wrong_ca_code = procs["wrong-ca"].poll()
@@ -249,9 +252,10 @@ def test_tls_federation_over_grpc_admits_only_credentialed_sites(tmp_path: Path)
     assert wrong_ca_code == 2 and "TLS handshake with the federation server" in logs["wrong-ca"].read_text(), tails()
     rounds = json.loads((tmp_path / "runs" / "tiny" / "rounds.json").read_text())["rounds"]
     assert len(rounds) == 2, tails()
-    for r in rounds:  # the two signed sites are averaged; the keyless one is dropped and recorded; the wrong-CA one never joined
+    for r in rounds:  # the two signed sites are averaged; the keyless one is refused before any round; the wrong-CA one never joined
         assert len(r["accepted"]) == 2 and r["items"] == 24, (r, tails())
-        assert list(r["dropped"]) == ["unauthenticated-1"] and "not signed" in r["dropped"]["unauthenticated-1"], r
+        assert set(r["dropped"]) <= {"refused-1"} and "did not sign the admission challenge" in r["dropped"].get("refused-1", "did not sign the admission challenge"), r
+    assert "refused-1" in rounds[-1]["dropped"], rounds
     assert "SSL is enabled" in logs["server"].read_text(), tails()
     stored = (tmp_path / "runs" / "tiny" / "adapter" / "insitu.json").read_text()
     assert str(certs) not in stored and "trusted" not in stored and "patient_DOE" not in stored

@@ -108,7 +108,10 @@ def test_regional_loss_matches_reference():
             for top, left, bottom, right in reference_regions(attn, grid, 2, 2):
                 idx = [r * 4 + c for r in range(top, bottom) for c in range(left, right)]
                 region = t_patch[idx].mean(0)
-                sims = torch.stack([F.cosine_similarity(region, p, dim=0) for p in teacher_out[b][1][i]])
+                # the match compares tokens standardised per view (the default regional.match_features)
+                za, zb = (teacher_out[v][1][i] for v in (a, b))
+                za, zb = ((z - z.mean(0)) / z.std(0, unbiased=False) for z in (za, zb))
+                sims = torch.stack([F.cosine_similarity(za[idx].mean(0), p, dim=0) for p in zb])
                 weights = torch.softmax(sims / 0.2, dim=0)
                 matched = (weights[:, None] * s_patches[b][i]).sum(0)
                 n = obj.dense_norm
@@ -210,6 +213,9 @@ def test_pretrain_logs_terms_and_collapse_every_step(tmp_path: Path, shapes_dir:
     logged = [r for r in rows if r.get("train/collapse_std")]
     assert len(logged) == 3  # log_every=1: the collapse metric at every step
     assert all(float(r["train/loss_region"]) > 0 and float(r["train/loss_local"]) > 0 for r in logged)
+    for name in ("match_entropy", "match_top1", "projector_spread"):  # the regional match's and the projector's health
+        assert all(r.get(f"health/{name}") for r in logged), name
+    assert all(0 <= float(r["health/match_entropy"]) <= 1 and 0 < float(r["health/match_top1"]) <= 1 for r in logged)
     heads = load_package(result.adapter_dir).head_state()
     assert any(k.startswith("glare_dense.") for k in heads) and any(k.startswith("dino.") for k in heads)
 

@@ -220,11 +220,11 @@ def test_loss_is_zero_when_both_views_are_identical():
         assert out["loss"] == 0 and out["identity_fraction"] == 1
     # training mode without noise or margin: still zero
     batch = {"views": [images, images.clone()], "view_meta": meta}
-    out = objective(noise_scale=0.0, margin=0.0).train()(batch, student)
+    out = objective(target="identity", noise_scale=0.0, margin=0.0).train()(batch, student)
     assert out["loss"] == 0
     # vertex costs alone: a margin above the largest gap standardised costs allow (n/sqrt(n-1), 2.31
     # for n = 4) is never met
-    out = objective(noise_scale=0.0, margin=2.5, edge_term=False).train()(batch, student)
+    out = objective(target="identity", noise_scale=0.0, margin=2.5, edge_term=False).train()(batch, student)
     assert out["loss"] > 0 and out["identity_fraction"] == 1
 
 
@@ -262,7 +262,7 @@ def test_standardised_costs_make_the_matching_and_its_noise_scale_free():
     c = 0.01 * (torch.randn(12, 12, dtype=torch.float64) + 3 * torch.eye(12, dtype=torch.float64))
     z = standardise(c)
     assert float(z.mean()) == pytest.approx(0, abs=1e-9) and float(z.std(unbiased=False)) == pytest.approx(1, abs=1e-3)
-    opts = GraphMatchingOptions(noise_scale=0.3, margin=0.5)
+    opts = GraphMatchingOptions(target="identity", noise_scale=0.3, margin=0.5)
     empty = torch.zeros(0, dtype=torch.float64)
     results = []
     for scaled in (c, 1000 * c, c + 7.0, 1000 * (c - 3.0)):
@@ -339,7 +339,7 @@ def toy_run(margin: float, steps: int = 60) -> tuple[list[float], list[float], l
     x = torch.randn(2, n, signal)
     lin = torch.nn.Linear(signal + nuisance, 16, bias=False)
     opt = torch.optim.Adam(lin.parameters(), lr=0.05)
-    opts = GraphMatchingOptions(margin=margin, noise_scale=0.1)
+    opts = GraphMatchingOptions(target="identity", margin=margin, noise_scale=0.1)
     identity, losses, norms = [], [], []
     for _ in range(steps):
         loss, frac = torch.zeros(()), 0.0

@@ -110,9 +110,12 @@ def test_retrieve_command_writes_recall_and_zero_shot(tmp_path: Path, capsys: py
     assert main(command) == 0
     out = cfg.run_dir / "retrieval"
     lines = (out / "retrieval.csv").read_text().splitlines()
-    assert lines[0] == "k,image_to_text,text_to_image,chance" and [r.split(",")[0] for r in lines[1:]] == ["1", "5", "10"]
+    header = "k,image_to_text,i2t_low,i2t_high,text_to_image,t2i_low,t2i_high,chance"
+    assert lines[0] == header and [r.split(",")[0] for r in lines[1:]] == ["1", "5", "10"]
     saved = json.loads((out / "retrieval.json").read_text())
     assert 0.0 <= saved["zero_shot_acc"] <= 1.0 and saved["n_pairs"] > 0
+    assert set(saved["intervals"]) == {f"{d}@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert len(saved["hits"]["zero_shot"]) == saved["n_pairs"] == len(saved["groups"])
     assert "image→text R@k" in capsys.readouterr().out
     assert main(command) == 2  # earlier results are not replaced without --overwrite
     assert "--overwrite" in capsys.readouterr().err

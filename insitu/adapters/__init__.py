@@ -19,8 +19,10 @@ from insitu.registry import ADAPTERS, AdapterOptions, adapter_options
 def create_adapters(backbone: ViTBackbone, cfg: AdapterOptions | dict[str, Any]) -> AdapterSet:
     """Build the adapter set registered under ``cfg.kind`` for this backbone."""
     options = adapter_options(cfg)
-    blocks = resolve_blocks(options.blocks, backbone.num_blocks)
-    return ADAPTERS.get(options.kind)(backbone.embed_dim, options.model_copy(update={"blocks": blocks}))
+    update: dict[str, Any] = {"blocks": resolve_blocks(options.blocks, backbone.num_blocks)}
+    if "in_chans" in type(options).model_fields:  # a kind that changes the patch embedding (spectral) takes its shape from the backbone
+        update |= {"in_chans": backbone.in_chans, "patch_size": backbone.patch_size}
+    return ADAPTERS.get(options.kind)(backbone.embed_dim, options.model_copy(update=update))
 
 
 def adapters_from_package(section: dict[str, Any]) -> AdapterSet:

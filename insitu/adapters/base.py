@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from insitu.backbones.vit import embed_tokens
 from insitu.errors import ConfigError
 from insitu.registry import AdapterOptions
 
@@ -60,6 +61,10 @@ class AdapterSet(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def embed(self, vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The tokens block 0 receives; adapter kinds that change the patch embedding (``spectral``) override this."""
+        return embed_tokens(vit, x)
 
     def hooks(self, index: int, block: nn.Module) -> list[RemovableHandle]:
         """Attach this set's change to block ``index`` (its submodules); the handles remove it again."""

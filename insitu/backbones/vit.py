@@ -140,7 +140,7 @@ class ViTBackbone(nn.Module):
         self._check_size(x)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and first == 0):
-            tokens = self._embed(x)
+            tokens = self._embed(x) if adapters is None else adapters.embed(self.vit, x)
         tokens, kept = self._blocks(tokens, adapters, keep, first, 0)
         return tokens, grid, kept
 

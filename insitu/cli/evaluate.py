@@ -123,7 +123,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_retrieve(args: argparse.Namespace) -> int:
     from insitu.config import load_config
     from insitu.io import add_files
-    from insitu.pipelines.retrieval import evaluate_retrieval, load_prompts, result_table, write_retrieval
+    from insitu.pipelines.retrieval import evaluate_retrieval, load_prompts, result_table, write_retrieval, zero_shot_line
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.run_dir / "retrieval"
@@ -132,9 +132,9 @@ def run_retrieve(args: argparse.Namespace) -> int:
     result = evaluate_retrieval(cfg, args.adapter, prompts)
     written = write_retrieval(result, out)
     folder.record(*(p.name for p in written))
-    _print_table(f"insitu retrieve: {cfg.name} ({result.n_pairs} held-out pairs)", *result_table(result))
+    _print_table(f"insitu retrieve: {cfg.name} ({result.n_pairs} held-out pairs, {result.n_groups} groups)", *result_table(result))
     if result.zero_shot_acc is not None:
-        console.print(f"zero-shot accuracy from class prompts: {result.zero_shot_acc:.3f}", highlight=False)
+        console.print(zero_shot_line(result), highlight=False)
     console.print("results: " + ", ".join(str(p) for p in written), highlight=False)
     return 0
 

@@ -14,6 +14,14 @@ headers such as ``FINDINGS:``), only the configured ``sections`` are kept (empty
 on each load one random sentence of them becomes the sample's ``text`` (``sampling: random``, as in
 ConVIRT). Text without any header is a caption and is used whole. Report text never enters the
 manifest (it may be identifying): the manifest stores where the text is, and it is read at load time.
+
+A table can be narrowed and relabelled at scan time (clinical collections such as the COVID-19
+image data collection need all three): ``keep`` keeps rows whose column value is listed (e.g.
+``modality: [X-ray]``); ``label_map`` maps raw label values onto class names (``null``: the row
+stays, unlabelled: pretraining uses it, label evaluation does not), and ``labelled_only`` drops the
+unlabelled rows; ``holdout`` splits the groups (patients) once, stratified by label, into a
+``train`` and a ``test`` side, so that a pretraining config and its evaluation config see disjoint
+patients without a second manifest file.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from insitu.domains.base import (
     DemoData,
@@ -52,6 +60,15 @@ class PairsError(DataError):
     """A pairs manifest or its text cannot be used; the message names the file, row and fix."""
 
 
+class GroupHoldout(BaseModel):
+    """A fixed split of a table's groups: ``side`` is the part this scan keeps."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: float = Field(0.3, gt=0, lt=1, description="share of the groups (per label stratum) on the test side")
+    seed: int = 0
+    side: Literal["train", "test"] = "train"
+
+
 class PairsOptions(DomainOptions):
     channels: Literal[1, 3] = 3
     image_column: str = "image"
@@ -66,6 +83,10 @@ class PairsOptions(DomainOptions):
     class_names: list[str] | None = None
     split: str = "train"
     dicom: dict[str, Any] = Field(default_factory=dict)
+    keep: dict[str, list[str]] = Field(default_factory=dict, description="column -> values: rows with another value are skipped")
+    label_map: dict[str, str | None] | None = Field(None, description="raw label value -> class name (null: unlabelled)")
+    labelled_only: bool = False
+    holdout: GroupHoldout | None = None
 
     @field_validator("section_pattern")
     @classmethod
@@ -164,18 +185,24 @@ class PairsDomain(Domain):
             raise PairsError(f"{path} has no column {o.image_column!r} (columns: {list(rows[0])}); set data.options.image_column.")
         if rows and o.text_column not in rows[0] and not o.label_text:
             raise PairsError(f"{path} has no column {o.text_column!r} (columns: {list(rows[0])}); set data.options.text_column.")
+        self._check_keep_columns(path, rows)
         names = self._label_names(rows)
         items, quarantine = [], []
         for i, row in enumerate(rows):
+            if any(str(row.get(col) or "").strip() not in values for col, values in o.keep.items()):
+                continue
+            value = self._class_of(row)
             ref = str(row.get(o.image_column) or "").strip()
             image = (path.parent / ref) if ref else path
             where = f"{path.name} row {i + 1}"
             problem = self._image_problem(image) if ref else ("no image", f"empty {o.image_column!r} column")
-            value = str(row.get(o.label_column) or "").strip()
             label = names.index(value) if value in names else None
             text_problem = self._text_problem(str(row.get(o.text_column) or ""), label)
             if value and label is None:
                 text_problem = ("unknown label", f"label {value!r} is not in data.options.class_names {names}")
+            raw = str(row.get(o.label_column) or "").strip()
+            if o.label_map is not None and raw and raw not in o.label_map:
+                text_problem = ("unmapped label", f"label {raw!r} has no entry in data.options.label_map; map it to a class or to null")
             if problem or text_problem:
                 reason, message = problem or text_problem
                 quarantine.append(QuarantineItem(f"{image} ({where})", reason, message))
@@ -184,7 +211,24 @@ class PairsDomain(Domain):
             group = stable_id(str(row[o.group_column])) if str(row.get(o.group_column) or "").strip() else item_id
             extra = {"table": str(path), "row": i, "dicom": _is_dicom(image)}
             items.append(ManifestItem(item_id, str(image), group, label, None, extra))
+        if o.holdout is not None:
+            test_groups = holdout_groups(items, o.holdout.fraction, o.holdout.seed)
+            items = [i for i in items if (i.group in test_groups) == (o.holdout.side == "test")]
+        if o.labelled_only:  # after the holdout, so that the split is the same with and without it
+            items = [i for i in items if i.label is not None]
         return Manifest(self.name, str(path), items, quarantine, names)
+
+    def _class_of(self, row: dict[str, Any]) -> str:
+        """The row's class name: its label value, through ``label_map`` when given ('' = unlabelled)."""
+        raw = str(row.get(self.options.label_column) or "").strip()
+        if self.options.label_map is None or raw not in self.options.label_map:
+            return raw
+        return str(self.options.label_map[raw] or "")
+
+    def _check_keep_columns(self, path: Path, rows: tuple[dict[str, Any], ...]) -> None:
+        missing = [col for col in self.options.keep if rows and col not in rows[0]]
+        if missing:
+            raise PairsError(f"{path} has no column(s) {missing} named in data.options.keep (columns: {list(rows[0])}); fix the keys.")
 
     def _scan_images(self, root: Path, max_items: int | None) -> Manifest:
         if root.suffix == ".npz" and not self.options.label_text:
@@ -213,6 +257,8 @@ class PairsDomain(Domain):
         """Class names: the option, else the sorted distinct label values (integers sort numerically)."""
         if self.options.class_names:
             return list(self.options.class_names)
+        if self.options.label_map is not None:
+            return sorted({v for v in self.options.label_map.values() if v})
         values = {str(r.get(self.options.label_column, "")).strip() for r in rows} - {""}
         return sorted(values, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
 
@@ -315,6 +361,26 @@ class PairsDomain(Domain):
             in_chans=3,
             description=f"{len(SHAPES)} classes of textured shapes, {size}px PNG, each with a synthetic sidecar report",
         )
+
+
+def holdout_groups(items: list[ManifestItem], fraction: float, seed: int) -> set[str]:
+    """The groups on the test side: per stratum (a group's most frequent label; all-unlabelled is a stratum), round(fraction · n)
+    groups, at least one when the stratum has two or more, chosen by a seeded hash (independent of row order)."""
+    labels: dict[str, dict[int, int]] = {}
+    for item in items:
+        counts = labels.setdefault(item.group, {})
+        key = -1 if item.label is None else int(item.label)
+        counts[key] = counts.get(key, 0) + 1
+    strata: dict[int, list[str]] = {}
+    for group, counts in labels.items():
+        labelled = {k: n for k, n in counts.items() if k >= 0} or counts
+        strata.setdefault(max(sorted(labelled), key=lambda k: labelled[k]), []).append(group)
+    test: set[str] = set()
+    for groups in strata.values():
+        ordered = sorted(groups, key=lambda g: stable_id(g, salt=f"holdout{seed}"))
+        n = round(fraction * len(ordered))
+        test.update(ordered[: max(n, 1) if len(ordered) >= 2 else n])
+    return test
 
 
 def _demo_report(shape: str, rng: np.random.Generator) -> str:

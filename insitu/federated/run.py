@@ -86,7 +86,8 @@ def run_server(cfg: RunConfig, overwrite: bool = False) -> FederationResult:
         start_server(
             server_address=fed.address,
             config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s),
-            strategy=strategy if trusted is None else security.authenticated_strategy(strategy, state, trusted),
+            # with trusted keys, only peers that prove one are ever sent the global tensors (security.Admission)
+            strategy=strategy if trusted is None else security.authenticated_strategy(strategy, state, trusted, fed.min_sites, fed.round_timeout_s),
             certificates=certificates,
             grpc_max_message_length=message_limit(state.arrays),  # the real payload, not Flower's 2 GiB
         )

@@ -14,7 +14,11 @@ L2-normalised projections of a batch of N pairs and s(i, k) = <v_i, u_k> / τ:
 Identical texts in a batch ("No acute cardiopulmonary abnormality.") are false negatives: with
 ``mask_duplicates`` a pair (i, k≠i) whose texts are equal (after case/space folding) is removed
 from both denominators. ``clip``: λ = 0.5 and a learnable temperature (a log-scale parameter
-initialised to 1/τ, clamped to ``max_logit_scale``). Downstream tasks use the backbone features
+initialised to 1/τ, clamped to ``max_logit_scale``): CLIP's symmetric loss with a learnt
+temperature. Baselines: ``image_tower: frozen`` reads the bare backbone (no adapters, no gradient:
+the adapters stay at their zero initialisation, so the package is the frozen tower) and, with
+``trainable_layers: 0``, the text tower is frozen too: only g_v and g_u train (the
+projection-only baseline). Downstream tasks use the backbone features
 before g_v; the projections and the tuned text layers go into the adapter package as head tensors.
 """
 
@@ -56,6 +60,9 @@ class ConVIRTOptions(ObjectiveOptions):
     pooling: Literal["mean", "max", "cls"] = Field("max", description="ConVIRT max-pools the last layer's token outputs")
     max_length: int = Field(128, gt=0)
     image_features: Literal["cls", "mean"] = "cls"
+    image_tower: Literal["adapted", "frozen"] = Field(
+        "adapted", description="frozen: the bare backbone without adapters or gradient (a baseline: only the projections adapt the image side)"
+    )
     proj_dim: int = Field(512, gt=0)
     hidden_dim: int | None = Field(None, gt=0, description="hidden width of g_v/g_u; default: the input width")
     temperature: float = Field(0.1, gt=0)
@@ -147,6 +154,10 @@ class ConVIRTObjective(Objective):
 
     def image_features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Backbone features (pre-projection): what downstream tasks use."""
+        if self.opts.image_tower == "frozen":
+            with torch.no_grad():
+                cls, patches, _ = getattr(model, "backbone", model).forward_tokens(images)
+            return cls if self.opts.image_features == "cls" else patches.mean(1)
         cls, patches, _ = model.forward_tokens(images)
         return cls if self.opts.image_features == "cls" else patches.mean(1)
 

@@ -13,7 +13,9 @@ Pre-training"). Their equations are not public; this is our interpretation (docs
   high-attention seeds are grown to w×w windows; patch tokens are mean-pooled into region tokens;
   each teacher region token finds its counterpart in the *other* view by cross-attention over that
   view's teacher patch tokens, and the student's tokens pooled with those weights are trained to
-  match the teacher region's distribution (DINO loss, its own centre).
+  match the teacher region's distribution (DINO loss, its own centre). The cross-attention compares
+  tokens standardised per view (`match_space`), not raw ones: a frozen base's patch tokens of one
+  image share a dominant common component, so raw cosines barely differ and the match is uniform.
 
 ``L = L_global + λ_local L_local + λ_region L_region``; each term can be switched off. Only the
 student adapters and the heads train; the pipeline EMA-updates the teacher adapters and this
@@ -34,6 +36,7 @@ from torch import nn
 
 from insitu.objectives.augment import gaussian_blur
 from insitu.objectives.dino import DinoObjective, DinoOptions, feature_std, health_logs, make_head_norm
+from insitu.objectives.health import embedding_spread, match_health
 from insitu.registry import OBJECTIVES
 
 
@@ -50,7 +53,11 @@ class LocalOptions(BaseModel):
 
 
 class RegionOptions(BaseModel):
-    """The region-level term: K attention-seeded windows of w×w patches per global view."""
+    """The region-level term: K attention-seeded windows of w×w patches per global view.
+
+    ``match_features`` is the space the cross-view match compares tokens in (see ``match_space``):
+    ``standardised`` (default), ``centred``, or ``raw`` (the old behaviour, nearly uniform on a frozen base).
+    """
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
@@ -58,6 +65,7 @@ class RegionOptions(BaseModel):
     regions: int = Field(4, gt=0)
     window: int = Field(3, gt=0)
     match_temp: float = Field(0.1, gt=0)
+    match_features: Literal["standardised", "centred", "raw"] = "standardised"
 
 
 class GlareOptions(DinoOptions):
@@ -99,6 +107,7 @@ class GlareObjective(DinoObjective):
         self.dense_norm = make_head_norm(o.head_input_norm, embed_dim, o.head_norm_momentum)
         self.patch_loss = self.distill_loss(o.dense_out_dim)
         self.region_loss = self.distill_loss(o.dense_out_dim)
+        self.match_health: dict[str, torch.Tensor] = {}  # the last regional match's entropy and top-1 weight
 
     def forward(self, batch: dict[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         if teacher is None:
@@ -120,8 +129,18 @@ class GlareObjective(DinoObjective):
         if o.koleo_weight > 0:
             out["koleo"] = self.koleo_loss([s[0] for s in s_tokens[: len(globals_)]])
             loss = loss + o.koleo_weight * out["koleo"]
+        # not the guarded health/embedding_spread: a DINO head's spread falls ~3x early in healthy runs (docs/objectives.md)
+        out["health/projector_spread"] = self.projector_spread(s_tokens[0])
         out["loss"] = loss
         return out
+
+    @torch.no_grad()
+    def projector_spread(self, s_tokens: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``embedding_spread`` of the student projector's L2-normalised bottleneck on the first view
+        (the global head on CLS; the dense head on patch tokens when the global term is off)."""
+        if self.opts.global_term:
+            return embedding_spread(self.head.layers(self.head_norm(s_tokens[0].detach())))
+        return embedding_spread(self.dense_head.layers(self.dense_norm(s_tokens[1].detach().flatten(0, 1))))
 
     def _terms(
         self, teacher_out: list[tuple[torch.Tensor, ...]], s_tokens: list[tuple], masks: list[torch.Tensor] | None, temp: float, out: dict
@@ -139,6 +158,7 @@ class GlareObjective(DinoObjective):
         if o.regional.enabled and n_global >= 2:
             terms["region"] = self.regional_loss(teacher_out[:2], [s[1] for s in s_tokens[:2]], temp)
             out.update(health_logs(self.region_loss, "_region"))
+            out.update({f"health/{k}": v for k, v in self.match_health.items()})
         if not terms:
             raise ValueError("glare: no term applies (the regional term needs two global crops; views.global_crops)")
         # the headline teacher health is the first enabled term's (global, else local, else regional)
@@ -175,17 +195,24 @@ class GlareObjective(DinoObjective):
     def regional_loss(
         self, teacher_out: list[tuple[torch.Tensor, ...]], s_patches: list[torch.Tensor], teacher_temp: float
     ) -> torch.Tensor:
-        """Teacher regions of each view against their student counterparts in the other view."""
+        """Teacher regions of each view against their student counterparts in the other view.
+
+        The match runs in ``match_space`` (pooling is linear, so a region of standardised tokens is the
+        standardised region); the loss sees the raw region tokens through the dense head.
+        """
         ro = self.opts.regional
         grid = teacher_out[0][2]
-        t_regions, s_matched = [], []
+        spaces = [match_space(t[1], ro.match_features) for t in teacher_out[:2]]
+        t_regions, s_matched, all_weights = [], [], []
         for a, b in ((0, 1), (1, 0)):
             _, t_patch_a, _, attn_a = teacher_out[a]
             region_masks = sample_regions(attn_a.mean(1), grid, ro.regions, ro.window)[1]
             t_region = pool_regions(t_patch_a, region_masks)
-            weights = match_regions(t_region, teacher_out[b][1], ro.match_temp)
+            weights = match_regions(pool_regions(spaces[a], region_masks), spaces[b], ro.match_temp)
             t_regions.append(t_region.flatten(0, 1))
             s_matched.append((weights @ s_patches[b]).flatten(0, 1))
+            all_weights.append(weights)
+        self.match_health = match_health(torch.cat(all_weights))
         # the loss pairs teacher i with student j != i: teacher regions of view a vs their match in view b
         t_logits = [self.teacher_dense_head(self.dense_norm(t)) for t in t_regions]
         s_logits = [self.dense_head(self.dense_norm(s)) for s in reversed(s_matched)]
@@ -251,6 +278,32 @@ def sample_regions(attention: torch.Tensor, grid: tuple[int, int], k: int, windo
 def pool_regions(patches: torch.Tensor, region_masks: torch.Tensor) -> torch.Tensor:
     """Mean of B×N×D patch tokens inside each of B×K×N region masks -> B×K×D."""
     return (region_masks @ patches) / region_masks.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def match_space(patches: torch.Tensor, kind: str = "standardised", eps: float = 1e-6) -> torch.Tensor:
+    """B×N×D patch tokens mapped, per image (view), into the space where regions are matched.
+
+    ``centred`` subtracts the image's mean token; ``standardised`` also divides each dimension by
+    its std over the image's tokens; ``raw`` returns the tokens. Why: a frozen ViT's patch tokens of
+    one image share a large common component (mean pairwise cosine 0.92 on the shipped base, issue
+    38), so raw cosines differ by a few hundredths and a softmax at ``match_temp`` 0.1 is almost
+    uniform: every region "matches" the mean token of the other view. Removing the shared mean is
+    the usual cure for such anisotropic embeddings (Mu & Viswanath 2018, "All-but-the-Top"), and
+    dense cross-view matching (DenseCL, Wang et al. 2021; VICRegL, Bardes et al. 2022) compares
+    locations by what differs between them; the per-dimension scale then keeps the few
+    high-variance (massive-activation) dimensions of a ViT from deciding the match alone. Per image,
+    not per batch, so a view's match never depends on the rest of its batch (*ours*).
+    """
+    if kind not in ("standardised", "centred", "raw"):
+        raise ValueError(
+            f"match_space: kind must be standardised, centred or raw (objective.options.regional.match_features), got {kind!r}"
+        )
+    if kind == "raw":
+        return patches
+    z = patches.float() - patches.float().mean(1, keepdim=True)
+    if kind == "standardised":
+        z = z / z.std(1, unbiased=False, keepdim=True).clamp_min(eps)
+    return z.to(patches.dtype)  # the weights multiply the student's tokens, in their dtype
 
 
 def match_regions(regions: torch.Tensor, patches: torch.Tensor, temp: float) -> torch.Tensor:

@@ -18,14 +18,31 @@ view and graph:
 
 The matching maximises vertex + edge affinity over permutations (`insitu.objectives.qap.solve_qap`;
 ``edge_term: false`` is the first-order ablation: the exact LAP of ``c_v`` by scipy). The loss is
-the Hamming distance of the matching to the identity (image i of view s is image i of view t).
-Gradients cross the solver by IMLE (Niepert et al. 2021): in training the vertex costs get Gumbel
-noise ε (scale ``noise_scale`` stds of the standardised costs) and a Hamming margin (``margin`` on
-every off-identity entry: loss-augmented inference as in structured SVMs, so the loss stays non-zero
-until the identity wins by the margin); the backward pass solves again with the same ε at
-``c + ε - λ·∂L/∂y`` (λ = ``imle_lambda``) and returns ``y - y'`` for the vertex costs and
-``vec(y)vec(y)ᵀ - vec(y')vec(y')ᵀ`` for the edge costs. Both views go through the student (a
-siamese network, as in LVM-Med): no teacher is used. docs/graph_matching.md says why each choice.
+the Hamming distance of the matching to the identity (image i of view s is image i of view t), made
+loss-augmented in training by a Hamming ``margin`` on every off-identity entry (structured SVM).
+Gradients cross the solver by IMLE (Niepert et al. 2021), with one of two targets (``target``):
+
+- ``perturbed`` (default, issue 38): ``perturb_samples`` Gumbel draws ε_s of scale ``perturb_noise``
+  cost stds; the loss is the expected Hamming distance of the perturbed matchings y_s (the
+  perturbation-based matching LVM-Med cites); the backward pass solves again per draw at
+  ``ĉ + ε_s − λ·∂L/∂y`` with the gradient's direction scaled to a step of λ = ``perturb_lambda``
+  cost stds (`insitu.objectives.imle.PerturbedMatching`). The target is then "this noisy matching,
+  one bounded step better", not the identity: a pair the costs swap by much more than λ (two
+  near-duplicate images, or two the features cannot yet tell apart) stays swapped in the target and
+  is not pushed apart, while a pair within reach of λ is. And as long as the noise still breaks the
+  identity sometimes, the gradient stays non-zero once the clean prediction is the identity, fading
+  as the identity's lead grows (like a softmax), instead of stopping or pushing at full strength.
+- ``identity`` (before issue 38): one draw of scale ``noise_scale`` and λ = ``imle_lambda`` (80)
+  on the raw gradient, so the target is always the identity (a structured perceptron with a
+  margin): it pushes every mismatched pair apart with the same force, near-duplicates included,
+  and once the identity wins by the margin it stops. At 16-node graphs the training batches'
+  identity fraction reached 1.0 after ~77 epochs (memorisation), costing BUSI 3–4 dense mIoU.
+
+``train/target_identity_fraction`` logs how often the targets keep each node at its own view (1.0
+for ``identity``); ``health/embedding_spread`` the spread of the node embeddings z of both views
+(the mean per-dimension std of the L2-normalised z; the collapse guard reads it). Both views go
+through the student (a siamese network, as in LVM-Med): no teacher is used. docs/graph_matching.md
+says why each choice.
 """
 
 from __future__ import annotations
@@ -45,6 +62,7 @@ from insitu.objectives.dino import feature_std
 from insitu.objectives.imle import (
     GradNormMeter,
     IMLEMatching,
+    PerturbedMatching,
     Solver,
     SolverClock,
     gumbel_like,
@@ -82,8 +100,12 @@ class GraphMatchingOptions(ObjectiveOptions):
     edge_term: bool = True
     edge_weight: float = Field(1.0, ge=0)
     edge_softness: float = Field(0.1, ge=0)  # δ of the edge cosines, as a fraction of the mean edge length
-    imle_lambda: float = Field(80.0, gt=0)
-    noise_scale: float = Field(0.1, ge=0)  # Gumbel scale as a fraction of the (unit) std of the standardised costs
+    target: Literal["perturbed", "identity"] = "perturbed"  # identity: the pre-issue-38 structured perceptron
+    imle_lambda: float = Field(80.0, gt=0)  # target: identity only
+    noise_scale: float = Field(0.1, ge=0)  # target: identity only; Gumbel scale in stds of the standardised costs
+    perturb_samples: int = Field(3, ge=1)  # target: perturbed: noise draws per graph (two solves each)
+    perturb_noise: float = Field(1.0, gt=0)  # target: perturbed: Gumbel scale in cost stds
+    perturb_lambda: float = Field(1.0, gt=0)  # target: perturbed: the IMLE step in cost stds
     margin: float = Field(1.0, ge=0)  # Hamming margin (in cost stds) added to the training solve
     solver_restarts: int = Field(2, ge=0)
     solver_kicks: int = Field(20, ge=0)
@@ -276,21 +298,37 @@ def match_costs(
     """Hamming loss of the (training: noisy, margin-augmented) matching, and the clean matching.
 
     Vertex costs are standardised per graph. In training the solve maximises
-    ``ĉ + ε + margin·(1 - I)`` (+ edges) with ε Gumbel of scale ``noise_scale`` (in stds of ĉ): the
-    identity must beat every other matching by ``margin`` per mismatched node before the loss is zero.
-    The clean matching (no noise, no margin) gives the identity fraction.
+    ``ĉ + ε + margin·(1 - I)`` (+ edges): the identity must beat every other matching by ``margin``
+    per mismatched node before the loss is zero. ``target: identity``: one draw ε of Gumbel scale
+    ``noise_scale`` and `IMLEMatching` (target always the identity at λ = 80). ``target: perturbed``:
+    ``perturb_samples`` draws of scale ``perturb_noise``, the expected Hamming loss of their mean,
+    and `PerturbedMatching`'s finite targets (step ``perturb_lambda``). The clean matching (no
+    noise, no margin) gives the identity fraction.
     """
     c = standardise(c)
     n = c.shape[0]
     if not training:
         y = IMLEMatching.apply(c, k, torch.zeros_like(c), opts.imle_lambda, solver, clock)
         return hamming_to_identity(y), y.detach()
+    if opts.target == "perturbed":
+        noise = torch.stack([gumbel_like(c, opts.perturb_noise) for _ in range(opts.perturb_samples)])
+        y = PerturbedMatching.apply(c + margin_matrix(n, opts.margin, c), k, noise, opts.perturb_lambda, solver, clock)
+        return hamming_to_identity(y), run_solver(solver, c, k if k.numel() else None, clock)
     noise = gumbel_like(c, opts.noise_scale)
     y = IMLEMatching.apply(c + margin_matrix(n, opts.margin, c), k, noise, opts.imle_lambda, solver, clock)
     clean = y.detach()
     if opts.noise_scale > 0 or opts.margin > 0:
         clean = run_solver(solver, c, k if k.numel() else None, clock)
     return hamming_to_identity(y), clean
+
+
+def embedding_spread(z: torch.Tensor) -> torch.Tensor:
+    """The mean over dimensions of the per-dimension std (over nodes) of the L2-normalised embeddings z (nodes×D).
+
+    0 when every node embedding points the same way (head collapse); at most 1/sqrt(D) (unit vectors:
+    the per-dimension variances sum to at most 1), about that for embeddings spread evenly over the sphere. Logged as ``health/embedding_spread`` (the collapse guard reads it).
+    """
+    return F.normalize(z.float(), dim=-1).std(dim=0, unbiased=False).mean()
 
 
 def graph_chunks(batch_size: int, graph_size: int) -> list[torch.Tensor]:
@@ -343,7 +381,7 @@ class GraphMatchingObjective(Objective):
             hamming.append(loss)
             identity.append(torch.diagonal(clean).mean())
             edges.append(n_edges)
-        return {
+        out = {
             "loss": torch.stack(hamming).mean(),
             "identity_fraction": torch.stack(identity).mean(),
             "edges_per_node": torch.tensor(float(np.mean(edges))),
@@ -352,7 +390,12 @@ class GraphMatchingObjective(Objective):
             "imle_grad_norm": torch.tensor(self.clock.take_grad_norm()),
             "grad_norm": torch.tensor(self.grad_meter.take()),
             "collapse_std": feature_std(zs.detach()),
+            "health/embedding_spread": embedding_spread(torch.cat([zs, zt]).detach()),
         }
+        target_identity = self.clock.take_target_identity()  # the previous backward's targets (none before the first)
+        if not np.isnan(target_identity):
+            out["target_identity_fraction"] = torch.tensor(target_identity)
+        return out
 
     def match(
         self,

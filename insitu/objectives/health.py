@@ -5,7 +5,12 @@
 - student–teacher KL: how far the student still is from the teacher's targets;
 - RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of a feature
   matrix, the effective number of directions the features use;
-- alignment and uniformity (Wang & Isola 2020) of L2-normalised features.
+- alignment and uniformity (Wang & Isola 2020) of L2-normalised features;
+- embedding spread: the mean per-dimension std over a batch of an objective's own L2-normalised
+  embeddings (projector or node embeddings), which falls towards 0 when a head maps every input to
+  one point even while the backbone features stay spread (head/projector collapse);
+- match health: entropy over ln N and mean largest weight of soft correspondences over N candidates
+  (GLARE's cross-view region matching): near 1 and near 1/N when matching is uniform.
 """
 
 from __future__ import annotations
@@ -33,9 +38,16 @@ def kl_divergence(p: torch.Tensor, log_q: torch.Tensor, eps: float = 1e-12) -> t
     return (p * ((p + eps).log() - log_q.float())).sum(-1).mean()
 
 
-def rankme(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Effective rank of an N×D feature matrix: exp(entropy of its singular values / their sum)."""
-    s = torch.linalg.svdvals(features.float())
+def rankme(features: torch.Tensor, eps: float = 1e-7, centre: bool = False) -> torch.Tensor:
+    """Effective rank of an N×D feature matrix: exp(entropy of its singular values / their sum).
+
+    ``centre=True`` subtracts the mean row first, so a direction every row shares (a frozen base's
+    common component) counts as nothing instead of as the largest singular value.
+    """
+    features = features.float()
+    if centre:
+        features = features - features.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(features)
     p = s / s.sum().clamp_min(1e-12) + eps
     return torch.exp(-(p * p.log()).sum())
 
@@ -50,6 +62,26 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     """log mean over pairs i<j of exp(-t ||f(x_i) - f(x_j)||²), features L2-normalised. Lower is better."""
     x = F.normalize(x.float(), dim=-1)
     return torch.pdist(x).pow(2).mul(-t).exp().mean().log()
+
+
+def embedding_spread(embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the std over the batch (rows) of L2-normalised N×D embeddings.
+
+    0 when every row is the same point (a collapsed head), about 1/sqrt(D) for isotropic rows; it
+    depends on D, so compare a run with its own start (the collapse guard does).
+    """
+    z = F.normalize(embeddings.detach().float().reshape(-1, embeddings.shape[-1]), dim=-1)
+    return z.std(dim=0, unbiased=False).mean()
+
+
+def match_health(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Soft correspondences (...×N, rows sum to 1): entropy over ln N, and the mean largest weight.
+
+    Uniform matching gives 1 and 1/N; a one-to-one match gives 0 and 1.
+    """
+    with torch.no_grad():
+        w = weights.detach().float()
+        return {"match_entropy": entropy_ratio(w), "match_top1": w.max(-1).values.mean()}
 
 
 def marginal_entropy_ratio(p: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ class ProbeResult:
     counts: list | None = None  # R × N × C per-repeat counts of the N test items scored (probe.json's items order)
     items: list[str] | None = None  # the reference (frozen) model's rows only: those N test items' ids
     units: list[int] | None = None  # ... and the bootstrap unit (group index) of each
+    fit: dict | None = None  # dense rows: how the heads were trained (steps, converged, class weights: probe_dense.summarise_fits)
 
 
 BASELINE = VERDICT_BASELINE  # the label-free baseline row (probe.label_free_baseline); one name, defined in insitu.exports.verdict

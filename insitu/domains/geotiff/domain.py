@@ -59,7 +59,8 @@ class GeoTiffDomain(Domain):
         scale, offset, to_db: physical scaling ``raw * scale + offset`` then optionally 10·log10
             (SAR); default from the preset.
         labels: ``raster`` (``<stem><label_suffix>.tif`` aligned class raster), ``bigearthnet``
-            (``*_labels_metadata.json`` multi-label tags), ``none`` or ``auto``; label_reproject
+            (``*_labels_metadata.json`` multi-label tags), ``folders`` (``<root>/<Class>/*.tif``: one class
+            per top folder, like EuroSAT), ``none`` or ``auto``; label_reproject
             reprojects a misaligned label raster (nearest) instead of rejecting it.
         tile_label: ``majority`` gives each tile the majority class of its label window (for probes).
     """
@@ -88,6 +89,8 @@ class GeoTiffDomain(Domain):
             if max_items and len(items) >= max_items:
                 break
             items += self._scan_scene(root, ref, scene, quarantine, skipped, (max_items or 0) - len(items))
+        if self.options.labels == "folders":  # <root>/<Class>/...: the class is the first folder below root
+            items = folder_labels(root, items, self.options)
         if not items:
             reasons = "; ".join(f"{Path(q.path).name}: {q.reason} [{q.message[:200]}]" for q in quarantine[:3])
             raise EmptyDatasetError(
@@ -172,6 +175,8 @@ class GeoTiffDomain(Domain):
     def _class_names(self, items: list[ManifestItem]) -> list[str]:
         if self.options.class_names:
             return list(self.options.class_names)
+        if self.options.labels == "folders":
+            return sorted({i.extra["class"] for i in items})
         tags = sorted({t for i in items for t in i.extra.get("tags", [])})
         if tags:
             return tags
@@ -258,6 +263,24 @@ class GeoTiffDomain(Domain):
             in_chans=len(DEMO_BANDS),
             description=f"{len(DEMO_CLASSES)} land-cover classes ({', '.join(DEMO_CLASSES)}) in 6-band UTM GeoTIFFs, {size}px tiles",
         )
+
+
+def folder_labels(root: Path, items: list[ManifestItem], options: GeoTiffOptions) -> list[ManifestItem]:
+    """Each item labelled by its scene's first folder below ``root`` (sorted folder names, or ``class_names``, are the classes)."""
+    if root.is_file():
+        raise GeoTiffError(f"data.options.labels is 'folders' but data.root {root} is a file; point it at the folder of class folders.")
+    top = [Path(i.path).relative_to(root).parts for i in items]
+    loose = [i.path for i, parts in zip(items, top, strict=True) if len(parts) < 2]
+    if loose:
+        raise GeoTiffError(f"data.options.labels is 'folders' but {loose[0]} is not inside a class folder of {root} (<root>/<Class>/*.tif).")
+    names = list(options.class_names) if options.class_names else sorted({parts[0] for parts in top})
+    unknown = sorted({parts[0] for parts in top} - set(names))
+    if unknown:
+        raise GeoTiffError(f"class folder {unknown[0]!r} under {root} is not in data.options.class_names ({', '.join(names)}).")
+    for item, parts in zip(items, top, strict=True):
+        item.label = names.index(parts[0])
+        item.extra["class"] = parts[0]
+    return items
 
 
 def _relative(root: Path, ref: SceneRef) -> str:

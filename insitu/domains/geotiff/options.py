@@ -65,7 +65,7 @@ class GeoTiffOptions(DomainOptions):
     offset: float | None = None
     to_db: bool | None = None
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
-    labels: Literal["auto", "none", "raster", "bigearthnet"] = "auto"
+    labels: Literal["auto", "none", "raster", "bigearthnet", "folders"] = "auto"
     label_suffix: str = "_label"
     label_reproject: bool = False
     tile_label: Literal["majority", "none"] = "majority"

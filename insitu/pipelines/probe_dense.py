@@ -11,7 +11,8 @@ steps the relative change of the mean loss of the last window against the window
 inverse frequency N / (C·n_c), ``none`` the plain pixel mean. The unweighted loss is pixel accuracy,
 dominated by background when lesions are ~10 % of the pixels; full inverse frequency over-corrects
 (it buys lesion recall with background false positives, and mIoU averages the background's IoU
-in); on frozen BUSI the square root gave the best mIoU and lesion Dice of the three
+in); on frozen BUSI the square root gave the best mIoU and lesion Dice of the three, on the
+reported test side and again on an inner split of the training side that never reads it
 (docs/results/evaluation.md). Each dense result row reports the fits in ``fit`` (`summarise_fits`).
 """
 

@@ -6,8 +6,9 @@ used for pretraining):
 - ``polypgen``: PolypGen's two centres as two real sites (each 250 polyp + 250 no-polyp
   frames). Probe: polyp vs no polyp over both centres, folds grouped by sequence (negative frames
   of one sequence never straddle folds) and near-duplicate hash; RGB, the base's stem adapted.
-- ``pneumoniamnist``: 3 sites of ``--site-items`` training X-rays each with pneumonia shares
-  0.15 / 0.50 / 0.85 (non-IID, seeded). Probe: the held-out val split (270 images), never pretrained on.
+- ``pneumoniamnist``: ``--sites`` sites (3 unless told) of ``--site-items`` training X-rays each with
+  pneumonia shares spread evenly from 0.15 to 0.85 (3 sites: 0.15 / 0.50 / 0.85; 5 sites: 0.15 / 0.325 /
+  0.50 / 0.675 / 0.85; non-IID, seeded). Probe: the held-out val split (270 images), never pretrained on.
 - ``busi``: the 622 ultrasound images dealt to 3 sites, a site drawing its own class with
   probability 0.6 and each other class with 0.2 (non-IID, seeded). Probe: all BUSI images
   (the in-situ setting of docs/evaluation.md), folds grouped by near-duplicate hash.
@@ -30,9 +31,20 @@ sends and receives (the serialised payloads: the shared tensors as Flower encode
 The sites-alone and pooled conditions are not run in this mode. The real gRPC transport with TLS
 on and off is timed by ``benchmarks/bench_federated_tls.py`` (simulation has no transport).
 
+With ``--attack signflip`` every rule is also run with one attacking site (chosen from the seed,
+the same site for every rule): each round it trains as usual, then replies ``g + F * (w - g)``
+(``g``: the global tensors it received, ``w``: what it trained; ``F = --attack-factor``, -20 unless
+told), i.e. its update sign-flipped and boosted. The attack lives in this benchmark only: the
+simulated site's Flower client is wrapped (``SignFlipSites``); the server, its checks and every rule
+are the library's, with insitu's defences at their defaults (``max_update_norm`` off, the 1e6
+magnitude check, item counts clipped to 10^6 and no site above half the weight). Primary measure,
+declared before the 5-site runs: kNN accuracy with all labels (``knn 100%``) on the held-out val
+split, paired over seeds against honest ``fedavg`` and against the frozen base (95 % t interval).
+
     python benchmarks/bench_federated.py                         # all three datasets, seeds 0 1 2
     python benchmarks/bench_federated.py --datasets polypgen --seeds 0 --rounds 2 --local-steps 2   # smoke
     python benchmarks/bench_federated.py --datasets pneumoniamnist polypgen --aggregation fedavg trimmed_mean median krum
+    python benchmarks/bench_federated.py --datasets pneumoniamnist --sites 5 --aggregation fedavg trimmed_mean median krum --attack signflip
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import numpy as np
 from PIL import Image
 
 from insitu.config import load_config
+from insitu.federated import flower
 from insitu.federated.run import run_simulation
 from insitu.pipelines.pretrain import pretrain
 from insitu.pipelines.probe import run_probe
@@ -91,8 +104,8 @@ def pneumonia_sites(tmp: Path, seed: int, args: argparse.Namespace) -> tuple[lis
     rng = np.random.default_rng(seed)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in (0, 1)}
     sites = []
-    for k, share in enumerate((0.15, 0.50, 0.85)):
-        n1 = round(args.site_items * share)
+    for k, share in enumerate(np.linspace(0.15, 0.85, args.sites)):
+        n1 = round(args.site_items * float(share))
         picks = [(1, pools[1].pop()) for _ in range(n1)] + [(0, pools[0].pop()) for _ in range(args.site_items - n1)]
         site = tmp / f"site_{k + 1}"
         for c, i in picks:
@@ -206,25 +219,112 @@ def payload_bytes(arrays: list[np.ndarray]) -> int:
     return int(sum(len(t) for t in common.ndarrays_to_parameters(arrays).tensors))
 
 
+class SignFlipSites:
+    """The library's simulated sites (``factory``: its ``SiteFactory``), except that site ``attacker`` replies ``g + factor * (w - g)``.
+
+    ``g`` is the global state the site received, ``w`` what it trained on its data; a site that
+    declines (empty reply) is left alone. Only the reply's tensors change: its item count and
+    metrics are the site's own, so the server's checks see an ordinary, well-formed reply."""
+
+    def __init__(self, factory: Any, attacker: int, factor: float) -> None:
+        self.factory, self.attacker, self.factor = factory, attacker, factor
+
+    def __call__(self, context: Any) -> Any:
+        client = self.factory(context)
+        return SignFlipped(client, self.factor) if int(context.node_config["partition-id"]) == self.attacker else client
+
+
+def _signflipped_class() -> type:
+    from flwr.client import Client
+
+    common = flower.require_flower()
+
+    class _SignFlipped(Client):
+        def __init__(self, inner: Any, factor: float) -> None:
+            super().__init__()
+            self.inner, self.factor = inner, factor
+
+        def get_properties(self, ins: Any) -> Any:
+            return self.inner.get_properties(ins)
+
+        def get_parameters(self, ins: Any) -> Any:
+            return self.inner.get_parameters(ins)
+
+        def evaluate(self, ins: Any) -> Any:
+            return self.inner.evaluate(ins)
+
+        def fit(self, ins: Any) -> Any:
+            res = self.inner.fit(ins)
+            trained = common.parameters_to_ndarrays(res.parameters)
+            if trained:
+                received = common.parameters_to_ndarrays(ins.parameters)
+                flipped = [(g + self.factor * (w - g)).astype(np.float32) for g, w in zip(received, trained, strict=True)]
+                res.parameters = common.ndarrays_to_parameters(flipped)
+            return res
+
+    return _SignFlipped
+
+
+def SignFlipped(inner: Any, factor: float) -> Any:  # noqa: N802 - a class built on first use (Flower is an optional import)
+    return _signflipped_class()(inner, factor)
+
+
+def attacker_site(seed: int, sites: int) -> int:
+    """The attacking site's index for this seed: its own stream, so it does not depend on how the sites were drawn."""
+    return int(np.random.default_rng([seed, 35]).integers(sites))
+
+
+def federate(raw: dict[str, Any], attack: tuple[int, float] | None) -> Any:
+    """``run_simulation`` on ``raw``; with ``attack = (site, factor)`` that site's client is wrapped for the run only."""
+    if attack is None:
+        return run_simulation(load_config(raw))
+    import flwr.clientapp as apps
+
+    # simulate() imports ClientApp from this name at call time; the library's SiteFactory stays importable as is (Ray pickles it by name)
+    original = apps.ClientApp
+
+    class AttackedApp(original):
+        def __init__(self, client_fn: Any, **options: Any) -> None:
+            super().__init__(client_fn=SignFlipSites(client_fn, *attack), **options)
+
+    apps.ClientApp = AttackedApp
+    try:
+        return run_simulation(load_config(raw))
+    finally:
+        apps.ClientApp = original
+
+
 def rules_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """One federation per aggregation rule on the same sites and seed, then one probe run over all of them."""
+    """One federation per aggregation rule (and per attack condition) on the same sites and seed, then one probe run over all of them."""
     sites, probe, chans = SITES[dataset](tmp / "data", seed, args)
     out = tmp / "runs"
-    adapters, rounds, timing, traffic = {}, {}, {}, {}
-    for rule in args.aggregation:
-        raw = run_config(f"federated_{rule}", seed, out, sites[0], chans, args.rounds * args.local_steps, probe)
+    adapters, rounds, timing, traffic, notes = {}, {}, {}, {}, {}
+    attacker = attacker_site(seed, len(sites))
+    conditions = [(rule, None) for rule in args.aggregation]
+    if args.attack:  # the attacked fedavg first: a broken attack shows in minutes, not after the honest runs
+        conditions = [(args.aggregation[0], (attacker, args.attack_factor)), *conditions]
+        conditions += [(rule, (attacker, args.attack_factor)) for rule in args.aggregation[1:]]
+    for rule, attack in conditions:
+        name = rule if attack is None else f"{rule} {args.attack}"
+        raw = run_config(f"federated_{name.replace(' ', '_')}", seed, out, sites[0], chans, args.rounds * args.local_steps, probe)
         raw["federated"] = {"rounds": args.rounds, "local_steps": args.local_steps, "site_threads": args.site_threads, "aggregation": rule}
         raw["federated"]["sites"] = [{**raw["data"], "root": str(s)} for s in sites]
         start = time.perf_counter()
-        fed = run_simulation(load_config(raw))
-        timing[rule] = time.perf_counter() - start
-        adapters[rule] = fed.adapter_dir
-        rounds[rule] = [r.wall_s for r in fed.state.rounds]
+        fed = federate(raw, attack)
+        timing[name] = time.perf_counter() - start
+        adapters[name] = fed.adapter_dir
+        rounds[name] = [r.wall_s for r in fed.state.rounds]
         message = payload_bytes(fed.state.arrays)  # every message carries the shared tensors once, each way
         sent = [message * (len(r.accepted) + sum(1 for k in r.dropped if not k.startswith("failed-"))) for r in fed.state.rounds]
         received = [message * len(r.accepted) for r in fed.state.rounds]
-        traffic[rule] = {"message": message, "sent": sent, "received": received, "accepted": [len(r.accepted) for r in fed.state.rounds]}
-        print(f"  [{dataset} seed {seed} {rule}: {timing[rule]:.0f} s, rounds {', '.join(f'{w:.1f}' for w in rounds[rule])} s]", flush=True)
+        traffic[name] = {"message": message, "sent": sent, "received": received, "accepted": [len(r.accepted) for r in fed.state.rounds]}
+        notes[name] = [{"norms": r.update_norms, "clipped": r.clipped, "dropped": r.dropped} for r in fed.state.rounds]
+        norms = sorted(fed.state.rounds[0].update_norms.values(), reverse=True)
+        print(
+            f"  [{dataset} seed {seed} {name}: {timing[name]:.0f} s, rounds {', '.join(f'{w:.1f}' for w in rounds[name])} s; "
+            f"round 1 update norms {', '.join(f'{x:.3g}' for x in norms)}; averaged {traffic[name]['accepted']}]",
+            flush=True,
+        )
     cfg = load_config(run_config("probe", seed, out, sites[0], chans, 1, probe))
     rows = run_probe(cfg, list(adapters.values()))
     names = ["frozen", *adapters]
@@ -238,46 +338,86 @@ def rules_seed(dataset: str, seed: int, args: argparse.Namespace, tmp: Path) -> 
         "wall_s": timing,
         "round_wall_s": rounds,
         "traffic": traffic,
+        "attacker": attacker if args.attack else None,  # the partition (0-based; the server labels replies by arrival, not by partition)
+        "rounds": notes,
     }
+
+
+PRIMARY = "knn 100%"  # declared before the 5-site attack runs: kNN, all labels, on the probe split
 
 
 def report_rules(results: list[dict[str, Any]]) -> None:
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         runs = [r for r in results if r["dataset"] == dataset]
-        rules = list(runs[0]["wall_s"])
+        run_order = list(runs[0]["wall_s"])
+        models = [m for m in run_order if " " not in m] + [m for m in run_order if " " in m]  # honest rules, then attacked
         keys = list(runs[0]["scores"]["frozen"])
         r0 = runs[0]
-        print(f"\n### {dataset}: {r0['sites']} sites ({', '.join(map(str, r0['items']))} images), seeds {[r['seed'] for r in runs]}\n")
-        print("Probe accuracy, mean ± std over seeds:\n")
+        seeds = [r["seed"] for r in runs]
+        print(f"\n### {dataset}: {r0['sites']} sites ({', '.join(map(str, r0['items']))} images), seeds {seeds}\n")
+        if r0.get("attacker") is not None:
+            print("Attacking partition per seed (1-based): " + ", ".join(f"seed {r['seed']}: {r['attacker'] + 1}" for r in runs) + "\n")
+
+        def acc(r: dict[str, Any], m: str, k: str) -> float:
+            return r["scores"][m][k][0]
+
+        print(f"Primary ({PRIMARY}), mean ± std over seeds; paired differences over seeds, mean [95 % t interval]:\n")
+        print("| model | accuracy | − fedavg (honest) | − frozen | later rounds wall s | sent / received per round |")
+        print("|---|---|---|---|---|---|")
+        for m in ["frozen", *models]:
+            v = [acc(r, m, PRIMARY) for r in runs]
+            cell = f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
+            vs_fedavg = "-" if m == "fedavg" else t_interval([acc(r, m, PRIMARY) - acc(r, "fedavg", PRIMARY) for r in runs])
+            vs_frozen = "-" if m == "frozen" else t_interval([acc(r, m, PRIMARY) - acc(r, "frozen", PRIMARY) for r in runs])
+            if m == "frozen":
+                wall = traffic = "-"
+            else:
+                later = [w for r in runs for w in r["round_wall_s"][m][1:]]
+                wall = f"{np.mean(later):.1f} ({min(later):.1f}–{max(later):.1f})" if later else "-"
+                sent = sorted({b for r in runs for b in r["traffic"][m]["sent"]})
+                received = sorted({b for r in runs for b in r["traffic"][m]["received"]})
+                traffic = f"{' / '.join(f'{b:,}' for b in sent)} / {' / '.join(f'{b:,}' for b in received)}"
+            print(f"| {m} | {cell} | {vs_fedavg} | {vs_frozen} | {wall} | {traffic} |")
+
+        print("\nEvery probe, mean ± std over seeds:\n")
         print("| model | " + " | ".join(keys) + " |")
         print("|---|" + "---|" * len(keys))
-        for m in ["frozen", *rules]:
+        for m in ["frozen", *models]:
             cells = []
             for key in keys:
-                v = [r["scores"][m][key][0] for r in runs]
+                v = [acc(r, m, key) for r in runs]
                 cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
             print(f"| {m} | " + " | ".join(cells) + " |")
-        print("\nPaired difference to fedavg over seeds, mean [95 % t interval]:\n")
-        print("| rule | " + " | ".join(keys) + " |")
+        print("\nPaired difference to honest fedavg over seeds, mean [95 % t interval]:\n")
+        print("| model | " + " | ".join(keys) + " |")
         print("|---|" + "---|" * len(keys))
-        for m in [x for x in ["frozen", *rules] if x != "fedavg"]:
-            cells = [t_interval([r["scores"][m][k][0] - r["scores"]["fedavg"][k][0] for r in runs]) for k in keys]
+        for m in [x for x in ["frozen", *models] if x != "fedavg"]:
+            cells = [t_interval([acc(r, m, k) - acc(r, "fedavg", k) for r in runs]) for k in keys]
             print(f"| {m} − fedavg | " + " | ".join(cells) + " |")
-        print("\nCost per round (simulation, this CPU): wall of round 1 (Ray start, sites build their data) and of the later rounds; bytes the server sends and receives:\n")
-        print("| rule | round 1 wall s | later rounds wall s, mean (min–max) | sent per round | received per round | sites averaged per round |")
-        print("|---|---|---|---|---|---|")
-        for m in rules:
+        print("\nCost per round (simulation, this CPU): round 1 (Ray start, sites build their data) and later rounds; sites averaged:\n")
+        print("| model | round 1 wall s | later rounds wall s, mean (min–max) | sites averaged per round |")
+        print("|---|---|---|---|")
+        for m in models:
             first = [r["round_wall_s"][m][0] for r in runs]
             later = [w for r in runs for w in r["round_wall_s"][m][1:]]
-            sent = sorted({b for r in runs for b in r["traffic"][m]["sent"]})
-            received = sorted({b for r in runs for b in r["traffic"][m]["received"]})
             accepted = sorted({a for r in runs for a in r["traffic"][m]["accepted"]})
             later_text = f"{np.mean(later):.1f} ({min(later):.1f}–{max(later):.1f})" if later else "-"
-            print(
-                f"| {m} | {np.mean(first):.1f} ({min(first):.1f}–{max(first):.1f}) | {later_text} | "
-                f"{' / '.join(f'{b:,}' for b in sent)} | {' / '.join(f'{b:,}' for b in received)} | {', '.join(map(str, accepted))} |"
-            )
-        print(f"\nOne message (the shared tensors, serialised) is {r0['traffic'][rules[0]]['message']:,} bytes each way per site.")
+            print(f"| {m} | {np.mean(first):.1f} ({min(first):.1f}–{max(first):.1f}) | {later_text} | {', '.join(map(str, accepted))} |")
+        print(f"\nOne message (the shared tensors, serialised) is {r0['traffic'][models[0]]['message']:,} bytes each way per site.")
+        if any("rounds" in r for r in runs):
+            print("\nUpdate norms (L2 distance of each accepted reply to the global state), per round, largest / median of the others:\n")
+            for m in models:
+                cells = []
+                for r in runs:
+                    for k, rec in enumerate(r.get("rounds", {}).get(m, [])):
+                        norms = sorted(rec["norms"].values(), reverse=True)
+                        if norms:
+                            cells.append(f"s{r['seed']}r{k + 1} {norms[0]:.3g}/{np.median(norms[1:]) if len(norms) > 1 else float('nan'):.3g}")
+                print(f"- {m}: " + "; ".join(cells))
+            for m in [x for x in models if x.startswith("krum") and " " in x]:  # did Krum ever pick the attacker (the largest update)?
+                recs = [rec for r in runs for rec in r.get("rounds", {}).get(m, []) if rec["norms"]]
+                picked = sum(1 for rec in recs if "not chosen by krum" not in rec["clipped"].get(max(rec["norms"], key=rec["norms"].get), ""))
+                print(f"- {m}: the largest update (the attacker's) was the one Krum chose in {picked} of {len(recs)} rounds")
 
 
 # ---------------------------------------------------------------- report
@@ -336,6 +476,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=15)
     p.add_argument("--site-items", type=int, default=240, help="PneumoniaMNIST training images per site")
+    p.add_argument("--sites", type=int, default=3, help="PneumoniaMNIST sites (pneumonia shares spread evenly over 0.15-0.85)")
+    p.add_argument("--attack", choices=["signflip"], default=None, help="with --aggregation: also run every rule with one sign-flipping site")
+    p.add_argument("--attack-factor", type=float, default=-20.0, help="the attacker replies g + FACTOR * (its update)")
+    p.add_argument("--from-json", type=Path, default=None, help="print the report of an earlier --json file (all or some seeds) and exit")
     p.add_argument("--site-threads", type=int, default=2, help="torch threads per simulated site (2 on a 2-core CPU: one worker, sites in turn)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -348,6 +492,12 @@ def main() -> None:
         help="compare these aggregation rules (fedavg is always included: the reference) instead of federated vs alone vs pooled",
     )
     args = p.parse_args()
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        (report_rules if "traffic" in results[0] else report)(results)
+        return
+    if args.attack and args.aggregation is None:
+        p.error("--attack needs --aggregation (the rules to attack)")
     if args.aggregation is not None:
         args.aggregation = ["fedavg", *[r for r in dict.fromkeys(args.aggregation) if r != "fedavg"]]
     results = []

@@ -390,7 +390,8 @@ class FederatedConfig(Strict):
     the counts), or sites add FedProx's proximal term ``proximal_mu / 2 *
     ||w - w_global||^2`` to their loss (``fedprox``, for sites whose data differ), or the server
     uses one of Flower's robust rules (``trimmed_mean``, ``median``, ``krum``); ``max_update_norm``
-    clips each reply's distance to the global state first. Flower's telemetry is off unless
+    clips each reply's distance to the global state first (unset: with 3 or more replies, to
+    ``update_norm_factor`` × the round's median update norm). Flower's telemetry is off unless
     ``telemetry: true``. The run's lr,
     warm-up and EMA schedules span ``rounds * local_steps`` steps (``train.max_steps`` is ignored).
     ``sites`` lists each site's data for ``insitu federate simulate``; a real site uses the
@@ -405,6 +406,8 @@ class FederatedConfig(Strict):
     krum_malicious: int = Field(1, ge=0, strict=True)  # krum: the malicious sites it must tolerate (needs 2f + 3 sites)
     krum_keep: int = Field(0, ge=0, strict=True)  # krum: 0 picks one reply; m > 0 averages the m best (Multi-Krum)
     max_update_norm: float | None = Field(None, gt=0)  # clip each reply's L2 distance to the global state (None: off)
+    # without max_update_norm, with 3+ replies: clip each to this x the round's median update norm (None: off)
+    update_norm_factor: float | None = Field(3.0, gt=1)
     # a site's item count is an unverifiable claim: it is clipped, and no site outweighs the others past a share
     weighting: Literal["items", "equal"] = "items"
     max_site_items: int = Field(1_000_000, gt=0, strict=True)  # a larger claim counts as this many items

@@ -42,9 +42,11 @@ def test_robust_rules_bound_a_replacement_attack(rule: str) -> None:
     """Four honest sites near 1.0, one attacker sending 1000: fedavg moves far; Flower's robust rules stay with the honest."""
     attacker = _site("evil", [np.full(s, 1000.0) for s in SHAPES])
     updates = [*_honest(4), attacker]
-    mean, *_ = aggregate(updates, SHAPES, FP, WeightPolicy(weighting="equal"), reference=GLOBAL)
-    assert _distance(mean, 1.0) > 100  # the plain average is owned by the attacker
-    robust, accepted, dropped, notes = aggregate(updates, SHAPES, FP, WeightPolicy(rule=rule), reference=GLOBAL)
+    mean, *_ = aggregate(updates, SHAPES, FP, WeightPolicy(weighting="equal", update_norm_factor=None), reference=GLOBAL)
+    assert _distance(mean, 1.0) > 100  # the plain average, unclipped, is owned by the attacker
+    bounded, *_ = aggregate(updates, SHAPES, FP, WeightPolicy(weighting="equal"), reference=GLOBAL)
+    assert _distance(bounded, 1.0) < 5  # the default median-relative clip bounds it even under fedavg
+    robust, accepted, dropped, notes = aggregate(updates, SHAPES, FP, WeightPolicy(rule=rule, update_norm_factor=None), reference=GLOBAL)
     assert len(accepted) == 5 and not dropped  # the attacker passes every check: only the rule bounds it
     assert all(a.dtype == np.float32 and a.shape == s for a, s in zip(robust, SHAPES, strict=True))
     assert all(np.abs(a - 1.0).max() < 0.3 for a in robust)  # within the honest sites' spread
@@ -257,3 +259,22 @@ def test_flower_telemetry_is_off_unless_the_config_turns_it_on(tmp_path: Path, m
     finally:
         require_flower(False)
     assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_by_default_an_update_is_clipped_relative_to_the_rounds_median_norm() -> None:
+    """No max_update_norm set: with 3+ replies each is bounded by update_norm_factor x the round's median norm."""
+    rng = np.random.default_rng(0)
+    honest = [_site(f"h{i}", [(1 + rng.normal(size=s)).astype(np.float32) for s in SHAPES]) for i in range(4)]
+    median = float(np.median([update_norm(u, GLOBAL) for u in honest]))
+    attacker = _site("evil", [-20 * a for a in honest[0].arrays])
+    new, _, _, notes = aggregate([*honest, attacker], SHAPES, FP, WeightPolicy(weighting="equal"), reference=GLOBAL)
+    assert set(notes) == {"evil"} and "update_norm_factor 3 x the round's median" in notes["evil"]
+    # the attacker now counts as at most 3 typical updates: the average keeps the honest sites' sign
+    assert float(np.mean(new[0])) > 0
+    off, _, _, off_notes = aggregate([*honest, attacker], SHAPES, FP, WeightPolicy(weighting="equal", update_norm_factor=None), reference=GLOBAL)
+    assert not off_notes and float(np.mean(off[0])) < 0  # without it, one sign-flipping site reverses the average
+    clipped = update_norm(_site("x", [5 * (a - g) + g for a, g in zip(new, GLOBAL, strict=True)]), GLOBAL)
+    assert clipped <= 5 * (3 * median * 0.2 + max(update_norm(u, GLOBAL) for u in honest) * 0.8) + 1e-6
+    # two replies: the median is the mean, so no relative bound is applied
+    _, _, _, two = aggregate([honest[0], attacker], SHAPES, FP, WeightPolicy(weighting="equal"), reference=GLOBAL)
+    assert "evil" not in two or "median" not in two["evil"]

@@ -15,7 +15,12 @@ verify, so it is clipped to ``WeightPolicy.max_items`` and, after clipping, no s
 No site can own the average by the size of its update either: with ``max_update_norm`` set, an
 update whose L2 distance to the global state (over all shared tensors) is larger is scaled back to
 that distance, so a boosted or sign-flipped update moves the global state at most
-``max_update_norm`` times its weight. The robust rules (``trimmed_mean``, ``median``, ``krum``)
+``max_update_norm`` times its weight. Without an absolute bound, each round's updates are clipped
+to ``update_norm_factor`` (default 3) times the median norm of that round's accepted updates
+(norm bounding relative to the honest majority, as in Sun et al. 2019, "Can you really backdoor
+federated learning?"): a sign-flipped or boosted update then counts as at most 3 typical ones.
+With fewer than 3 sites the median is no safer than the mean, so this bound then does nothing
+useful; an absolute ``max_update_norm`` is the only protection there. The robust rules (``trimmed_mean``, ``median``, ``krum``)
 are Flower's own aggregation functions (:mod:`flwr.server.strategy.aggregate`), applied to the
 replies that passed these checks, so the checks and the records stay insitu's.
 
@@ -112,6 +117,7 @@ class WeightPolicy:
     max_share: float = 0.5  # no site's weight above this share (or 1 / sites, when that is larger)
     rule: str = "mean"  # "mean" (fedavg/fedprox), or Flower's "trimmed_mean", "median", "krum"
     max_update_norm: float | None = None  # clip each update's L2 distance to the global state to this (None: no clip)
+    update_norm_factor: float | None = 3.0  # without max_update_norm: clip to this × the round's median update norm (None: off)
     trim_fraction: float = 0.2  # trimmed_mean: the share cut from each end, per coordinate
     krum_malicious: int = 1  # krum: the number of malicious sites it must tolerate (f)
     krum_keep: int = 0  # krum: 0 picks one reply (Krum); m > 0 averages the m best (Multi-Krum)
@@ -170,11 +176,16 @@ def weighted_average(updates: list[SiteUpdate], weights: np.ndarray | None = Non
 
 def update_norm(update: SiteUpdate, reference: list[np.ndarray]) -> float:
     """The L2 norm of ``update - reference`` over all shared tensors (float32 values, float64 sums)."""
-    total = sum(float(np.sum((a.astype(np.float32).astype(np.float64) - r.astype(np.float64)) ** 2)) for a, r in zip(update.arrays, reference, strict=True))
+    total = sum(
+        float(np.sum((a.astype(np.float32).astype(np.float64) - r.astype(np.float64)) ** 2))
+        for a, r in zip(update.arrays, reference, strict=True)
+    )
     return float(np.sqrt(total))
 
 
-def clip_updates(updates: list[SiteUpdate], reference: list[np.ndarray], max_norm: float) -> tuple[list[SiteUpdate], dict[str, str]]:
+def clip_updates(
+    updates: list[SiteUpdate], reference: list[np.ndarray], max_norm: float, source: str = "federated.max_update_norm"
+) -> tuple[list[SiteUpdate], dict[str, str]]:
     """Each update whose distance to ``reference`` exceeds ``max_norm`` scaled back onto that sphere around it, with a note."""
     out, notes = [], {}
     for u in updates:
@@ -183,9 +194,12 @@ def clip_updates(updates: list[SiteUpdate], reference: list[np.ndarray], max_nor
             out.append(u)
             continue
         scale = max_norm / norm
-        arrays = [(r.astype(np.float64) + scale * (a.astype(np.float32).astype(np.float64) - r)).astype(np.float32) for a, r in zip(u.arrays, reference, strict=True)]
+        arrays = [
+            (r.astype(np.float64) + scale * (a.astype(np.float32).astype(np.float64) - r)).astype(np.float32)
+            for a, r in zip(u.arrays, reference, strict=True)
+        ]
         out.append(SiteUpdate(u.site, arrays, u.items, u.fingerprint, u.loss, u.refused))
-        notes[u.site] = f"update norm {norm:.4g} clipped to {max_norm:g} (federated.max_update_norm)"
+        notes[u.site] = f"update norm {norm:.4g} clipped to {max_norm:.4g} ({source})"
     return out, notes
 
 
@@ -245,10 +259,21 @@ def aggregate(
         return None, accepted, dropped, {}
     weights, clipped = site_weights(accepted, policy)
     used = accepted
-    if policy.max_update_norm is not None:
+    limit = policy.max_update_norm
+    if limit is None and policy.update_norm_factor is not None and reference is not None and len(accepted) >= 3:
+        median = float(np.median([update_norm(u, reference) for u in accepted]))
+        limit = policy.update_norm_factor * median if median > 0 else None
+    if limit is not None:
         if reference is None:
             raise ValueError("max_update_norm needs the global state (reference) to measure updates against")
-        used, norm_notes = clip_updates(accepted, reference, policy.max_update_norm)
+        used, norm_notes = clip_updates(
+            accepted,
+            reference,
+            limit,
+            "federated.max_update_norm"
+            if policy.max_update_norm
+            else f"federated.update_norm_factor {policy.update_norm_factor:g} x the round's median",
+        )
         _merge(clipped, norm_notes)
     average, rule_notes = robust_average(used, weights, policy)
     _merge(clipped, rule_notes)

@@ -119,6 +119,7 @@ def weight_policy(fed: Any) -> WeightPolicy:
         max_share=fed.max_site_share,
         rule=rule,
         max_update_norm=fed.max_update_norm,
+        update_norm_factor=fed.update_norm_factor,
         trim_fraction=fed.trim_fraction,
         krum_malicious=fed.krum_malicious,
         krum_keep=fed.krum_keep,

@@ -131,7 +131,8 @@ class SiteTrainer:
         """Load the global tensors, train ``steps`` local steps, return (the trained tensors, the last loss)."""
         set_arrays(self.module, self.names, arrays)
         # a fresh, reproducible data order each round (the same every round would repeat the same batches)
-        L.seed_everything(self.cfg.seed * 1_000_003 + step_offset, workers=True, verbose=False)
+        # modulo 2**32 (numpy's seed range): a simulated site's seed is seed + 1000 * (its index), so site 5 would overflow
+        L.seed_everything((self.cfg.seed * 1_000_003 + step_offset) % 2**32, workers=True, verbose=False)
         global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.names, arrays, strict=True)} if proximal_mu > 0 else {}
         self.module.start_round(step_offset, global_state, proximal_mu)
         trainer = make_trainer(

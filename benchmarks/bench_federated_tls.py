@@ -23,8 +23,6 @@ run's wall (server start to exit).
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import socket
 import subprocess
@@ -39,6 +37,10 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the throwaway CA and server certificate come from the TLS tests' helper
+
+from tests.test_federated_tls import _pem_pair as certificate  # noqa: E402
+
 PNEUMONIA = REPO.parent / "shared" / "data" / "medical" / "pneumoniamnist" / "pneumoniamnist_balanced_trainval.npz"
 
 
@@ -59,38 +61,6 @@ def make_sites(tmp: Path, args: argparse.Namespace) -> list[Path]:
                 Image.fromarray(images[i]).save(site / str(c) / f"{i}.png")
         sites.append(site)
     return sites
-
-
-def certificate(folder: Path, name: str, issuer: tuple[Any, Any] | None = None) -> tuple[Path, Path, tuple[Any, Any]]:
-    """A P-256 key and certificate: a self-signed CA when ``issuer`` is None, else a server certificate for 127.0.0.1."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    signer_cert, signer_key = issuer if issuer else (None, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(signer_cert.subject if signer_cert else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    cert = builder.sign(signer_key, hashes.SHA256())
-    folder.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path, (cert, key)
 
 
 def base_config(site: Path, out: Path, args: argparse.Namespace, port: int) -> dict[str, Any]:

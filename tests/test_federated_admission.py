@@ -23,7 +23,7 @@ import pytest
 from insitu.config import load_config
 from insitu.federated import security
 from tests.conftest import tiny_config, write_shapes
-from tests.test_federated_tls import _pem_pair
+from tests.test_federated_tls import tls_federation
 
 
 class Peer:
@@ -226,35 +226,13 @@ note("end")
 @pytest.mark.slow
 def test_keyless_and_wrong_key_peers_never_receive_parameters_over_grpc(tmp_path: Path) -> None:
     """Real server (TLS, site keys), two keyed sites over gRPC on loopback; a keyless and a wrong-key peer record no fit."""
-    import yaml
 
     from insitu.sharing.signing import generate_keypair
 
-    certs = tmp_path / "certs"
-    ca_cert, _, ca = _pem_pair(certs, "ca")
-    server_cert, server_key, _ = _pem_pair(certs, "server", ca)
-    for name in ("site-a", "site-b"):
-        generate_keypair(tmp_path / "keys", name)
     generate_keypair(tmp_path / "other", "intruder")
-    (tmp_path / "trusted").mkdir()
-    for name in ("site-a", "site-b"):
-        (tmp_path / "trusted" / f"{name}.pub").write_bytes((tmp_path / "keys" / f"{name}.pub").read_bytes())
     roots = [write_shapes(tmp_path / f"site_{i}", n_per_class=2, seed=i) for i in range(2)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, ca_cert = tls_federation(tmp_path, roots[0])
     address = f"127.0.0.1:{port}"
-    raw = tiny_config(roots[0], tmp_path / "runs", objective={"name": "simclr", "options": {"out_dim": 32, "hidden_dim": 32}})
-    fed = {"rounds": 2, "local_steps": 1, "min_sites": 2, "address": address}
-    server = {k: v for k, v in raw.items() if k != "data"}
-    server["federated"] = {
-        **fed,
-        "tls": {"ca_cert": str(ca_cert), "server_cert": str(server_cert), "server_key": str(server_key)},
-        "site_keys": str(tmp_path / "trusted"),
-    }
-    (tmp_path / "server.yaml").write_text(yaml.safe_dump(server))
-    raw["federated"] = {**fed, "tls": {"ca_cert": str(ca_cert)}}
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "spy.py").write_text(SPY)
     logs = {n: tmp_path / f"{n}.log" for n in ("server", "site-a", "site-b", "no-key", "wrong-key")}
     records = {n: tmp_path / f"{n}.jsonl" for n in ("no-key", "wrong-key")}

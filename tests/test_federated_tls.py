@@ -52,6 +52,41 @@ def _pem_pair(folder: Path, name: str, ca: tuple | None = None) -> tuple[Path, P
     return cert_path, key_path, (cert, key)
 
 
+def tls_federation(tmp_path: Path, data: Path) -> tuple[int, Path]:
+    """A loopback federation over TLS with site keys, for the real-gRPC tests: a CA and server certificate
+    under ``certs/``, keys for site-a and site-b under ``keys/`` (both trusted in ``trusted/``), and
+    ``server.yaml`` / ``site.yaml`` (2 rounds of 1 step, ``min_sites`` 2) in ``tmp_path``. Returns the
+    free port and the CA certificate."""
+    import socket
+
+    import yaml
+
+    from insitu.sharing.signing import generate_keypair
+
+    certs = tmp_path / "certs"
+    ca_cert, _, ca = _pem_pair(certs, "ca")
+    server_cert, server_key, _ = _pem_pair(certs, "server", ca)
+    (tmp_path / "trusted").mkdir()
+    for name in ("site-a", "site-b"):
+        generate_keypair(tmp_path / "keys", name)
+        (tmp_path / "trusted" / f"{name}.pub").write_bytes((tmp_path / "keys" / f"{name}.pub").read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    raw = tiny_config(data, tmp_path / "runs", objective={"name": "simclr", "options": {"out_dim": 32, "hidden_dim": 32}})
+    fed = {"rounds": 2, "local_steps": 1, "min_sites": 2, "address": f"127.0.0.1:{port}"}
+    server = {k: v for k, v in raw.items() if k != "data"}
+    server["federated"] = {
+        **fed,
+        "tls": {"ca_cert": str(ca_cert), "server_cert": str(server_cert), "server_key": str(server_key)},
+        "site_keys": str(tmp_path / "trusted"),
+    }
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(server))
+    raw["federated"] = {**fed, "tls": {"ca_cert": str(ca_cert)}}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
+    return port, ca_cert
+
+
 def _fed(**kw: object) -> SimpleNamespace:
     base = {"address": "127.0.0.1:8080", "tls": None, "site_key": None, "site_keys": None, "insecure": False}
     return SimpleNamespace(**{**base, **kw})
@@ -188,34 +223,10 @@ def test_tls_federation_over_grpc_admits_only_credentialed_sites(tmp_path: Path)
     import sys
     import time
 
-    import yaml
 
-    from insitu.sharing.signing import generate_keypair
-
-    certs = tmp_path / "certs"
-    ca_cert, _, ca = _pem_pair(certs, "ca")
-    server_cert, server_key, _ = _pem_pair(certs, "server", ca)
     wrong_ca, _, _ = _pem_pair(tmp_path / "elsewhere", "ca")
-    for name in ("site-a", "site-b"):
-        generate_keypair(tmp_path / "keys", name)
-    (tmp_path / "trusted").mkdir()
-    for name in ("site-a", "site-b"):
-        (tmp_path / "trusted" / f"{name}.pub").write_bytes((tmp_path / "keys" / f"{name}.pub").read_bytes())
     roots = [write_shapes(tmp_path / f"patient_DOE_{i}_site", n_per_class=3, seed=i) for i in range(3)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    raw = tiny_config(roots[0], tmp_path / "runs", objective={"name": "simclr", "options": {"out_dim": 32, "hidden_dim": 32}})
-    fed = {"rounds": 2, "local_steps": 1, "min_sites": 2, "address": f"127.0.0.1:{port}"}  # the keyless site never counts
-    server = {k: v for k, v in raw.items() if k != "data"}
-    server["federated"] = {
-        **fed,
-        "tls": {"ca_cert": str(ca_cert), "server_cert": str(server_cert), "server_key": str(server_key)},
-        "site_keys": str(tmp_path / "trusted"),
-    }
-    (tmp_path / "server.yaml").write_text(yaml.safe_dump(server))
-    raw["federated"] = {**fed, "tls": {"ca_cert": str(ca_cert)}}
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
+    port, _ = tls_federation(tmp_path, roots[0])  # the keyless site never counts towards min_sites
     cmd = [sys.executable, "-m", "insitu", "--quiet", "federate"]
     names = ["server", "site-a", "site-b", "no-key", "wrong-ca"]
     logs = {n: tmp_path / f"{n}.log" for n in names}
@@ -258,4 +269,4 @@ def test_tls_federation_over_grpc_admits_only_credentialed_sites(tmp_path: Path)
     assert "refused-1" in rounds[-1]["dropped"], rounds
     assert "SSL is enabled" in logs["server"].read_text(), tails()
     stored = (tmp_path / "runs" / "tiny" / "adapter" / "insitu.json").read_text()
-    assert str(certs) not in stored and "trusted" not in stored and "patient_DOE" not in stored
+    assert str(tmp_path / "certs") not in stored and "trusted" not in stored and "patient_DOE" not in stored

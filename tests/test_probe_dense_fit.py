@@ -10,7 +10,6 @@ import torch
 
 from insitu.config import DenseProbeConfig, load_config
 from insitu.heads.metrics import dense_counts, fg_dice_from_counts
-from insitu.heads.probe import dense_linear_probe
 from insitu.pipelines.probe import run_probe, write_probe_outputs
 from insitu.pipelines.probe_dense import class_weights, fit_dense_head, plateau_change
 from tests.conftest import tiny_config
@@ -32,7 +31,7 @@ def dice(pred: torch.Tensor, masks: torch.Tensor) -> float:
 
 def test_the_converging_weighted_probe_finds_lesions_that_100_unweighted_steps_miss():
     (x_tr, m_tr), (x_te, m_te) = rare_lesions(32, 0), rare_lesions(16, 1)
-    old = dense_linear_probe(x_tr, m_tr, x_te, 2, steps=100, lr=0.05, seed=0)
+    old, _ = fit_dense_head(x_tr, m_tr, x_te, 2, steps=100, lr=0.05, seed=0, tolerance=0, class_weight="none")  # the old fixed probe
     assert (old == 1).float().mean() < 0.005 and dice(old, m_te) < 0.01  # (nearly) all background
     dense = {k: DenseProbeConfig.model_fields[k].default for k in ("steps", "tolerance", "window", "class_weight", "lr")}
     assert dense["class_weight"] == "sqrt"

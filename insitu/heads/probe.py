@@ -89,39 +89,3 @@ def knn_accuracy(
 ) -> float:
     """Test accuracy of ``knn_predict``."""
     return float((knn_predict(x_train, y_train, x_test, k, temperature, standardise) == y_test).mean())
-
-
-def dense_linear_probe(
-    train_tokens: torch.Tensor,
-    train_masks: torch.Tensor,
-    test_tokens: torch.Tensor,
-    num_classes: int,
-    steps: int = 100,
-    lr: float = 0.05,
-    ignore_index: int = 255,
-    seed: int = 0,
-) -> torch.Tensor:
-    """A linear 1×1 head on frozen patch-token maps (B×D×h×w), trained by pixel cross-entropy.
-
-    Tokens are standardised with the training statistics; logits are bilinearly upsampled to the
-    mask size (as ``LinearSegHead`` does) and the head is fitted full-batch with Adam for ``steps``.
-    Returns the predicted class map of every test image (B×H×W).
-    """
-    mean = train_tokens.mean((0, 2, 3), keepdim=True)
-    std = train_tokens.std((0, 2, 3), keepdim=True) + 1e-6
-    x_tr, x_te = (train_tokens - mean) / std, (test_tokens - mean) / std
-    size = tuple(train_masks.shape[-2:])
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Conv2d(x_tr.shape[1], num_classes, 1)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad()
-            logits = F.interpolate(head(x_tr), size=size, mode="bilinear", align_corners=False)
-            F.cross_entropy(logits, train_masks.long(), ignore_index=ignore_index).backward()
-            opt.step()
-    with torch.no_grad():
-        return F.interpolate(head(x_te), size=size, mode="bilinear", align_corners=False).argmax(1)

@@ -169,7 +169,7 @@ def fit_dense_head(
     cross-entropy, until the loss plateaus or ``steps``; the test class maps (B×H×W) and how it went.
 
     Tokens are standardised with the training statistics and logits bilinearly upsampled to the mask
-    size (as `insitu.heads.probe.dense_linear_probe`, the fixed-step probe this replaces). The head's
+    size. ``tolerance=0, class_weight='none', steps=100`` is the fixed-step probe this replaced. The head's
     init is seeded by ``seed``; the fit is full-batch, so the result is deterministic under it.
     """
     mean = train_tokens.mean((0, 2, 3), keepdim=True)

@@ -418,6 +418,71 @@ def seed_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> tuple[list[str
     return headers, cells
 
 
+def versus_table(runs: list[dict[str, Any]], a: str, b: str, n_boot: int = 2000) -> tuple[list[str], list[list[str]]]:
+    """Objective (variant) ``a`` against ``b`` directly, paired by dataset, steps and seed: per (model, probe,
+    labels, metric), Δ = a − b per seed and pooled with a two-way interval (test items' groups × seeds).
+
+    Both must be probed on the same test items with the same seed (the seed fixes the folds), so the
+    only difference is the adapters; secondaries are Holm-adjusted within each dataset, the row
+    matching the dataset's declared primary endpoint (student adapters) is not."""
+    import numpy as np
+
+    from insitu.heads.metrics import fg_dice_from_counts, miou_from_counts
+    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, holm, percentile_interval, verdict
+
+    metric_fn = {"accuracy": accuracy_from_counts, "mIoU": miou_from_counts, "dice": fg_dice_from_counts}
+    by = {(r["dataset"], r["steps"], r["seed"], r["objective"]): r for r in runs}
+    missing = {label for label in (a, b) if not any(k[3] == label for k in by)}
+    if missing:
+        raise SystemExit(f"--versus: no runs of {sorted(missing)}; objectives present: {sorted({k[3] for k in by})}")
+    pairs: dict[tuple, list[tuple[int, dict[str, Any], dict[str, Any]]]] = {}
+    for (dataset, steps, seed, objective), ra in by.items():
+        rb = by.get((dataset, steps, seed, b))
+        if objective != a or rb is None:
+            continue
+        rows_b = {(model_role(m["name"]), p["probe"], p["labels"], p["metric"]): p for m in rb["probe"] for p in m["results"]}
+        for m in ra["probe"]:
+            role = model_role(m["name"])
+            if role not in ("student", "teacher"):
+                continue
+            for p in m["results"]:
+                q = rows_b.get((role, p["probe"], p["labels"], p["metric"]))
+                if q is not None and p.get("counts") is not None and q.get("counts") is not None and p.get("items") == q.get("items"):
+                    pairs.setdefault((dataset, steps, role, p["probe"], p["labels"], p["metric"]), []).append((seed, p, q))
+    headers = ["dataset", "steps", "model", "probe", "labels", "metric", "primary", "seeds", "Δ per seed", f"{a} − {b} [two-way 95% CI: items × seeds]", "p", "p Holm", "verdict"]
+    rows = []
+    for (dataset, steps, role, probe, labels, metric), entries in pairs.items():
+        units = entries[0][1]["units"]
+        fa, fb = np.stack([_summed(e[1]) for e in entries]), np.stack([_summed(e[2]) for e in entries])
+        delta, diffs = bootstrap_differences(fa, fb, metric_fn[metric], units, n_boot, 0)
+        lo, hi = percentile_interval(diffs)
+        primary = role == "student" and bool(entries[0][1].get("primary"))
+        rows.append(
+            {
+                "family": dataset,
+                "primary": primary,
+                "p": bootstrap_p_value(diffs) if diffs is not None else None,
+                "ci": (lo, hi) if diffs is not None else None,
+                "cells": [
+                    dataset, str(steps), role, probe + (f" ({entries[0][1]['knn_features']})" if entries[0][1].get("knn_features") else ""),
+                    f"{labels:.0%}", metric, "yes" if primary else "", " ".join(str(e[0]) for e in entries),
+                    ", ".join(f"{metric_fn[metric](_summed(e[1]).sum(0)) - metric_fn[metric](_summed(e[2]).sum(0)):+.3f}" for e in entries),
+                    f"{delta:+.3f} [{lo:+.3f}, {hi:+.3f}]" if diffs is not None else f"{delta:+.3f} (no CI)",
+                ],
+            }
+        )  # fmt: skip
+    for family in {r["family"] for r in rows}:
+        secondary = [r for r in rows if r["family"] == family and not r["primary"] and r["p"] is not None]
+        for r, adj in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
+            r["p_adj"] = float(adj)
+    cells = []
+    for r in rows:
+        p_adj = r["p"] if r["primary"] else r.get("p_adj")
+        word = "no CI" if r["ci"] is None else verdict(*r["ci"]) if r["primary"] else _holm_word(p_adj, r["ci"])
+        cells.append([*r["cells"], _p(r["p"]), _p(p_adj), word])
+    return headers, cells
+
+
 def _holm_word(p_adj: float | None, ci: tuple[float, float]) -> str:
     if p_adj is None or p_adj >= 0.05:
         return "not resolved (Holm-adjusted)"
@@ -559,6 +624,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --from-runs: probe the kept packages again under this invocation's probe flags and --set (e.g. probe.knn_features=raw)",
     )
     p.add_argument(
+        "--versus",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help='with --from-runs: also compare two objectives (as the tables label them, e.g. "glare" "glare [objective.options.regional.match_features=raw]") directly, paired by seed',
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -586,6 +658,9 @@ def main(argv: list[str] | None = None) -> None:
         "\n### over seeds: Δ per seed, pooled Δ with a two-way bootstrap interval (test items' groups × training seeds), Holm-adjusted secondaries\n\n"
         + markdown(*tables["seeds"])
     )
+    if args.versus:
+        tables["versus"] = versus_table(runs, *args.versus, n_boot=args.bootstrap)
+        print(f"\n### {args.versus[0]} vs {args.versus[1]}, paired by seed (two-way bootstrap over test items' groups × seeds)\n\n" + markdown(*tables["versus"]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, (headers, cells) in tables.items():

@@ -45,3 +45,20 @@ def test_versus_pairs_by_seed_and_pools_the_difference():
 def test_versus_names_a_missing_objective():
     with pytest.raises(SystemExit, match="no runs of"):
         versus_table([run("a", 0, np.ones(5))], "a", "b")
+
+
+def test_guard_replay_fires_on_a_logged_spread_collapse_and_not_on_a_healthy_log(tmp_path):
+    from benchmarks.guard_replay import replay
+    from insitu.config import HealthConfig
+
+    def log(spread):
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.csv"
+        lines = ["step,health/rankme,health/embedding_spread"] + [f"{s},30.0,{spread(s)}" for s in range(0, 300, 5)]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    collapsed = replay(log(lambda s: 0.02 if s < 40 else 0.004), 300, HealthConfig())
+    assert collapsed["fired"] == {"spread": 90}  # below 0.5 × start from step 40, for the 50-step window
+    assert collapsed["spread last/first"] == pytest.approx(0.2)
+    healthy = replay(log(lambda s: 0.02 - s * 2e-5), 300, HealthConfig())  # ends at 0.71 × start
+    assert healthy["fired"] == {} and healthy["rank last/first"] == pytest.approx(1.0)

@@ -15,7 +15,9 @@ probe's per-item counts (`insitu.heads.stats.bootstrap_differences`, the same bo
 Part 2, adapters (inductive, insitu.pipelines.holdout): on the best frozen (base, choice) by the primary
 endpoint, DINO with bottleneck adapters and DINO with ``spectral`` adapters (bottleneck + a trainable,
 zero-initialised per-band patch-embedding delta: the choice that keeps every band distinct and learns from
-unlabelled pixels), seeds ``--seeds``. The probe holds out a class-stratified 30 % of the patches
+unlabelled pixels), seeds ``--seeds``; with ``--random-delta`` also each spectral package with its delta replaced by
+Gaussian noise of the same norm (`random_delta_job`: what the learned directions buy over any band-distinct change
+of that size). The probe holds out a class-stratified 30 % of the patches
 (``probe.split_seed`` 0, the same 60 patches for every seed and model); pretraining never sees them; the
 frozen backbone is scored on the same items. Per seed the probe's own paired CI and verdict; over seeds a
 two-way bootstrap (patches × seeds).
@@ -130,6 +132,28 @@ def pretrain_job(raw: dict[str, Any]) -> dict[str, Any]:
     return {"adapter": str(result.adapter_dir), "items": result.items, "final_loss": result.final_loss, "params": result.trainable_params}
 
 
+def random_delta_job(src: str, dst: str, seed: int, backbone: dict[str, Any]) -> dict[str, Any]:
+    """The control for a trained ``spectral`` package: the same package with its per-band ``delta`` replaced by a
+    seeded Gaussian filter bank of the same Frobenius norm (the trained bottleneck adapters kept). It separates what
+    the learned delta's *directions* buy from what any band-distinct perturbation of that size buys.
+    ``backbone``: the run's backbone spec (a package's stored config hides local weight paths)."""
+    import torch
+
+    from insitu.adapters.package import apply_package, load_package, save_package
+    from insitu.backbones import create_backbone
+
+    pkg = load_package(src)
+    model = apply_package(pkg, create_backbone(backbone))
+    delta = model.adapters.delta
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(10_000 + seed))
+    with torch.no_grad():
+        delta.copy_(noise * (delta.norm() / noise.norm()))
+    m = pkg.meta
+    training = {**m.training, "control": f"delta replaced by Gaussian noise of the trained norm {float(delta.norm()):.4g} (seed {10_000 + seed})"}
+    save_package(Path(dst), model.backbone, model.adapters, input_info=m.input, normalizer=m.normalizer, objective=m.objective, training=training, config=m.config)
+    return {"adapter": dst, "delta_norm": float(delta.norm())}
+
+
 def stats_job() -> dict[str, Any]:
     from insitu.config import DataConfig
     from insitu.pipelines.data import ScannedData, fit_normalizer
@@ -237,10 +261,17 @@ def adapter_part(args: argparse.Namespace, base: str, choice: str) -> tuple[str,
         for kind in args.adapters:
             trained[kind] = in_child(pretrain_job, run_config(args, base, choice, seed, kind))
             print(f"{kind} seed {seed}: pretrain {trained[kind]['wall_s']:.0f} s {trained[kind]['peak_rss_mb']} MB", flush=True)
+        kinds = list(args.adapters)
+        if args.random_delta and "spectral" in trained:  # named <run>_spectral-random_s<seed>/adapter: its own row in the probe
+            dst = args.out / "runs" / f"{base.split(':')[-1]}_{choice}_spectral-random_s{seed}" / "adapter"
+            control = in_child(random_delta_job, trained["spectral"]["adapter"], str(dst), seed, run_config(args, base, choice, seed, "spectral")["backbone"])
+            trained["spectral-random"] = {**trained["spectral"], "adapter": control["adapter"], "wall_s": 0.0, "peak_rss_mb": control["peak_rss_mb"]}
+            print(f"spectral-random seed {seed}: delta norm {control['delta_norm']:.4g}", flush=True)
+            kinds.append("spectral-random")
         raw = run_config(args, base, choice, seed, args.adapters[0])
-        probed = in_child(probe_job, raw, [trained[k]["adapter"] for k in args.adapters])
+        probed = in_child(probe_job, raw, [trained[k]["adapter"] for k in kinds])
         print(f"seed {seed}: probe {probed['wall_s']:.0f} s {probed['peak_rss_mb']} MB", flush=True)
-        runs += [{"seed": seed, "kind": k, "train": trained[k], "probe": probed} for k in args.adapters]
+        runs += [{"seed": seed, "kind": k, "train": trained[k], "probe": probed} for k in kinds]
     headers = ["adapters", "seed", "steps", "trainable params (adapters + DINO head)", "pretrain items", "probe", "labels", "frozen", "adapted", "Δ vs frozen [95% CI] (probe)", "verdict", "pretrain s", "pretrain peak RSS MB"]
     cells = []
     for r in runs:
@@ -272,6 +303,8 @@ def adapter_part(args: argparse.Namespace, base: str, choice: str) -> tuple[str,
         comparisons = [(k, "frozen", np.stack(v), np.stack(frozen[k])) for k, v in by_kind.items()]
         if {"spectral", "bottleneck"} <= set(by_kind):
             comparisons.append(("spectral", "bottleneck", np.stack(by_kind["spectral"]), np.stack(by_kind["bottleneck"])))
+        if {"spectral", "spectral-random"} <= set(by_kind):
+            comparisons.append(("spectral", "spectral-random", np.stack(by_kind["spectral"]), np.stack(by_kind["spectral-random"])))
         for a_name, b_name, a, b in comparisons:
             delta, diffs = bootstrap_differences(a, b, accuracy_from_counts, units, args.bootstrap, 0)
             lo, hi = percentile_interval(diffs) if diffs is not None else (None, None)
@@ -295,6 +328,11 @@ def main() -> None:
     parser.add_argument("--skip-adapters", action="store_true")
     parser.add_argument("--adapters-on", default=None, help="skip the frozen part; adapters on this base:channel_init (e.g. insitu:colour_vit_tiny:mean)")
     parser.add_argument("--stats-only", action="store_true")
+    parser.add_argument(
+        "--random-delta",
+        action="store_true",
+        help="also probe each trained spectral package with its delta replaced by noise of the same norm (the control for the learned delta)",
+    )
     args = parser.parse_args()
     if not EUROSAT.is_dir():
         sys.exit(f"{EUROSAT} is absent: this benchmark needs ../shared/data/satellite/eurosat_ms (see ../shared/data/README.md).")

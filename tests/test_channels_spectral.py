@@ -111,3 +111,24 @@ def test_spectral_adapters_train_per_band_filters_and_nothing_else(rgb_weights, 
     save_package(tmp_path / "pkg", bb, adapters, normalizer={"mean": [0.0] * 13, "std": [1.0] * 13})
     again = apply_package(load_package(tmp_path / "pkg"), bb)
     assert torch.allclose(again.forward_tokens(x)[0], model.forward_tokens(x)[0], atol=1e-6)
+
+
+def test_random_delta_control_keeps_the_adapters_and_the_norm_and_changes_the_directions(rgb_weights, tmp_path):
+    from benchmarks.bench_channels import random_delta_job
+
+    path, _ = rgb_weights
+    spec = {**TINY_BACKBONE, "weights": str(path), "in_chans": len(S2), "channel_init": "rgb_nearest", "bands": S2}
+    bb = create_backbone(spec)
+    adapters = create_adapters(bb, {"name": "spectral", "options": {"blocks": "all", "bottleneck_dim": 8}})
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+    save_package(tmp_path / "trained", bb, adapters, normalizer={"mean": [0.0] * 13, "std": [1.0] * 13}, config={"backbone": spec})
+    out = random_delta_job(str(tmp_path / "trained"), str(tmp_path / "control"), seed=0, backbone=spec)
+    trained, control = load_package(tmp_path / "trained").adapter_state(), load_package(out["adapter"]).adapter_state()
+    assert control.keys() == trained.keys()
+    assert all(torch.equal(control[k], trained[k]) for k in trained if k != "delta")  # the bottleneck adapters are kept
+    assert control["delta"].norm() == pytest.approx(float(trained["delta"].norm()), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(control["delta"].flatten(), trained["delta"].flatten(), dim=0)
+    assert abs(float(cos)) < 0.1  # a new direction
+    assert out["delta_norm"] == pytest.approx(float(trained["delta"].norm()), rel=1e-5)

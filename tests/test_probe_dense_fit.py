@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,14 @@ def test_the_probe_rows_and_probe_json_report_the_fit(tmp_path):
     saved = json.loads((tmp_path / "out" / "probe.json").read_text())
     dense_json = [r for row in saved["rows"] for r in row["results"] if r["probe"] == "dense"]
     assert dense_json and all(r["fit"]["converged"] is True and r["fit"]["steps"] == fit["steps"] for r in dense_json)
+
+
+def test_a_fixed_split_fits_the_dense_head_once_however_many_repeats(tmp_path):
+    images, masks = write_block_set(tmp_path / "blocks")
+    data = {"domain": "images", "root": str(images), "image_size": 32, "options": {"channels": 3, "masks": str(masks)}}
+    probe = {"folds": 2, "repeats": 3, "label_fractions": [1.0], "bootstrap": 0, "dense": {"data": data, "lr": 0.1, "test": data}}
+    rows = run_probe(load_config(tiny_config(images, tmp_path / "runs", probe=probe)))
+    dense = next(r for r in rows[0].results if r.probe == "dense")
+    knn = next(r for r in rows[0].results if r.probe == "knn")
+    assert len(dense.fit["steps"]) == 1 and np.asarray(dense.counts).shape[0] == 1  # one training side: one fit
+    assert np.asarray(knn.counts).shape[0] == 3  # the folds still repeat

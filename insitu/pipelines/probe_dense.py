@@ -88,7 +88,10 @@ def dense_inputs(cfg: RunConfig, models: list[Model], stored: list[Stored] | Non
     groups = np.array([f"{k[0]}:{by_key[k].group}" for k in ids])
     n_first = len(per_model[models[0].name][0][2])
     fixed = (np.arange(n_first), np.arange(n_first, len(ids))) if dense.test is not None or held is not None else None
-    plan = evaluation_plan(labels, groups, cfg.probe, cfg.seed, fixed, fractions=[1.0], classify=False)
+    # a fixed split has one training side: its repeats would refit the same convex full-batch head from another
+    # init (mIoU spread over 5 such refits on BUSI: 0.0004-0.0005), so it is fitted once
+    probe = cfg.probe.model_copy(update={"repeats": 1}) if fixed is not None else cfg.probe
+    plan = evaluation_plan(labels, groups, probe, cfg.seed, fixed, fractions=[1.0], classify=False)
     maps = {name: (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) for name, parts in per_model.items()}
     return {"maps": maps, "plan": plan, "groups": groups, "items": [f"{side}:{i}" for side, i in ids]}
 

@@ -55,11 +55,16 @@ LANDSAT = REPO / "configs" / "remote_sensing" / "landsat_tiles.yaml"
 ARCH = {"name": "vit_tiny_patch16_224", "patch_size": 8, "img_size": 64, "kwargs": {"depth": 6}}
 
 
+def base_name(base: str) -> str:
+    """A base's name in every table: a shipped base's name, a ``.safetensors`` file's stem."""
+    return Path(base).stem if base.endswith(".safetensors") else base
+
+
 def backbones(bases: list[str], init_seeds: list[int], in_chans: int) -> list[tuple[str, dict[str, Any]]]:
     """(name, backbone mapping): the shipped bases first (the first is the reference), then random init per seed."""
     out = [
         (
-            Path(b).stem if b.endswith(".safetensors") else b,
+            base_name(b),
             {**ARCH, "weights": b if b.endswith(".safetensors") else f"insitu:{b}", "in_chans": in_chans},
         )
         for b in bases
@@ -206,7 +211,7 @@ def main() -> None:
         default=["fractal_vit_tiny"],
         help="shipped base names or .safetensors files of the same ViT (first = reference)",
     )
-    parser.add_argument("--init-seeds", nargs="+", type=int, default=[0, 1, 2], help="random-init seeds")
+    parser.add_argument("--init-seeds", nargs="*", type=int, default=[0, 1, 2], help="random-init seeds (none: no random-init rows)")
     parser.add_argument(
         "--datasets", nargs="+", default=["pneumoniamnist", "busi", "landsat"], choices=["pneumoniamnist", "busi", "landsat"]
     )
@@ -220,7 +225,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    reference = args.bases[0]
+    reference = base_name(args.bases[0])  # tables key every base by its name, a file by its stem
     for dataset in args.datasets:
         start = time.perf_counter()
         if dataset == "landsat":

@@ -60,3 +60,13 @@ def test_every_backbone_sees_identical_crops():
     assert all(torch.equal(a, b) for a, b in zip(ref, cand, strict=True))
     assert rows["reference"] == rows["candidate"]  # same features on the same views: identical scores
     assert not torch.equal(ref[0], ref[2])  # the seeds draw different views
+
+
+def test_a_file_reference_is_named_as_its_rows_are(capsys):
+    bench = bench_base()
+    bases = ["/runs/mip_control_s0/mip_control_s0.safetensors", "colour_vit_tiny"]
+    names = [name for name, _ in bench.backbones(bases, [], 1)]
+    assert names == ["mip_control_s0", "colour_vit_tiny"] and bench.base_name(bases[0]) == names[0]
+    values = {"knn 100% accuracy": {"mip_control_s0": 0.80, "colour_vit_tiny": 0.85}}
+    bench.print_seed_summary(values, bench.base_name(bases[0]), {"colour": ["colour_vit_tiny"]})  # a path here was a KeyError
+    assert "+0.050" in capsys.readouterr().out

@@ -253,8 +253,6 @@ def adapted_row(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def adapter_part(args: argparse.Namespace, base: str, choice: str) -> tuple[str, str, dict[str, Any]]:
-    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, percentile_interval, verdict
-
     runs = []
     for seed in args.seeds:  # per seed: each kind pretrained, then one probe of frozen + every package on the same items
         trained = {}
@@ -287,7 +285,15 @@ def adapter_part(args: argparse.Namespace, base: str, choice: str) -> tuple[str,
                     str(r["train"]["peak_rss_mb"]),
                 ]
             )  # fmt: skip
-    # over seeds: two-way bootstrap (patches × seeds), adapted − frozen and spectral − bottleneck
+    return table(headers, cells), pooled_table(runs, args.bootstrap), {"runs": runs}
+
+
+def pooled_table(runs: list[dict[str, Any]], n_boot: int) -> str:
+    """Over seeds: two-way bootstrap (patches × seeds) of every kind − frozen and of spectral against bottleneck
+    and against its random-delta control; p-values, Holm-adjusted over every row but the primary
+    (``spectral`` − frozen at ``PRIMARY``)."""
+    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, holm, percentile_interval, verdict
+
     pooled = []
     for probe, labels in (("knn", 1.0), ("linear", 1.0), ("knn", 0.1)):
         by_kind: dict[str, list[np.ndarray]] = {}
@@ -301,17 +307,30 @@ def adapter_part(args: argparse.Namespace, base: str, choice: str) -> tuple[str,
             frozen.setdefault(r["kind"], []).append(np.asarray(f["counts"]).sum(0))
             units = f["units"]
         comparisons = [(k, "frozen", np.stack(v), np.stack(frozen[k])) for k, v in by_kind.items()]
-        if {"spectral", "bottleneck"} <= set(by_kind):
-            comparisons.append(("spectral", "bottleneck", np.stack(by_kind["spectral"]), np.stack(by_kind["bottleneck"])))
-        if {"spectral", "spectral-random"} <= set(by_kind):
-            comparisons.append(("spectral", "spectral-random", np.stack(by_kind["spectral"]), np.stack(by_kind["spectral-random"])))
+        for other in ("bottleneck", "spectral-random"):
+            if {"spectral", other} <= set(by_kind):
+                comparisons.append(("spectral", other, np.stack(by_kind["spectral"]), np.stack(by_kind[other])))
         for a_name, b_name, a, b in comparisons:
-            delta, diffs = bootstrap_differences(a, b, accuracy_from_counts, units, args.bootstrap, 0)
+            delta, diffs = bootstrap_differences(a, b, accuracy_from_counts, units, n_boot, 0)
             lo, hi = percentile_interval(diffs) if diffs is not None else (None, None)
-            word = verdict(lo, hi) if lo is not None else "no CI"
-            pooled.append([f"{a_name} − {b_name}", probe, f"{labels:.0%}", str(len(a)), f"{delta:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{delta:+.3f}", word])
-    pooled_table = table(["comparison", "probe", "labels", "seeds", "pooled Δ [two-way 95% CI: patches × seeds]", "CI excludes 0"], pooled)
-    return table(headers, cells), pooled_table, {"runs": runs}
+            primary = (a_name, b_name) == ("spectral", "frozen") and f"{probe}@{labels}" == PRIMARY
+            pooled.append({"cells": [f"{a_name} − {b_name}", probe, f"{labels:.0%}", str(len(a)), f"{delta:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{delta:+.3f}"],
+                           "p": bootstrap_p_value(diffs) if diffs is not None else None, "ci": (lo, hi), "primary": primary})  # fmt: skip
+    secondary = [r for r in pooled if not r["primary"] and r["p"] is not None]
+    for r, adj in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
+        r["p_adj"] = float(adj)
+    cells = []
+    for r in pooled:
+        lo, hi = r["ci"]
+        if lo is None:
+            word = "no CI"
+        elif r["primary"]:
+            word = verdict(lo, hi) + " (primary)"
+        else:
+            word = "not resolved (Holm-adjusted)" if r.get("p_adj", 1.0) >= 0.05 else ("resolved gain" if lo + hi > 0 else "resolved loss")
+        p_adj = r["p"] if r["primary"] else r.get("p_adj")
+        cells.append([*r["cells"], "" if r["p"] is None else f"{r['p']:.3g}", "" if p_adj is None else f"{p_adj:.3g}", word])
+    return table(["comparison", "probe", "labels", "seeds", "pooled Δ [two-way 95% CI: patches × seeds]", "p", "p Holm", "verdict"], cells)
 
 
 def main() -> None:
@@ -328,12 +347,16 @@ def main() -> None:
     parser.add_argument("--skip-adapters", action="store_true")
     parser.add_argument("--adapters-on", default=None, help="skip the frozen part; adapters on this base:channel_init (e.g. insitu:colour_vit_tiny:mean)")
     parser.add_argument("--stats-only", action="store_true")
+    parser.add_argument("--pooled-from", type=Path, default=None, help="a finished run's bench_channels.json: print its pooled table again, train nothing")
     parser.add_argument(
         "--random-delta",
         action="store_true",
         help="also probe each trained spectral package with its delta replaced by noise of the same norm (the control for the learned delta)",
     )
     args = parser.parse_args()
+    if args.pooled_from:
+        print(pooled_table(json.loads(args.pooled_from.read_text())["adapters"]["runs"], args.bootstrap))
+        return
     if not EUROSAT.is_dir():
         sys.exit(f"{EUROSAT} is absent: this benchmark needs ../shared/data/satellite/eurosat_ms (see ../shared/data/README.md).")
     args.out.mkdir(parents=True, exist_ok=True)

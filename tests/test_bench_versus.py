@@ -62,3 +62,29 @@ def test_guard_replay_fires_on_a_logged_spread_collapse_and_not_on_a_healthy_log
     assert collapsed["spread last/first"] == pytest.approx(0.2)
     healthy = replay(log(lambda s: 0.02 - s * 2e-5), 300, HealthConfig())  # ends at 0.71 × start
     assert healthy["fired"] == {} and healthy["rank last/first"] == pytest.approx(1.0)
+
+
+def test_bench_channels_pooled_table_marks_the_primary_and_holm_adjusts_the_rest():
+    from benchmarks.bench_channels import pooled_table
+
+    n = 60
+    rng = np.random.default_rng(1)
+
+    def result(probe, labels, correct):
+        counts = np.zeros((1, n, 2))
+        counts[0, :, 0], counts[0, :, 1] = correct, 1
+        return {"probe": probe, "labels": labels, "counts": counts.tolist(), "units": list(range(n))}
+
+    runs = []
+    for seed in range(3):
+        frozen = rng.random(n) < 0.5
+        spectral = frozen | (np.arange(n) < 30)  # right on the first 30 patches as well: a large gain
+        rows = [{"name": "frozen backbone", "results": [result(p, f, frozen) for p, f in (("knn", 1.0), ("linear", 1.0), ("knn", 0.1))]}]
+        rows.append({"name": f"+ adapters (x_spectral_s{seed})", "results": [result(p, f, spectral) for p, f in (("knn", 1.0), ("linear", 1.0), ("knn", 0.1))]})
+        rows.append({"name": f"+ adapters (x_bottleneck_s{seed})", "results": [result(p, f, frozen) for p, f in (("knn", 1.0), ("linear", 1.0), ("knn", 0.1))]})
+        runs += [{"seed": seed, "kind": k, "probe": {"rows": rows}} for k in ("bottleneck", "spectral")]
+    lines = {line.split(" | ")[0].strip("| ") + " " + line.split(" | ")[1] + " " + line.split(" | ")[2]: line for line in pooled_table(runs, 1000).splitlines()[2:]}
+    assert "(primary)" in lines["spectral − frozen knn 100%"] and "resolved gain" in lines["spectral − frozen knn 100%"]
+    assert "(primary)" not in lines["spectral − frozen knn 10%"] and "resolved gain" in lines["spectral − frozen knn 10%"]
+    assert "not resolved (Holm-adjusted)" in lines["bottleneck − frozen knn 100%"]  # identical to frozen: Δ 0
+    assert len(lines) == 9  # 3 rows × (bottleneck − frozen, spectral − frozen, spectral − bottleneck)

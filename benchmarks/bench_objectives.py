@@ -348,7 +348,7 @@ def seed_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> tuple[list[str
     import numpy as np
 
     from insitu.heads.metrics import fg_dice_from_counts, miou_from_counts
-    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, holm, percentile_interval, verdict
+    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, percentile_interval
 
     metric_fn = {"accuracy": accuracy_from_counts, "mIoU": miou_from_counts, "dice": fg_dice_from_counts}
     groups: dict[tuple, list[tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] | None]]] = {}
@@ -401,21 +401,7 @@ def seed_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> tuple[list[str
                 "ci": (lo, hi) if diffs is not None else None,
             }
         )  # fmt: skip
-    for family in {r["family"] for r in rows}:
-        secondary = [r for r in rows if r["family"] == family and not r["primary"] and r["p"] is not None]
-        for r, adj in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
-            r["p_adj"] = float(adj)
-    cells = []
-    for r in rows:
-        p_adj = r["p"] if r["primary"] else r.get("p_adj")
-        if r["ci"] is None:
-            word = "no CI"
-        elif r["primary"]:
-            word = verdict(*r["ci"])
-        else:
-            word = _holm_word(p_adj, r["ci"])
-        cells.append([*r["cells"], _p(r["p"]), _p(p_adj), word])
-    return headers, cells
+    return headers, with_holm(rows)
 
 
 def versus_table(runs: list[dict[str, Any]], a: str, b: str, n_boot: int = 2000) -> tuple[list[str], list[list[str]]]:
@@ -428,7 +414,7 @@ def versus_table(runs: list[dict[str, Any]], a: str, b: str, n_boot: int = 2000)
     import numpy as np
 
     from insitu.heads.metrics import fg_dice_from_counts, miou_from_counts
-    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, holm, percentile_interval, verdict
+    from insitu.heads.stats import accuracy_from_counts, bootstrap_differences, bootstrap_p_value, percentile_interval
 
     metric_fn = {"accuracy": accuracy_from_counts, "mIoU": miou_from_counts, "dice": fg_dice_from_counts}
     by = {(r["dataset"], r["steps"], r["seed"], r["objective"]): r for r in runs}
@@ -471,6 +457,14 @@ def versus_table(runs: list[dict[str, Any]], a: str, b: str, n_boot: int = 2000)
                 ],
             }
         )  # fmt: skip
+    return headers, with_holm(rows)
+
+
+def with_holm(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Each row's cells plus p, Holm-adjusted p and verdict: secondaries are Holm-adjusted within their
+    ``family``; the declared primary keeps its own p and is judged by its interval alone."""
+    from insitu.heads.stats import holm, verdict
+
     for family in {r["family"] for r in rows}:
         secondary = [r for r in rows if r["family"] == family and not r["primary"] and r["p"] is not None]
         for r, adj in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
@@ -480,7 +474,7 @@ def versus_table(runs: list[dict[str, Any]], a: str, b: str, n_boot: int = 2000)
         p_adj = r["p"] if r["primary"] else r.get("p_adj")
         word = "no CI" if r["ci"] is None else verdict(*r["ci"]) if r["primary"] else _holm_word(p_adj, r["ci"])
         cells.append([*r["cells"], _p(r["p"]), _p(p_adj), word])
-    return headers, cells
+    return cells
 
 
 def _holm_word(p_adj: float | None, ci: tuple[float, float]) -> str:
